@@ -1,0 +1,5 @@
+"""``python -m swavctl``."""
+
+from swavctl.cli import main
+
+main()

@@ -1,0 +1,384 @@
+"""The settings tree: pydantic models, presets, overrides and ``resolved.toml``.
+
+Settings come from four sources, each overriding the one before:
+
+1. the defaults in these models (the paper's ImageNet recipe, arXiv 2006.09882);
+2. a preset, ``--preset NAME|PATH`` (TOML files in ``presets/``);
+3. explicit flags (``--data``, ``--epochs``, ...);
+4. ``--set a.b=value`` overrides, values parsed as TOML.
+
+Every model forbids unknown keys, so a typo anywhere is refused with the dotted path and the
+nearest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from swavctl.errors import UserError
+
+PRESET_DIRS = (
+    Path(__file__).resolve().parent / "presets",  # installed copy (package data)
+    Path(__file__).resolve().parents[1] / "presets",  # source checkout
+)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AugmentSettings(_Strict):
+    """Per-crop photometric augmentation (the paper's, in this order)."""
+
+    flip_prob: float = Field(0.5, ge=0, le=1, description="Probability of a horizontal flip.")
+    jitter_prob: float = Field(0.8, ge=0, le=1, description="Probability of applying colour jitter.")
+    brightness: float = Field(0.8, ge=0, description="Colour-jitter brightness strength.")
+    contrast: float = Field(0.8, ge=0, description="Colour-jitter contrast strength.")
+    saturation: float = Field(0.8, ge=0, description="Colour-jitter saturation strength.")
+    hue: float = Field(0.2, ge=0, le=0.5, description="Colour-jitter hue strength.")
+    grayscale_prob: float = Field(0.2, ge=0, le=1, description="Probability of converting to grayscale.")
+    blur_prob: float = Field(0.5, ge=0, le=1, description="Probability of a Gaussian blur.")
+    blur_sigma_min: float = Field(0.1, gt=0, description="Smallest blur sigma, in output pixels.")
+    blur_sigma_max: float = Field(2.0, gt=0, description="Largest blur sigma, in output pixels.")
+    mean: tuple[float, float, float] = Field(
+        (0.485, 0.456, 0.406), description="Normalisation mean (RGB)."
+    )
+    std: tuple[float, float, float] = Field(
+        (0.228, 0.224, 0.225), description="Normalisation std (RGB); the official code uses 0.228."
+    )
+
+    @model_validator(mode="after")
+    def _sigma_order(self) -> AugmentSettings:
+        if self.blur_sigma_min > self.blur_sigma_max:
+            raise ValueError("blur_sigma_min must not exceed blur_sigma_max")
+        return self
+
+
+class DataSettings(_Strict):
+    """Where images come from and how the multi-crop views are made."""
+
+    path: str | None = Field(
+        None, description="Image folder to pretrain on ('demo' = built-in digits); train/ is used if present."
+    )
+    crop_counts: list[int] = Field([2, 6], description="Number of crops of each size, high resolution first.")
+    crop_sizes: list[int] = Field([224, 96], description="Side in pixels of each crop group.")
+    min_scales: list[float] = Field([0.14, 0.05], description="Smallest area fraction of each crop group.")
+    max_scales: list[float] = Field([1.0, 0.14], description="Largest area fraction of each crop group.")
+    augment: AugmentSettings = Field(default_factory=AugmentSettings, description="Photometric augmentation.")
+    augment_on: Literal["workers", "device"] = Field(
+        "workers",
+        description="Where crops are made: per image in loader workers, or batched on the training device.",
+    )
+    workers: int = Field(4, ge=0, description="DataLoader worker processes per training process.")
+    on_bad_image: Literal["skip", "error"] = Field(
+        "skip", description="Unreadable image files: skip and count them, or stop at the first."
+    )
+    max_images: int | None = Field(None, ge=1, description="Use only the first N images (sorted paths).")
+
+    @model_validator(mode="after")
+    def _crop_lists(self) -> DataSettings:
+        lengths = {len(self.crop_counts), len(self.crop_sizes), len(self.min_scales), len(self.max_scales)}
+        if len(lengths) != 1:
+            raise ValueError("crop_counts, crop_sizes, min_scales and max_scales must have the same length")
+        if not self.crop_counts or any(c < 1 for c in self.crop_counts):
+            raise ValueError("crop_counts must be positive")
+        if any(s < 1 for s in self.crop_sizes):
+            raise ValueError("crop_sizes must be positive")
+        for lo, hi in zip(self.min_scales, self.max_scales, strict=True):
+            if not 0 < lo <= hi <= 1:
+                raise ValueError(f"need 0 < min_scale <= max_scale <= 1, got ({lo}, {hi})")
+        return self
+
+    @property
+    def total_crops(self) -> int:
+        return sum(self.crop_counts)
+
+
+class ModelSettings(_Strict):
+    """Backbone, projection head and prototypes."""
+
+    arch: str = Field(
+        "resnet50",
+        description="Backbone: resnet18/34/50, resnet50w2/w4/w5, a '-small' stem variant, or convnet-tiny.",
+    )
+    hidden_dim: int = Field(2048, ge=0, description="Projection-head hidden width (0 = one linear layer).")
+    embedding_dim: int = Field(128, ge=1, description="Dimension of the L2-normalised embedding z.")
+    prototypes: int = Field(3000, ge=2, description="Number of prototypes K.")
+
+
+class SwavSettings(_Strict):
+    """The swapped-prediction objective and its codes."""
+
+    temperature: float = Field(0.1, gt=0, description="Softmax temperature tau of the predictions.")
+    epsilon: float = Field(0.05, gt=0, description="Sinkhorn entropy regularisation.")
+    sinkhorn_iterations: int = Field(3, ge=1, description="Sinkhorn-Knopp iterations.")
+    assignment_crops: list[int] = Field([0, 1], description="Indices of the crops whose codes are targets.")
+    freeze_prototypes_steps: int = Field(
+        313, ge=0, description="Steps during which prototype gradients are dropped (set to None)."
+    )
+    queue_length: int = Field(0, ge=0, description="Global queue length (0 = no queue); split over ranks.")
+    queue_start_epoch: int = Field(15, ge=0, description="Epoch at which the queue starts filling.")
+
+
+class OptimSettings(_Strict):
+    """SGD + LARC and the learning-rate schedule."""
+
+    base_lr: float = Field(4.8, gt=0, description="Peak learning rate after warmup.")
+    final_lr: float = Field(0.0048, ge=0, description="Learning rate at the end of the cosine decay.")
+    warmup_epochs: float = Field(10, ge=0, description="Epochs of linear warmup (per-iteration).")
+    start_warmup_lr: float = Field(0.3, ge=0, description="Learning rate at the start of the warmup.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    weight_decay: float = Field(1e-6, ge=0, description="Weight decay.")
+    lars: bool = Field(True, description="Wrap SGD in LARC (layer-wise adaptive rate).")
+    lars_trust: float = Field(0.001, gt=0, description="LARC trust coefficient.")
+    lars_clip: bool = Field(False, description="LARC clipping mode (official: off).")
+    lars_exclude_bias_norm: bool = Field(
+        False, description="Exclude biases and norm weights (1-D params) from LARC and weight decay."
+    )
+
+
+class TrainSettings(_Strict):
+    """Length, batch, precision and seed of the run."""
+
+    epochs: int = Field(800, ge=1, description="Number of epochs.")
+    batch_size: int = Field(64, ge=1, description="Images per device (the global batch is this x world size).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps in total.")
+    max_seconds: float | None = Field(
+        None, gt=0, description="Stop (with a checkpoint) after this much wall time in this process."
+    )
+    seed: int = Field(31, description="Seed for initialisation, shuffling and augmentation.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Autocast precision on GPU (auto = bf16); the CPU always runs fp32."
+    )
+    channels_last: bool = Field(True, description="Use channels_last memory format on GPU.")
+    compile: bool = Field(False, description="torch.compile the model (GPU).")
+    log_every: int = Field(1, ge=1, description="Steps between metrics lines.")
+
+
+class CheckpointSettings(_Strict):
+    """When checkpoints are written and how many are kept."""
+
+    every_steps: int = Field(500, ge=1, description="Steps between checkpoints (one is also written per epoch).")
+    keep: int = Field(3, ge=1, description="Number of committed checkpoints to keep.")
+
+
+class DistSettings(_Strict):
+    """Devices and processes."""
+
+    gpus: int | None = Field(None, ge=0, description="GPUs to use (None = 1 if CUDA is available, else 0).")
+    procs: int = Field(1, ge=1, description="CPU worker processes when gpus is 0 (gloo on 127.0.0.1).")
+    sync_batchnorm: bool = Field(True, description="Use SyncBatchNorm with more than one process.")
+    timeout_s: float = Field(1800, gt=0, description="Process-group timeout in seconds.")
+
+
+class HealthSettings(_Strict):
+    """Collapse detection."""
+
+    collapse_tolerance: float = Field(
+        0.01, ge=0, description="Warn when loss stays within this fraction of ln K after warmup."
+    )
+    collapse_patience: int = Field(50, ge=1, description="Steps the loss must stay near ln K before warning.")
+
+
+class Settings(_Strict):
+    """All settings of a pretraining run."""
+
+    preset: str | None = Field(None, description="Preset the run started from (informational).")
+    out: str | None = Field(None, description="Output folder (default: a new folder under runs/).")
+    data: DataSettings = Field(default_factory=DataSettings, description="Data and multi-crop.")
+    model: ModelSettings = Field(default_factory=ModelSettings, description="Model.")
+    swav: SwavSettings = Field(default_factory=SwavSettings, description="SwAV objective.")
+    optim: OptimSettings = Field(default_factory=OptimSettings, description="Optimizer and schedule.")
+    train: TrainSettings = Field(default_factory=TrainSettings, description="Training length and precision.")
+    checkpoint: CheckpointSettings = Field(default_factory=CheckpointSettings, description="Checkpoints.")
+    dist: DistSettings = Field(default_factory=DistSettings, description="Devices and processes.")
+    health: HealthSettings = Field(default_factory=HealthSettings, description="Health checks.")
+
+    @model_validator(mode="after")
+    def _assignment_crops(self) -> Settings:
+        total = self.data.total_crops
+        bad = [i for i in self.swav.assignment_crops if not 0 <= i < total]
+        if bad or not self.swav.assignment_crops:
+            raise ValueError(f"swav.assignment_crops must name crops in 0..{total - 1}, got {bad or '[]'}")
+        if len(set(self.swav.assignment_crops)) != len(self.swav.assignment_crops):
+            raise ValueError("swav.assignment_crops has duplicates")
+        if total < 2:
+            raise ValueError("the swapped prediction needs at least two crops in total")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Field catalogue (for --help and `presets show`)
+
+
+def iter_fields(model: type[BaseModel] = Settings, prefix: str = "") -> Iterator[tuple[str, str, Any]]:
+    """Yield (dotted key, description, default) for every leaf setting."""
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        key = f"{prefix}{name}"
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from iter_fields(annotation, key + ".")
+        else:
+            default = field.get_default(call_default_factory=True)
+            yield key, field.description or "", default
+
+
+def _valid_keys(model: type[BaseModel], path: Sequence[str]) -> list[str]:
+    current: type[BaseModel] = model
+    for part in path:
+        field = current.model_fields.get(part)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        current = field.annotation
+    return list(current.model_fields)
+
+
+def _format_error(error: ValidationError, source: str) -> str:
+    first = error.errors()[0]
+    loc = [str(p) for p in first["loc"] if not isinstance(p, int)]
+    dotted = ".".join(loc) or "(root)"
+    if first["type"] == "extra_forbidden":
+        candidates = _valid_keys(Settings, loc[:-1])
+        close = difflib.get_close_matches(loc[-1], candidates, n=1, cutoff=0.5)
+        hint = f"; did you mean '{'.'.join([*loc[:-1], close[0]])}'?" if close else ""
+        if not close and candidates:
+            hint = f"; valid keys here: {', '.join(candidates)}"
+        message = f"unknown setting '{dotted}'{hint}"
+    else:
+        message = f"invalid value for '{dotted}': {first['msg']}"
+        if "input" in first and not isinstance(first["input"], dict):
+            message += f" (got {first['input']!r})"
+    more = len(error.errors()) - 1
+    if more:
+        message += f" (and {more} more problem{'s' if more > 1 else ''})"
+    return f"{source}: {message}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+
+
+def preset_names() -> list[str]:
+    """Names of the presets that ship with swavctl."""
+    names: set[str] = set()
+    for folder in PRESET_DIRS:
+        if folder.is_dir():
+            names.update(p.stem for p in folder.glob("*.toml"))
+    return sorted(names)
+
+
+def preset_path(name_or_path: str) -> Path:
+    """Resolve a preset name (``demo``) or a TOML path to a file."""
+    candidate = Path(name_or_path).expanduser()
+    if candidate.suffix == ".toml" or candidate.exists():
+        if not candidate.is_file():
+            raise UserError(f"preset file not found: {candidate}")
+        return candidate
+    for folder in PRESET_DIRS:
+        path = folder / f"{name_or_path}.toml"
+        if path.is_file():
+            return path
+    close = difflib.get_close_matches(name_or_path, preset_names(), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; available: {', '.join(preset_names())}"
+    raise UserError(f"unknown preset '{name_or_path}'{hint}")
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``a.b=value``; the value is read as TOML, falling back to a plain string."""
+    if "=" not in text:
+        raise UserError(f"--set expects KEY=VALUE, got '{text}'")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise UserError(f"--set has an empty key in '{text}'")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.split("."), value
+
+
+def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _set_path(tree: dict[str, Any], path: Sequence[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[path[-1]] = value
+
+
+def validate(tree: Mapping[str, Any], source: str = "settings") -> Settings:
+    """Validate a nested mapping into :class:`Settings`, or raise a one-line :class:`UserError`."""
+    try:
+        return Settings.model_validate(dict(tree))
+    except ValidationError as exc:
+        raise UserError(_format_error(exc, source)) from None
+
+
+def resolve(
+    *,
+    preset: str | None = None,
+    flags: Mapping[str, Any] | None = None,
+    overrides: Sequence[str] = (),
+) -> Settings:
+    """Build settings from defaults, a preset, explicit flags (dotted keys) and ``--set`` overrides.
+
+    Each source is validated as it is applied, so an error names the source that caused it.
+    """
+    tree: dict[str, Any] = {}
+    if preset is not None:
+        path = preset_path(preset)
+        preset_tree = load_toml(path)
+        validate(preset_tree, source=f"preset {path.name}")
+        tree = _deep_merge(tree, preset_tree)
+        tree["preset"] = preset
+    for dotted, value in (flags or {}).items():
+        if value is not None:
+            _set_path(tree, dotted.split("."), value)
+    validate(tree, source="flags")
+    for text in overrides:
+        path_parts, value = parse_override(text)
+        _set_path(tree, path_parts, value)
+        validate(tree, source=f"--set {text}")
+    return validate(tree)
+
+
+def to_toml(settings: Settings) -> str:
+    """The settings as TOML (``None`` values are omitted, as TOML has no null)."""
+    return tomli_w.dumps(settings.model_dump(mode="json", exclude_none=True))
+
+
+def from_toml_text(text: str, source: str) -> Settings:
+    try:
+        return validate(tomllib.loads(text), source=source)
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{source}: not valid TOML: {exc}") from None

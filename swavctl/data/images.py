@@ -1,0 +1,119 @@
+"""Finding and decoding image files.
+
+Decoding uses ``torchvision.io`` (JPEG, PNG, GIF, WebP) and falls back to Pillow for the rest
+(BMP, TIFF, ...). Every image comes out as a uint8 RGB tensor (3 x H x W), whatever its mode:
+grayscale, palette, RGBA (alpha dropped) or 16-bit (scaled to 8 bits).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.v2 import functional as TF
+
+from swavctl.errors import UserError
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
+
+
+class BadImage(Exception):
+    """A file that could not be decoded as an image."""
+
+
+def list_images(root: Path) -> list[Path]:
+    """All image files under ``root`` (recursively, following folder links), in sorted order."""
+    found: list[Path] = []
+    for folder, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(
+            Path(folder) / name
+            for name in sorted(filenames)
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
+        )
+    return found
+
+
+def resolve_image_root(path: str | Path, *, prefer: str = "train") -> tuple[Path, bool]:
+    """Check a data folder and pick the folder to read.
+
+    Returns (folder, used_subfolder): when ``path`` holds a ``prefer`` subfolder (``train/`` in an
+    ImageNet-style root), that subfolder is used. Raises :class:`UserError` for a missing path,
+    a file, or a folder without images.
+    """
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise UserError(f"data folder does not exist: {root}")
+    if not root.is_dir():
+        raise UserError(f"data path is not a folder: {root}")
+    sub = root / prefer
+    used_sub = sub.is_dir()
+    folder = sub if used_sub else root
+    if not any(True for _ in _iter_image_files(folder)):
+        raise UserError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {folder}")
+    return folder, used_sub
+
+
+def _iter_image_files(root: Path):  # type: ignore[no-untyped-def]
+    for folder, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                yield Path(folder) / name
+
+
+def class_of(path: Path, root: Path) -> str | None:
+    """The ImageFolder class of ``path`` (its first folder under ``root``), or None at top level."""
+    parts = path.relative_to(root).parts
+    return parts[0] if len(parts) > 1 else None
+
+
+def decode_bytes(data: bytes, name: str = "<bytes>") -> torch.Tensor:
+    """Decode encoded image bytes to a uint8 RGB tensor (3 x H x W); raises :class:`BadImage`."""
+    if not data:
+        raise BadImage("empty file")
+    try:
+        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except RuntimeError as exc:
+        if "Unsupported image file" not in str(exc):
+            raise BadImage(str(exc).split(",")[-1].strip() or "cannot decode") from None
+        image = _decode_with_pillow(data)
+    if image.dim() == 4:  # animated GIF: the first frame
+        image = image[0]
+    if image.dtype != torch.uint8:
+        image = TF.to_dtype(image, torch.uint8, scale=True)
+    if image.shape[0] != 3 or image.shape[1] < 1 or image.shape[2] < 1:
+        raise BadImage(f"unexpected decoded shape {tuple(image.shape)}")
+    return image
+
+
+def _decode_with_pillow(data: bytes) -> torch.Tensor:
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as pil:
+            pil.load()
+            if pil.mode in ("I;16", "I;16B", "I;16L", "I"):
+                import numpy as np
+
+                array = np.asarray(pil, dtype=np.int64)
+                scaled = (array >> 8) if array.max() > 255 else array
+                gray = torch.from_numpy(scaled.clip(0, 255).astype(np.uint8))
+                return gray.unsqueeze(0).expand(3, -1, -1).contiguous()
+            rgb = pil.convert("RGB")
+            return TF.pil_to_tensor(rgb)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise BadImage(f"not a readable image ({exc})") from None
+
+
+def decode_file(path: Path) -> torch.Tensor:
+    """Read and decode one image file; raises :class:`BadImage` for anything unreadable."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise BadImage(f"cannot read ({exc.strerror})") from None
+    return decode_bytes(data, str(path))

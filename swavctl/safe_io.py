@@ -1,0 +1,490 @@
+"""Safe weight-file I/O: validated safetensors reading, atomic writing, refusing pickles with code.
+
+Everything here is a pure function with no CLI. Bad input from the user (a malformed or hostile
+file) raises :class:`~swavctl.errors.UserError` with a one-line message naming the file and the
+reason; anything else is a bug.
+
+safetensors layout (https://github.com/huggingface/safetensors)::
+
+    [8 bytes: N, little-endian u64][N bytes: UTF-8 JSON header][data region]
+
+The header maps tensor names to ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets
+relative to the start of the data region) plus an optional ``"__metadata__"`` str->str dict.
+:func:`read_safetensors` checks all of this itself, using only the header bytes, before the file
+reaches the safetensors library, so a hostile header (say, a declared length of 2**60 bytes) is
+refused at once without allocating memory proportional to the declared sizes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import pickle
+import struct
+import sys
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from swavctl.errors import UserError
+
+__all__ = [
+    "DTYPES",
+    "assert_finite",
+    "file_sha256",
+    "load_pickle_weights",
+    "payload_sha256",
+    "read_safetensors",
+    "read_safetensors_metadata",
+    "write_safetensors_atomic",
+]
+
+#: Default cap on the JSON header size (100 MiB).
+MAX_HEADER_BYTES = 100 * 2**20
+
+_CHUNK = 2**20
+
+
+def _build_dtypes() -> dict[str, torch.dtype]:
+    table: dict[str, torch.dtype] = {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+    }
+    # F8 types only where both this torch and the installed safetensors know them.
+    try:
+        import safetensors.torch as st_torch
+
+        lib_types: Mapping[str, Any] = getattr(st_torch, "_TYPES", {})
+    except ImportError:  # pragma: no cover - safetensors is a hard dependency
+        lib_types = {}
+    for name, attr in (
+        ("F8_E4M3", "float8_e4m3fn"),
+        ("F8_E5M2", "float8_e5m2"),
+        ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
+        ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
+    ):
+        dtype = getattr(torch, attr, None)
+        if isinstance(dtype, torch.dtype) and lib_types.get(name) == dtype:
+            table[name] = dtype
+    return table
+
+
+#: safetensors dtype name -> torch dtype, for every dtype this module reads and writes.
+DTYPES: dict[str, torch.dtype] = _build_dtypes()
+_DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+_ITEMSIZE: dict[str, int] = {k: torch.empty((), dtype=v).element_size() for k, v in DTYPES.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+
+
+class _BadFile(Exception):
+    """Internal: the reason a safetensors file is malformed."""
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _BadFile(f"duplicate key {key!r} in header")
+        out[key] = value
+    return out
+
+
+def _reject_constant(name: str) -> Any:
+    raise _BadFile(f"header contains the non-JSON constant {name}")
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _parse_header(fh: Any, file_size: int, max_header_bytes: int) -> tuple[dict[str, Any], dict[str, str]]:
+    """Validate the header of an open safetensors file; return (tensor entries, metadata)."""
+    if file_size < 8:
+        raise _BadFile(f"file is {file_size} bytes, shorter than the 8-byte header length")
+    (header_len,) = struct.unpack("<Q", fh.read(8))
+    if header_len > max_header_bytes:
+        raise _BadFile(f"declared header length {header_len} exceeds the limit of {max_header_bytes} bytes")
+    if header_len > file_size - 8:
+        raise _BadFile(f"declared header length {header_len} exceeds the {file_size - 8} bytes after it")
+    raw = fh.read(header_len)
+    if len(raw) != header_len:
+        raise _BadFile("file shrank while being read")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _BadFile(f"header is not valid UTF-8 (byte {exc.start})") from None
+    try:
+        header = json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise _BadFile(f"header is not valid JSON ({exc.msg} at char {exc.pos})") from None
+    except RecursionError:
+        raise _BadFile("header JSON is nested too deeply") from None
+    if not isinstance(header, dict):
+        raise _BadFile(f"header is a JSON {type(header).__name__}, not an object")
+
+    metadata_raw = header.pop("__metadata__", None)
+    if metadata_raw is None:
+        metadata_raw = {}
+    if not isinstance(metadata_raw, dict):
+        raise _BadFile("__metadata__ is not an object of string values")
+    metadata: dict[str, str] = {}
+    for key, value in metadata_raw.items():
+        if not isinstance(value, str):
+            raise _BadFile(f"__metadata__ value for {key!r} is not a string")
+        metadata[key] = value
+
+    data_len = file_size - 8 - header_len
+    spans: list[tuple[int, int, str]] = []
+    for name, entry in header.items():
+        if not isinstance(entry, dict):
+            raise _BadFile(f"tensor {name!r}: entry is not an object")
+        missing = {"dtype", "shape", "data_offsets"} - entry.keys()
+        if missing:
+            raise _BadFile(f"tensor {name!r}: missing field(s) {', '.join(sorted(missing))}")
+        extra = entry.keys() - {"dtype", "shape", "data_offsets"}
+        if extra:
+            raise _BadFile(f"tensor {name!r}: unexpected field(s) {', '.join(sorted(extra))}")
+        dtype = entry["dtype"]
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise _BadFile(f"tensor {name!r}: unknown dtype {_short(dtype)}")
+        shape = entry["shape"]
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise _BadFile(f"tensor {name!r}: shape {_short(shape)} is not a list of non-negative integers")
+        offsets = entry["data_offsets"]
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(_is_int(o) and o >= 0 for o in offsets)
+        ):
+            raise _BadFile(f"tensor {name!r}: data_offsets {_short(offsets)} is not [begin, end]")
+        begin, end = offsets
+        if begin > end:
+            raise _BadFile(f"tensor {name!r}: data_offsets begin {begin} is after end {end}")
+        if end > data_len:
+            raise _BadFile(
+                f"tensor {name!r}: data_offsets end {end} is past the end of the {data_len}-byte data region"
+            )
+        needed = math.prod(shape) * _ITEMSIZE[dtype]
+        if end - begin != needed:
+            raise _BadFile(
+                f"tensor {name!r}: shape disagrees with dtype: {_short(shape)} x {dtype} needs "
+                f"{_short(needed, 30)} bytes but data_offsets span {end - begin}"
+            )
+        spans.append((begin, end, name))
+
+    spans.sort()
+    cursor = 0
+    prev = None
+    for begin, end, name in spans:
+        if begin > cursor:
+            raise _BadFile(f"gap of {begin - cursor} unused bytes before tensor {name!r}")
+        if begin < cursor:
+            raise _BadFile(f"tensor {name!r} overlaps tensor {prev!r}")
+        cursor = end
+        prev = name
+    if cursor != data_len:
+        raise _BadFile(f"{data_len - cursor} trailing bytes after the last tensor")
+    return header, metadata
+
+
+def _validate(path: Path, max_header_bytes: int) -> dict[str, str]:
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            _, metadata = _parse_header(fh, size, max_header_bytes)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory, not a safetensors file") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except _BadFile as exc:
+        raise UserError(f"{path}: not a valid safetensors file: {exc}") from None
+    return metadata
+
+
+def read_safetensors(
+    path: str | Path, *, max_header_bytes: int = MAX_HEADER_BYTES
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Validate and load a safetensors file; return ``(tensors, metadata)`` with CPU tensors.
+
+    The header is checked first (length, UTF-8 JSON object, str->str ``__metadata__``, known
+    dtypes, non-negative integer shapes, ``data_offsets`` sizes agreeing with shape and dtype,
+    tensors tiling the data region exactly with no gap, overlap or trailing bytes). Only then is
+    the file handed to ``safetensors``. Any problem raises :class:`UserError`.
+    """
+    path = Path(path)
+    metadata = _validate(path, max_header_bytes)
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise UserError(f"{path}: not a valid safetensors file: {reason}") from None
+    return tensors, metadata
+
+
+def read_safetensors_metadata(
+    path: str | Path, *, max_header_bytes: int = MAX_HEADER_BYTES
+) -> dict[str, str]:
+    """Validate a safetensors file as :func:`read_safetensors` does; return only its metadata.
+
+    Reads the header only, never the tensor data (for ``export --info``).
+    """
+    return _validate(Path(path), max_header_bytes)
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+
+def assert_finite(tensors: Mapping[str, torch.Tensor], *, source: str) -> None:
+    """Raise :class:`UserError` if a floating-point tensor holds NaN or Inf.
+
+    Keys are checked in sorted order, so the message names the first bad key in that order.
+    Integer, empty and meta-device tensors are skipped.
+    ``source`` (a file name or a description) starts the message.
+    """
+    for key in sorted(tensors):
+        t = tensors[key]
+        if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0 or t.is_meta:
+            continue  # meta tensors have no values to check
+        if t.element_size() == 1:  # float8: isfinite is not implemented for it
+            t = t.float()
+        if not bool(torch.isfinite(t).all()):
+            raise UserError(f"{source}: tensor {key!r} contains NaN or Inf values")
+
+
+def _prepare_for_write(tensors: Mapping[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    seen_storage: set[int] = set()
+    for key, value in tensors.items():
+        if not isinstance(key, str):
+            raise TypeError(f"tensor names must be str, got {type(key).__name__}")
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{key!r} is a {type(value).__name__}, not a torch.Tensor")
+        if value.dtype not in _DTYPE_NAMES:
+            raise UserError(f"{path}: tensor {key!r} has dtype {value.dtype}, which cannot be saved")
+        t = value.detach().to("cpu").contiguous()
+        # safetensors refuses tensors sharing memory; give every tensor its own storage.
+        if t.numel() > 0:
+            if t.untyped_storage().data_ptr() in seen_storage:
+                t = t.clone()
+            seen_storage.add(t.untyped_storage().data_ptr())
+        out[key] = t
+    return out
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open directories
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_safetensors_atomic(
+    path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+) -> None:
+    """Write ``tensors`` and ``metadata`` to ``path`` as safetensors, atomically.
+
+    Tensors are detached, moved to CPU and made contiguous; non-finite values are refused
+    (:func:`assert_finite`) before anything touches the disk. The data goes to a temporary file
+    in the same directory, which is flushed and fsynced, then ``os.replace``-d over ``path``; the
+    directory is fsynced last. On any failure the temporary file is removed and an existing
+    ``path`` is left untouched.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    meta: dict[str, str] = {}
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"metadata must map str to str, got {key!r}: {type(value).__name__}")
+        meta[key] = value
+    if "__metadata__" in tensors:
+        raise UserError(f"{path}: '__metadata__' cannot be used as a tensor name")
+    prepared = _prepare_for_write(tensors, path)
+    assert_finite(prepared, source=str(path))
+
+    directory = path.parent
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise UserError(f"{path}: cannot write: {exc.strerror or exc}") from None
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        save_file(prepared, str(tmp), metadata=meta)
+        with open(tmp, "rb+") as fh:
+            fh.flush()
+            os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise UserError(f"{path}: cannot write: {exc.strerror or exc}") from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(directory)
+
+
+# --------------------------------------------------------------------------------------------
+# Hashing
+# --------------------------------------------------------------------------------------------
+
+
+def payload_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 (hex) of a set of tensors, independent of dict order and file layout.
+
+    Recipe, for a third party to recompute. ``u64(n)`` is ``n`` as 8 bytes little-endian and
+    ``blob(b)`` is ``u64(len(b)) + b``. For each key in sorted order (Python ``sorted`` on
+    ``str``, i.e. by Unicode code point), feed to one SHA-256::
+
+        blob(key.encode("utf-8"))
+        blob(dtype.encode("ascii"))          # safetensors dtype name: "F32", "BF16", "I64", ...
+        u64(ndim) + u64(dim_0) + ... + u64(dim_{ndim-1})
+        blob(raw)                            # the C-contiguous element bytes, little-endian
+
+    ``raw`` is exactly the bytes safetensors stores for the tensor (bf16 as its 2-byte patterns,
+    bool as one byte 0/1 per element). Device, strides and ``requires_grad`` do not matter.
+    """
+    h = hashlib.sha256()
+
+    def u64(n: int) -> bytes:
+        return struct.pack("<Q", n)
+
+    for key in sorted(tensors):
+        t = tensors[key]
+        name = _DTYPE_NAMES.get(t.dtype)
+        if name is None:
+            raise TypeError(f"tensor {key!r}: dtype {t.dtype} has no safetensors name")
+        key_bytes = key.encode("utf-8")
+        h.update(u64(len(key_bytes)) + key_bytes)
+        h.update(u64(len(name)) + name.encode("ascii"))
+        h.update(u64(t.dim()) + b"".join(u64(d) for d in t.shape))
+        flat = t.detach().to("cpu").contiguous().reshape(-1)
+        raw = flat.view(torch.uint8).numpy()  # bf16/f8/bool all have a uint8 view
+        if sys.byteorder == "big" and t.element_size() > 1:  # pragma: no cover
+            raw = raw.reshape(-1, t.element_size())[:, ::-1].copy().reshape(-1)
+        h.update(u64(raw.nbytes))
+        h.update(raw.data)  # no copy
+    return h.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 1 MiB chunks."""
+    path = Path(path)
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            while chunk := fh.read(_CHUNK):
+                h.update(chunk)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Pickle checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def _unpickler_detail(message: str) -> str:
+    marker = "WeightsUnpickler error:"
+    idx = message.find(marker)
+    if idx < 0:
+        return ""
+    detail = message[idx + len(marker) :]
+    for stop in ("Please use", "Check the documentation"):
+        cut = detail.find(stop)
+        if cut >= 0:
+            detail = detail[:cut]
+    detail = " ".join(detail.split())
+    return detail if len(detail) <= 200 else detail[:197] + "..."
+
+
+def load_pickle_weights(path: str | Path) -> Any:
+    """Load a PyTorch pickle checkpoint with ``torch.load(weights_only=True)`` on the CPU.
+
+    Only tensors and plain containers/scalars are allowed; a file that would build any other
+    object (and so could run code) is refused with :class:`UserError`, as are missing,
+    unreadable, truncated and corrupt files.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, not a checkpoint file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        detail = _unpickler_detail(str(exc))
+        suffix = f" ({detail})" if detail else ""
+        raise UserError(
+            f"{path}: refused for safety: the file contains code or objects that are not plain "
+            f"weights{suffix}"
+        ) from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except (
+        EOFError,
+        RuntimeError,
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        struct.error,
+        zipfile.BadZipFile,
+        UnicodeDecodeError,
+        RecursionError,
+        MemoryError,
+    ) as exc:
+        text = " ".join(str(exc).split())
+        if len(text) > 200:
+            text = text[:197] + "..."
+        reason = (
+            text if isinstance(exc, RuntimeError) and text else f"{type(exc).__name__}: {text}".rstrip(": ")
+        )
+        raise UserError(
+            f"{path}: not a readable PyTorch checkpoint (corrupt or truncated?): {reason}"
+        ) from None

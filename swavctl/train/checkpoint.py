@@ -1,0 +1,219 @@
+"""Crash-safe checkpoints: a state file plus a manifest that commits it.
+
+A checkpoint at step ``n`` is two files in ``OUT/checkpoints/``:
+
+- ``step-<n>.pt``: a plain dictionary of tensors and primitives saved with ``torch.save``;
+- ``step-<n>.json``: the manifest (format, step, epoch, size and SHA-256 of the state file).
+
+Both are written to a temporary name, flushed, fsynced and renamed, the state file first. The
+manifest is the commit marker: a state file without one, or whose size or hash disagrees with
+it, does not count. Loading uses ``torch.load(weights_only=True)``, so no code is unpickled.
+Old checkpoints are purged only after a new one commits, oldest first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from swavctl.errors import UserError
+
+FORMAT = "swavctl-checkpoint-1"
+CHECKPOINT_DIR = "checkpoints"
+_NAME = re.compile(r"^step-(\d+)\.(pt|json)$")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    step: int
+    state_path: Path
+    manifest_path: Path
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, write: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with tmp.open("wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_checkpoint(run_dir: Path, step: int, epoch: int, state: dict[str, Any], *, keep: int) -> Path:
+    """Write and commit the checkpoint of ``step``; then keep only the newest ``keep`` ones.
+
+    An ``OSError`` (disk full, quota, file-size limit) is re-raised as :class:`CheckpointWriteError`
+    naming the path and errno; earlier checkpoints are untouched in that case.
+    """
+    folder = run_dir / CHECKPOINT_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    state_path = folder / f"step-{step:09d}.pt"
+    manifest_path = folder / f"step-{step:09d}.json"
+    try:
+        _write_atomic(state_path, lambda handle: torch.save(state, handle))
+        manifest = {
+            "format": FORMAT,
+            "step": step,
+            "epoch": epoch,
+            "state_file": state_path.name,
+            "bytes": state_path.stat().st_size,
+            "sha256": file_digest(state_path),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        _write_atomic(manifest_path, lambda handle: handle.write(json.dumps(manifest, indent=1).encode()))
+        _fsync_dir(folder)
+    except OSError as exc:
+        target = Path(exc.filename) if exc.filename else state_path
+        raise CheckpointWriteError(
+            f"could not write checkpoint {target}: [errno {exc.errno}] {exc.strerror or exc}", exc.errno
+        ) from None
+    purge(folder, keep=keep)
+    return state_path
+
+
+class CheckpointWriteError(Exception):
+    """Saving a checkpoint failed (for example, the disk is full)."""
+
+    def __init__(self, message: str, errno: int | None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+def list_committed(folder: Path) -> list[Checkpoint]:
+    """Checkpoints with a manifest, oldest first (not yet verified)."""
+    if not folder.is_dir():
+        return []
+    found: list[Checkpoint] = []
+    for path in folder.iterdir():
+        match = _NAME.match(path.name)
+        if match and match.group(2) == "json":
+            step = int(match.group(1))
+            found.append(Checkpoint(step, folder / f"step-{step:09d}.pt", path))
+    return sorted(found, key=lambda c: c.step)
+
+
+def purge(folder: Path, *, keep: int) -> None:
+    """Delete committed checkpoints beyond the newest ``keep``, oldest first, and stale temp files."""
+    committed = list_committed(folder)
+    for old in committed[: max(0, len(committed) - keep)]:
+        old.manifest_path.unlink(missing_ok=True)  # uncommit first
+        old.state_path.unlink(missing_ok=True)
+    newest = committed[-1].step if committed else -1
+    for path in folder.iterdir():
+        match = _NAME.match(path.name)
+        if match and match.group(2) == "pt" and int(match.group(1)) < newest:
+            if not path.with_suffix(".json").exists():
+                path.unlink(missing_ok=True)  # an older state file that never committed
+        elif path.name.startswith(".step-") and ".tmp-" in path.name:
+            pid = path.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                path.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def verify(checkpoint: Checkpoint) -> str | None:
+    """Why ``checkpoint`` cannot be used, or None when its manifest and state file agree."""
+    try:
+        manifest = json.loads(checkpoint.manifest_path.read_text())
+    except (OSError, ValueError) as exc:
+        return f"unreadable manifest ({exc})"
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        return "manifest has an unknown format"
+    if not checkpoint.state_path.exists():
+        return "state file is missing"
+    size = checkpoint.state_path.stat().st_size
+    if size != manifest.get("bytes"):
+        return f"state file has {size} bytes, manifest says {manifest.get('bytes')} (truncated?)"
+    if file_digest(checkpoint.state_path) != manifest.get("sha256"):
+        return "state file hash does not match its manifest (altered or corrupt)"
+    return None
+
+
+def uncommitted_states(folder: Path) -> list[Path]:
+    """State files newer than every committed checkpoint that have no manifest."""
+    committed = {c.step for c in list_committed(folder)}
+    newest = max(committed, default=-1)
+    found = []
+    if folder.is_dir():
+        for path in folder.iterdir():
+            match = _NAME.match(path.name)
+            if match and match.group(2) == "pt" and int(match.group(1)) > newest:
+                found.append(path)
+    return sorted(found)
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """Load a state file without unpickling code."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure means "not a usable checkpoint"
+        raise UserError(f"cannot load checkpoint {path}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path} is not a swavctl checkpoint")
+    return state
+
+
+def latest_checkpoint(run_dir: Path, *, warn: Any = None) -> tuple[Checkpoint, dict[str, Any]] | None:
+    """The newest checkpoint that verifies and loads, or None.
+
+    Unusable ones (no commit marker, truncated, altered) are skipped; ``warn(message)`` is called
+    with the file and the reason for each.
+    """
+    folder = run_dir / CHECKPOINT_DIR
+    for path in uncommitted_states(folder):
+        if warn:
+            warn(f"skipping checkpoint {path}: no commit marker (manifest missing)")
+    for checkpoint in reversed(list_committed(folder)):
+        reason = verify(checkpoint)
+        if reason is None:
+            try:
+                return checkpoint, load_state(checkpoint.state_path)
+            except UserError as exc:
+                reason = str(exc)
+        if warn:
+            warn(f"skipping checkpoint {checkpoint.state_path}: {reason}")
+    return None

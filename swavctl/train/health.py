@@ -1,0 +1,87 @@
+"""Training health: per-step metrics, code statistics and the collapse warning.
+
+SwAV collapses when every sample predicts the uniform distribution over prototypes; the
+swapped-prediction loss then sits at ln K (arXiv 2006.09882; a frequent complaint about peers).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+COLLAPSE_REMEDIES = (
+    "remedies: lower swav.epsilon (e.g. 0.03), freeze the prototypes longer "
+    "(swav.freeze_prototypes_steps), start the queue later or shorten it (swav.queue_start_epoch, "
+    "swav.queue_length), use about 10x more prototypes than classes (model.prototypes), "
+    "or lower optim.base_lr"
+)
+
+
+def code_statistics(codes: torch.Tensor) -> tuple[float, int]:
+    """Mean per-sample entropy of the codes (nats) and the number of distinct argmax prototypes."""
+    probs = codes.float().clamp_min(1e-12)
+    entropy = float(-(probs * probs.log()).sum(dim=1).mean())
+    used = int(torch.unique(codes.argmax(dim=1)).numel())
+    return entropy, used
+
+
+class CollapseDetector:
+    """Warn once when the loss stays within ``tolerance`` of ln K for ``patience`` steps after warmup."""
+
+    def __init__(self, num_prototypes: int, *, tolerance: float, patience: int, warmup_steps: int) -> None:
+        self.log_k = math.log(num_prototypes)
+        self.tolerance = tolerance
+        self.patience = patience
+        self.warmup_steps = warmup_steps
+        self.streak = 0
+        self.warned = False
+
+    def update(self, step: int, loss: float) -> str | None:
+        if step < self.warmup_steps:
+            return None
+        near = abs(loss - self.log_k) <= self.tolerance * self.log_k
+        self.streak = self.streak + 1 if near else 0
+        if near and self.streak >= self.patience and not self.warned:
+            self.warned = True
+            return (
+                f"possible collapse: the loss has stayed within {self.tolerance:.0%} of ln K = {self.log_k:.3f} "
+                f"for {self.streak} steps (step {step}); {COLLAPSE_REMEDIES}"
+            )
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"streak": self.streak, "warned": self.warned}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.streak = int(state["streak"])
+        self.warned = bool(state["warned"])
+
+
+class MetricsLog:
+    """Append-only ``metrics.jsonl``; on resume, lines past the checkpoint's step are dropped."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def truncate_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a crash
+            if int(record.get("step", 0)) <= step:
+                kept.append(line)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)
+
+    def append(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")

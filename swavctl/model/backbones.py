@@ -129,3 +129,16 @@ def build_backbone(name: str) -> tuple[nn.Module, int]:
 def backbone_basic_block(name: str) -> type[nn.Module]:
     """The residual block type of a ResNet backbone (for documentation and import checks)."""
     return BasicBlock if name.split("-")[0] in ("resnet18", "resnet34") else Bottleneck
+
+
+def check_backbone_name(name: str) -> None:
+    """Raise a one-line :class:`~swavctl.errors.UserError` for an unknown backbone name."""
+    from swavctl.errors import UserError
+
+    names = available_backbones()
+    if name not in names:
+        import difflib
+
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f" (available: {', '.join(names)})"
+        raise UserError(f"invalid value for 'model.arch': unknown backbone '{name}'{hint}")

@@ -1,0 +1,37 @@
+"""Shared pieces of the commands: option aliases declared once, error rendering."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+DataOpt = Annotated[
+    str | None, typer.Option("--data", help="Image folder (train/ is used if present), or 'demo'.")
+]
+OutOpt = Annotated[str | None, typer.Option("--out", help="Output folder (default: a new folder under runs/).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON summary object on stdout.")]
+GpusOpt = Annotated[int | None, typer.Option("--gpus", help="GPUs to use (default: 1 if CUDA is available).")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="Override any setting: --set a.b=value (repeatable).")
+]
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print ``error: message`` on stderr and return the Exit to raise (status 2 by default)."""
+    err.print(f"error: {message}", markup=False)
+    return typer.Exit(code)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {dotted.key: value}."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

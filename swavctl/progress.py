@@ -18,7 +18,7 @@ class RichReporter:
     """
 
     def __init__(self, console: Console | None = None, *, quiet: bool = False) -> None:
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(stderr=True, soft_wrap=True)
         self.quiet = quiet
         self._progress: Progress | None = None
         self._task: Any = None

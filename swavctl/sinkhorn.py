@@ -12,6 +12,8 @@ row sums are summed over ranks; column sums are per sample and stay local.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from swavctl import dist
@@ -26,38 +28,40 @@ def sinkhorn(scores: torch.Tensor, *, epsilon: float = 0.05, iterations: int = 3
     and by K, then each sample column by its column sum and by B; finally multiply by B.
 
     Numerics: the computation runs in float32 (float64 for float64 input) whatever the input dtype,
-    and the global maximum score is subtracted before exponentiating, so it never overflows even
-    for fp16 input or small epsilon. The shift cancels in the first normalisation, so the result
-    equals the unshifted official formula wherever that one is finite.
+    and in the log domain: every normalisation subtracts a log-sum-exp, which itself subtracts
+    the maximum. So it never overflows (fp16 input, small epsilon) and a prototype far from every
+    sample does not underflow to an all-zero row (which would give 0/0 in the official formula).
+    The result equals the official formula wherever that one is finite.
 
-    When a process group with more than one process is initialized, the maximum, the total and the
-    row sums are all-reduced, so the codes equal a single-process solve on the concatenated batch.
+    When a process group with more than one process is initialized, the total and the row sums
+    (as max + sum-of-exponentials pairs) are all-reduced, so the codes equal a single-process
+    solve on the concatenated batch.
     """
     if scores.dim() != 2:
         raise ValueError(f"sinkhorn expects scores of shape B x K, got {tuple(scores.shape)}")
     if epsilon <= 0:
         raise ValueError(f"epsilon must be positive, got {epsilon}")
     work_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
-    logits = scores.to(work_dtype) / epsilon  # B x K
+    log_q = (scores.to(work_dtype) / epsilon).t()  # K x B_local: log of exp(scores / epsilon)^T
 
-    shift = logits.max() if logits.numel() else logits.new_zeros(())
-    if dist.is_distributed():
-        torch.distributed.all_reduce(shift, op=torch.distributed.ReduceOp.MAX)
-    q = torch.exp(logits - shift).t()  # K x B (local columns)
-
-    num_prototypes = q.shape[0]
-    batch = torch.tensor(float(q.shape[1]), dtype=work_dtype, device=q.device)
+    num_prototypes = log_q.shape[0]
+    batch = torch.tensor(float(log_q.shape[1]), dtype=work_dtype, device=log_q.device)
     dist.all_reduce_sum(batch)  # B is the global batch
+    log_k, log_b = math.log(num_prototypes), torch.log(batch)
 
-    total = q.sum()
-    dist.all_reduce_sum(total)
-    q /= total
+    log_q = log_q - _global_logsumexp(log_q.reshape(1, -1)).reshape(())  # divide by the total
     for _ in range(iterations):
-        row_sums = q.sum(dim=1, keepdim=True)
-        dist.all_reduce_sum(row_sums)
-        q /= row_sums
-        q /= num_prototypes
-        q /= q.sum(dim=0, keepdim=True)
-        q /= batch
-    q *= batch
-    return q.t()
+        log_q = log_q - _global_logsumexp(log_q) - log_k  # prototype rows: sum over all ranks
+        log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True) - log_b  # sample columns: local
+    return torch.exp(log_q + log_b).t()
+
+
+def _global_logsumexp(x: torch.Tensor) -> torch.Tensor:
+    """log(sum(exp(x), dim=1)) over the columns of every rank (K x 1); local without a group."""
+    if not dist.is_distributed():
+        return torch.logsumexp(x, dim=1, keepdim=True)
+    peak = x.max(dim=1, keepdim=True).values
+    torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+    total = torch.exp(x - peak).sum(dim=1, keepdim=True)
+    dist.all_reduce_sum(total)
+    return peak + torch.log(total)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -142,7 +142,7 @@ def test_shapes_both_paths(image: torch.Tensor) -> None:
     per_image = PerImageMultiCrop(CROPS, augment)(image)
     batched = batch_multicrop([image, image], CROPS, augment, generator=torch.Generator().manual_seed(0))
     assert len(per_image) == len(batched) == len(CROPS)
-    for crop, one, many in zip(CROPS, per_image, batched):
+    for crop, one, many in zip(CROPS, per_image, batched, strict=True):
         assert one.shape == (3, crop.size, crop.size) and one.dtype == torch.float32
         assert many.shape == (2, 3, crop.size, crop.size) and many.dtype == torch.float32
         assert torch.isfinite(one).all() and torch.isfinite(many).all()
@@ -184,8 +184,8 @@ def test_generator_reproducible() -> None:
     a = batch_multicrop(images, CROPS, AugmentSpec(), generator=torch.Generator().manual_seed(7))
     b = batch_multicrop(images, CROPS, AugmentSpec(), generator=torch.Generator().manual_seed(7))
     c = batch_multicrop(images, CROPS, AugmentSpec(), generator=torch.Generator().manual_seed(8))
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
-    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c, strict=True))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,7 +327,12 @@ def _float_batch(n: int = 5, h: int = 20, w: int = 24) -> torch.Tensor:
     ],
     ids=["brightness", "contrast", "saturation", "hue"],
 )
-def test_jitter_ops_match_torchvision(ours, theirs, factors: list[float], atol: float) -> None:  # type: ignore[no-untyped-def]
+def test_jitter_ops_match_torchvision(
+    ours: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    theirs: Callable[..., torch.Tensor],
+    factors: list[float],
+    atol: float,
+) -> None:
     x = _float_batch()
     out = ours(x.clone(), torch.tensor(factors, dtype=torch.float64))
     for i, f in enumerate(factors):
@@ -338,7 +343,9 @@ def test_grayscale_matches_torchvision() -> None:
     x = _float_batch()
     out = rgb_to_grayscale(x).expand_as(x)
     for i in range(x.shape[0]):
-        torch.testing.assert_close(out[i], TF.rgb_to_grayscale(x[i], num_output_channels=3), atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            out[i], TF.rgb_to_grayscale(x[i], num_output_channels=3), atol=1e-6, rtol=0
+        )
 
 
 @pytest.mark.parametrize("kernel", [13, 3, 1])
@@ -347,7 +354,9 @@ def test_blur_matches_torchvision(kernel: int) -> None:
     sigmas = [0.1, 0.7, 2.0, 1.3, 0.45]
     out = gaussian_blur(x, torch.tensor(sigmas), kernel)
     for i, s in enumerate(sigmas):
-        torch.testing.assert_close(out[i], TF.gaussian_blur(x[i], [kernel, kernel], [s, s]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            out[i], TF.gaussian_blur(x[i], [kernel, kernel], [s, s]), atol=1e-5, rtol=0
+        )
 
 
 def test_color_jitter_order_matches_sequential_v2() -> None:
@@ -355,7 +364,12 @@ def test_color_jitter_order_matches_sequential_v2() -> None:
     order = torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1], [1, 3, 0, 2], [3, 0, 1, 2]])
     factors = [
         torch.tensor(v, dtype=torch.float64)
-        for v in ([1.5, 0.4, 1.2, 0.9, 1.7], [0.5, 1.6, 0.3, 1.1, 0.6], [1.8, 0.2, 0.0, 1.4, 0.9], [0.1, -0.2, 0.15, -0.05, 0.2])
+        for v in (
+            [1.5, 0.4, 1.2, 0.9, 1.7],
+            [0.5, 1.6, 0.3, 1.1, 0.6],
+            [1.8, 0.2, 0.0, 1.4, 0.9],
+            [0.1, -0.2, 0.15, -0.05, 0.2],
+        )
     ]
     fns = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
     for enabled in [(True, True, True, True), (True, False, True, False)]:
@@ -392,7 +406,9 @@ def test_batch_photometric_matches_v2_pipeline() -> None:
     params = _params(
         6,
         jitter=torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool),
-        jitter_order=torch.tensor([[3, 1, 0, 2], [0, 1, 2, 3], [0, 2, 1, 3], [2, 3, 1, 0], [1, 0, 3, 2], [1, 2, 3, 0]]),
+        jitter_order=torch.tensor(
+            [[3, 1, 0, 2], [0, 1, 2, 3], [0, 2, 1, 3], [2, 3, 1, 0], [1, 0, 3, 2], [1, 2, 3, 0]]
+        ),
         brightness=torch.tensor([1.4, 0.5, 0.8, 1.1, 1.7, 0.3], dtype=torch.float64),
         contrast=torch.tensor([0.6, 1.2, 1.5, 0.4, 0.9, 1.8], dtype=torch.float64),
         saturation=torch.tensor([1.7, 0.2, 0.5, 1.3, 1.0, 0.0], dtype=torch.float64),
@@ -423,30 +439,28 @@ def test_crop_whole_image_is_identity_even_in_padded_batch() -> None:
     big, small = smooth_image(30, 40, 0), smooth_image(16, 16, 1)
     padded = stack_padded([big, small])
     params = _params(2, boxes=torch.tensor([[0, 0, 30, 40], [0, 0, 16, 16]]))
-    out = batch_geometric(padded, torch.arange(2), params, 16)
+    out = batch_geometric(padded, params, 16)
     torch.testing.assert_close(out[1], TF.to_dtype(small, torch.float32, scale=True), atol=1e-6, rtol=0)
-    flipped = batch_geometric(padded, torch.arange(2), _params(2, boxes=params.boxes, flip=torch.ones(2).bool()), 16)
+    flipped = batch_geometric(padded, _params(2, boxes=params.boxes, flip=torch.ones(2).bool()), 16)
     torch.testing.assert_close(flipped[1], out[1].flip(-1), atol=0, rtol=0)
 
 
-def test_crop_upscale_matches_torchvision_resized_crop() -> None:
-    """Upscaling (incl. at the right/bottom edge of a smaller image in a padded batch) is plain bilinear."""
+@pytest.mark.parametrize("size", [24, 16, 7], ids=["upscale", "mixed", "downscale"])
+def test_crop_matches_torchvision_resized_crop(size: int) -> None:
+    """Crop + antialiased bilinear resize equals v2's resized_crop, also at the edge of a padded image."""
     big, small = smooth_image(30, 40, 0), smooth_image(16, 18, 1)
     padded = stack_padded([big, small])
-    boxes = torch.tensor([[3, 5, 12, 10], [4, 6, 12, 12]])  # the second touches small's bottom-right
-    out = batch_geometric(padded, torch.arange(2), _params(2, boxes=boxes), 24)
-    for i, image in enumerate([big, small]):
-        top, left, h, w = boxes[i].tolist()
-        ref = TF.resized_crop(image.float() / 255, top, left, h, w, [24, 24], antialias=True)
-        torch.testing.assert_close(out[i], ref, atol=1e-5, rtol=0)
-
-
-def test_crop_downscale_close_to_torchvision() -> None:
-    image = smooth_image(64, 80, 3)
-    boxes = torch.tensor([[2, 4, 60, 72]])
-    out = batch_geometric(stack_padded([image]), torch.arange(1), _params(1, boxes=boxes), 16)
-    ref = TF.resized_crop(image.float() / 255, 2, 4, 60, 72, [16, 16], antialias=True)
-    assert (out[0] - ref).abs().mean() < 0.02
+    # Two crop specs' worth of boxes (crop-major): sample k comes from image k % 2.
+    boxes = torch.tensor([[3, 5, 12, 10], [4, 6, 12, 12], [0, 0, 30, 40], [1, 0, 15, 18]])
+    flip = torch.tensor([False, True, True, False])
+    out = batch_geometric(padded, _params(4, boxes=boxes, flip=flip), size)
+    for k in range(4):
+        image = [big, small][k % 2]
+        top, left, h, w = boxes[k].tolist()
+        ref = TF.resized_crop(TF.to_dtype(image, torch.float32, scale=True), top, left, h, w, [size, size])
+        if flip[k]:
+            ref = TF.horizontal_flip(ref)
+        torch.testing.assert_close(out[k], ref, atol=1e-5, rtol=0)
 
 
 def test_apply_params_uses_given_boxes() -> None:
@@ -454,7 +468,9 @@ def test_apply_params_uses_given_boxes() -> None:
     crop = CropSpec(16, 0.5, 1.0)
     params = _params(1, boxes=torch.tensor([[0, 0, 16, 16]]))
     (out,) = apply_params([image], [crop], NO_PHOTOMETRIC, [params])
-    expected = TF.normalize(TF.to_dtype(image, torch.float32, scale=True), list(NO_PHOTOMETRIC.mean), list(NO_PHOTOMETRIC.std))
+    expected = TF.normalize(
+        TF.to_dtype(image, torch.float32, scale=True), list(NO_PHOTOMETRIC.mean), list(NO_PHOTOMETRIC.std)
+    )
     torch.testing.assert_close(out[0], expected, atol=1e-5, rtol=0)
 
 
@@ -488,7 +504,7 @@ def test_cuda_matches_cpu() -> None:
     cpu = batch_multicrop(images, CROPS, AugmentSpec(), generator=torch.Generator().manual_seed(3))
     cuda_images = [im.cuda() for im in images]
     gpu = batch_multicrop(cuda_images, CROPS, AugmentSpec(), generator=torch.Generator().manual_seed(3))
-    for a, b in zip(cpu, gpu):
+    for a, b in zip(cpu, gpu, strict=True):
         assert b.device.type == "cuda"
         assert (a - b.cpu()).abs().mean() < 1e-4
     dev_gen = torch.Generator(device="cuda").manual_seed(3)

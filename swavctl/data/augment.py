@@ -156,11 +156,15 @@ def expand_crops(
     }
     if len(set(lengths.values())) != 1:
         listed = ", ".join(f"{k}={v}" for k, v in lengths.items())
-        raise AugmentConfigError(f"crop_counts, crop_sizes, min_scales and max_scales differ in length ({listed})")
+        raise AugmentConfigError(
+            f"crop_counts, crop_sizes, min_scales and max_scales differ in length ({listed})"
+        )
     if lengths["crop_counts"] == 0:
         raise AugmentConfigError("at least one crop group is needed; crop_counts is empty")
     specs: list[CropSpec] = []
-    for i, (count, size, lo, hi) in enumerate(zip(crop_counts, crop_sizes, min_scales, max_scales)):
+    for i, (count, size, lo, hi) in enumerate(
+        zip(crop_counts, crop_sizes, min_scales, max_scales, strict=True)
+    ):
         if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
             raise AugmentConfigError(f"crop_counts[{i}] must be a positive integer, got {count!r}")
         if isinstance(size, bool) or not isinstance(size, int) or size <= 0:

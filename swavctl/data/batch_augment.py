@@ -7,13 +7,17 @@ parameters, drawn from the same distributions as ``torchvision.transforms.v2``:
 * **Crop boxes** follow ``RandomResizedCrop``'s sampler (10 tries of area scale ~ U(min, max) and
   log aspect ratio ~ U(log 3/4, log 4/3), first fitting try wins, else the centre-crop fallback),
   vectorised over samples and tries. See :func:`sample_crop_boxes`.
-* **Resampling** uses :func:`torchvision.ops.roi_align` (``aligned=True``, adaptive sampling) on
-  one padded batch: when upscaling it is exactly half-pixel bilinear interpolation, as
-  torchvision's resize; when downscaling it averages ``ceil(scale)**2`` bilinear samples per
-  output pixel (a box-like antialiasing filter, close to but not bit-equal with torchvision's
-  triangle filter). Images are padded to a common size with a one-pixel *replicate* border rather
-  than zeros, so interpolation at the right/bottom edge does not mix in black (which a zero pad
-  would, since roi_align only clamps at the padded tensor's edge).
+* **Resampling** is torchvision's antialiased bilinear resize of the box, written as two
+  per-sample weight matrices (:func:`resample_weights`) applied with batched matmuls on one
+  zero-padded batch. It equals ``v2.functional.resized_crop(..., antialias=True)`` on float
+  images up to float rounding, for upscaling and downscaling alike, and it clamps at the box edge
+  as crop-then-resize does. (``torchvision.ops.roi_align`` was the first candidate; it samples
+  across the box edge and its adaptive box filter differs from torchvision's triangle filter, so
+  it only approximates the v2 path.) The dense matrices cost ``O(size * (H + W))`` memory per
+  sample and the matmuls are cheap on a GPU; with TF32 matmuls enabled globally the crops carry
+  TF32 rounding (about 1e-3 relative). The padded batch is float32 ``[N, 3, H_max, W_max]``, so
+  decode images at a bounded size. The per-image path resizes uint8 and so rounds the crop to
+  whole grey levels; this path does not (a difference below 1/255 per pixel).
 * **Flip, jitter, grayscale, blur** are per-sample Bernoulli draws with the configured rates.
   ColorJitter factors and the random order of its four ops are per sample; the ops run in four
   steps, and at each step each op is applied to the samples whose permutation puts it there
@@ -39,7 +43,6 @@ from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
-from torchvision.ops import roi_align
 
 from swavctl.data.augment import (
     ASPECT_RATIO,
@@ -62,6 +65,7 @@ __all__ = [
     "batch_photometric",
     "color_jitter",
     "gaussian_blur",
+    "resample_weights",
     "rgb_to_grayscale",
     "sample_crop_boxes",
     "sample_params",
@@ -101,7 +105,9 @@ class CropParams:
     @staticmethod
     def cat(params: Sequence[CropParams]) -> CropParams:
         """Concatenate parameter sets along the sample dimension."""
-        return CropParams(**{f.name: torch.cat([getattr(p, f.name) for p in params]) for f in fields(CropParams)})
+        return CropParams(
+            **{f.name: torch.cat([getattr(p, f.name) for p in params]) for f in fields(CropParams)}
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -115,7 +121,9 @@ def _rand(shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Te
     return torch.rand(shape, generator=generator, device=device, dtype=torch.float64).cpu()
 
 
-def _uniform(shape: tuple[int, ...], low: float, high: float, generator: torch.Generator | None) -> torch.Tensor:
+def _uniform(
+    shape: tuple[int, ...], low: float, high: float, generator: torch.Generator | None
+) -> torch.Tensor:
     return _rand(shape, generator).mul_(high - low).add_(low)
 
 
@@ -204,8 +212,10 @@ def sample_params(
         jitter = _rand((n,), generator) < augment.jitter_prob
         order = _rand((n, 4), generator).argsort(dim=1)  # uniform over the 24 permutations
         factors = [
-            _uniform((n,), r[0], r[1], generator) if r is not None else torch.full((n,), ident, dtype=torch.float64)
-            for r, ident in zip(ranges, identity)
+            _uniform((n,), r[0], r[1], generator)
+            if r is not None
+            else torch.full((n,), ident, dtype=torch.float64)
+            for r, ident in zip(ranges, identity, strict=True)
         ]
         grayscale = _rand((n,), generator) < augment.grayscale_prob
         blur = _rand((n,), generator) < augment.blur_prob
@@ -333,6 +343,15 @@ def _masked_apply(
     return x.index_copy_(0, idx_dev, fn(x.index_select(0, idx_dev), idx))
 
 
+def _with_factor(
+    op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], factor: torch.Tensor
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def apply(sub: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return op(sub, factor[idx])
+
+    return apply
+
+
 def color_jitter(
     x: torch.Tensor,
     order: torch.Tensor,
@@ -350,9 +369,7 @@ def color_jitter(
         for op in range(4):
             if not enabled[op]:
                 continue
-            factor = factors[op]
-            fn = _JITTER_OPS[op]
-            _masked_apply(x, order[:, position] == op, lambda sub, idx, f=factor, g=fn: g(sub, f[idx]))
+            _masked_apply(x, order[:, position] == op, _with_factor(_JITTER_OPS[op], factors[op]))
     return x
 
 
@@ -396,9 +413,8 @@ def batch_normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]
 def stack_padded(images: Sequence[torch.Tensor]) -> torch.Tensor:
     """Stack uint8 ``[3, H_i, W_i]`` images into float32 ``[N, 3, H_max, W_max]`` (values 0..255).
 
-    Each image sits at the top-left; a one-pixel replicate border (right column, bottom row,
-    corner) keeps bilinear sampling at the image's own edge equal to edge clamping; the rest
-    is zero and never sampled by boxes inside the image.
+    Each image sits at the top-left, zero-padded. The padding never contributes to a crop: the
+    resampling weights of :func:`batch_geometric` vanish outside each box.
     """
     heights = [int(im.shape[-2]) for im in images]
     widths = [int(im.shape[-1]) for im in images]
@@ -406,35 +422,69 @@ def stack_padded(images: Sequence[torch.Tensor]) -> torch.Tensor:
     if all(h == h_max for h in heights) and all(w == w_max for w in widths):
         return torch.stack(list(images)).to(torch.float32)
     out = torch.zeros((len(images), 3, h_max, w_max), dtype=torch.float32, device=images[0].device)
-    for i, (im, h, w) in enumerate(zip(images, heights, widths)):
+    for i, (im, h, w) in enumerate(zip(images, heights, widths, strict=True)):
         out[i, :, :h, :w] = im
-        if w < w_max:
-            out[i, :, :h, w] = out[i, :, :h, w - 1]
-        if h < h_max:
-            w_end = min(w + 1, w_max)
-            out[i, :, h, :w_end] = out[i, :, h - 1, :w_end]
     return out
 
 
-def batch_geometric(
-    padded: torch.Tensor, image_index: torch.Tensor, params: CropParams, size: int
-) -> torch.Tensor:
-    """Crop + flip: float32 ``[K, 3, size, size]`` in [0, 1], one row per (image_index, box).
+def resample_weights(start: torch.Tensor, length: torch.Tensor, size: int, extent: int) -> torch.Tensor:
+    """1-D weights of torchvision's antialiased bilinear resize of ``[start, start + length)`` to ``size``.
 
-    ``padded`` is :func:`stack_padded`'s output; ``image_index`` (int64 ``[K]``) says which image
-    each box of ``params`` is cut from. Resampling is ``roi_align(aligned=True,
-    sampling_ratio=-1)``: bilinear at half-pixel centres, averaging ``ceil(box / size)`` samples
-    per output pixel and axis when downscaling.
+    Returns float64 ``[N, size, extent]``: row ``i`` of sample ``n`` holds the weights over the
+    ``extent`` source pixels. This is ATen's ``_upsample_bilinear2d_aa`` filter (as PIL's): with
+    ``scale = length / size`` and ``support = max(scale, 1)``, output pixel i centred at
+    ``c = scale * (i + 0.5)`` (box coordinates) weighs source pixel j by the triangle
+    ``max(0, 1 - |j + 0.5 - c| / support)``, restricted to pixels inside the box and normalised
+    to sum 1. When upscaling it is plain half-pixel bilinear interpolation, clamped at the box
+    edge, exactly as ``resized_crop`` (crop, then resize) does.
     """
-    top, left, height, width = params.boxes.to(torch.float64).unbind(dim=1)
-    rois = torch.stack([image_index.to(torch.float64), left, top, left + width, top + height], dim=1)
-    rois = rois.to(device=padded.device, dtype=padded.dtype)
-    x = roi_align(padded, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-    x = x.mul_(1.0 / 255.0)  # ToDtype(float32, scale=True)
-    return _masked_apply(x, params.flip, lambda sub, idx: sub.flip(-1))
+    start = start.to(torch.float64)
+    length = length.to(torch.float64)
+    device = start.device
+    scale = length / size
+    support = scale.clamp(min=1.0)
+    center = scale[:, None] * (torch.arange(size, dtype=torch.float64, device=device) + 0.5)  # [N, size]
+    rel = torch.arange(extent, dtype=torch.float64, device=device)[None, None, :] - start[:, None, None]
+    x = (rel + 0.5 - center[:, :, None]) / support[:, None, None]
+    inside = (rel >= 0) & (rel < length[:, None, None])
+    w = (1.0 - x.abs()).clamp_(min=0.0).mul_(inside)
+    return w.div_(w.sum(dim=-1, keepdim=True).clamp_(min=1e-12))
 
 
-def batch_photometric(x: torch.Tensor, params: CropParams, augment: AugmentSpec, kernel_size: int) -> torch.Tensor:
+def batch_geometric(padded: torch.Tensor, params: CropParams, size: int) -> torch.Tensor:
+    """Crop + resize + flip: float32 ``[K, 3, size, size]`` in [0, 1], ``K = len(params)``.
+
+    ``padded`` is :func:`stack_padded`'s ``[N, 3, H, W]`` batch (0..255); ``K`` must be a multiple
+    of ``N``, sample ``k`` being cut from image ``k % N`` (crop-major order, several crop specs
+    of one size at once). The resize is separable: per sample, a ``[size, H]`` and a
+    ``[size, W]`` weight matrix from :func:`resample_weights` (torchvision's antialiased
+    bilinear, so this equals ``resized_crop(..., antialias=True)`` up to float rounding), applied
+    as two batched matmuls without copying the source images per crop. A flip just reverses the
+    rows of the horizontal weight matrix.
+    """
+    n, _, height, width = padded.shape
+    k_total = len(params)
+    if k_total % n != 0:
+        raise ValueError(f"{k_total} boxes cannot be spread over {n} images")
+    k = k_total // n
+    boxes = params.boxes.to(device=padded.device, dtype=torch.float64)
+    top, left, box_h, box_w = boxes.unbind(dim=1)
+    w_y = resample_weights(top, box_h, size, height)
+    w_x = resample_weights(left, box_w, size, width)
+    flip = params.flip.to(padded.device)
+    w_x = torch.where(flip[:, None, None], w_x.flip(1), w_x)
+    # Crop-major [k, N, ...] -> [N, k, ...] so that each image is read once for all its boxes.
+    w_y = w_y.to(padded.dtype).view(k, n, size, height).transpose(0, 1)
+    w_x = w_x.to(padded.dtype).view(k, n, size, width).transpose(0, 1)
+    rows = torch.einsum("nkph,nchw->nkcpw", w_y, padded)  # [N, k, 3, size, W]
+    out = torch.einsum("nkcpw,nkqw->nkcpq", rows, w_x)  # [N, k, 3, size, size]
+    out = out.transpose(0, 1).reshape(k_total, 3, size, size)
+    return out.mul_(1.0 / 255.0)  # ToDtype(float32, scale=True)
+
+
+def batch_photometric(
+    x: torch.Tensor, params: CropParams, augment: AugmentSpec, kernel_size: int
+) -> torch.Tensor:
     """Jitter (per-sample order), grayscale and blur on float ``[K, 3, s, s]`` in [0, 1], in place."""
     enabled = [r is not None for r in augment.jitter_ranges()]
     if any(enabled):
@@ -482,8 +532,7 @@ def apply_params(
             groups.setdefault(crop.size, []).append(i)
         for size, members in groups.items():
             group = CropParams.cat([params[i] for i in members])
-            image_index = torch.arange(n).repeat(len(members))
-            x = batch_geometric(padded, image_index, group, size)
+            x = batch_geometric(padded, group, size)
             x = batch_photometric(x, group, augment, blur_kernel_size(size, augment.blur_sigma_max))
             x = batch_normalize(x, augment.mean, augment.std)
             for k, i in enumerate(members):

@@ -106,7 +106,9 @@ def _decode_with_pillow(data: bytes) -> torch.Tensor:
                 return gray.unsqueeze(0).expand(3, -1, -1).contiguous()
             rgb = pil.convert("RGB")
             return TF.pil_to_tensor(rgb)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except UnidentifiedImageError:
+        raise BadImage("not a recognised image format") from None
+    except (OSError, ValueError, SyntaxError) as exc:
         raise BadImage(f"not a readable image ({exc})") from None
 
 

@@ -1,0 +1,155 @@
+"""`swavctl pretrain` end to end in real subprocesses on tiny real image folders."""
+
+from __future__ import annotations
+
+import json
+import math
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+from safetensors.torch import load_file
+
+from tests.conftest import write_image_folder
+
+SMOKE = ("pretrain", "--preset", "smoke", "--gpus", "0")
+
+
+def test_smoke_run_writes_everything(cli, image_folder: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    result = cli(*SMOKE, "--data", str(image_folder), "--max-steps", "3", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    for key in ("out_dir", "steps", "final_loss", "samples_per_s"):
+        assert key in summary
+    assert summary["steps"] == 3 and summary["skipped_images"] == 0
+    out = tmp_path / summary["out_dir"]
+    assert out.parent == tmp_path / "runs"
+    assert (tmp_path / "runs" / "latest").resolve() == out.resolve()
+    resolved = tomllib.loads((out / "resolved.toml").read_text())
+    assert resolved["model"]["arch"] == "convnet-tiny" and resolved["data"]["path"] == str(image_folder)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3]
+    expected = {
+        "loss", "loss_over_lnk", "lr", "samples_per_s", "data_wait_fraction", "code_entropy",
+        "prototypes_used", "queue_in_use",
+    }
+    assert expected <= set(lines[0])
+    assert lines[0]["loss_over_lnk"] == pytest.approx(lines[0]["loss"] / math.log(8))
+    assert 1 <= lines[0]["prototypes_used"] <= 8
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.json")) == [
+        "step-000000002.json", "step-000000003.json"
+    ]
+    state = torch.load(out / "checkpoints" / "step-000000003.pt", weights_only=True)
+    assert {"model", "optimizer", "scaler", "rng", "step", "epoch", "settings"} <= set(state)
+    assert "[model]" in state["settings"]
+    weights = load_file(out / "backbone.safetensors")
+    assert weights and not any(k.startswith(("head.", "prototypes", "module.")) for k in weights)
+
+
+def test_resnet18_backbone_loads_strictly_into_torchvision(cli, image_folder: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    result = cli(
+        *SMOKE, "--data", str(image_folder), "--arch", "resnet18", "--max-steps", "1", "--out", "r18",
+        "--set", "data.crop_sizes=[32, 16]", "--batch-size", "4",
+    )
+    assert result.returncode == 0, result.stderr
+    model = torchvision.models.resnet18()
+    model.fc = torch.nn.Identity()
+    model.load_state_dict(load_file(tmp_path / "r18" / "backbone.safetensors"), strict=True)
+
+
+def test_train_subfolder_is_used_and_announced(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    root = tmp_path / "imagenet"
+    write_image_folder(root / "train")
+    write_image_folder(root / "val", per_class=2)
+    result = cli(*SMOKE, "--data", str(root), "--max-steps", "1", "--json")
+    assert result.returncode == 0, result.stderr
+    assert "train/" in result.stderr and str(root / "train") in result.stderr.replace("\n", "")
+    assert json.loads(result.stdout)["images"] == 32
+
+
+def test_bad_files_are_skipped_and_counted(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    root = write_image_folder(tmp_path / "mixed", per_class=8)
+    good = (root / "class0" / "000.png").read_bytes()
+    jpeg = tmp_path / "ok.jpg"
+    Image.fromarray(np.full((20, 20, 3), 128, np.uint8)).save(jpeg, quality=90)
+    (root / "class0" / "truncated.jpg").write_bytes(jpeg.read_bytes()[:200])
+    (root / "class0" / "notes.jpg").write_text("this is not an image\n")
+    Image.fromarray(np.zeros((12, 12, 4), np.uint8), "RGBA").save(root / "class1" / "alpha.png")
+    assert good
+    result = cli(*SMOKE, "--data", str(root), "--batch-size", "19", "--max-steps", "1", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["skipped_images"] == 2
+    assert "truncated.jpg" in result.stderr and "notes.jpg" in result.stderr
+    strict = cli(*SMOKE, "--data", str(root), "--batch-size", "19", "--max-steps", "1", "--out", "strict",
+                 "--set", "data.on_bad_image=error")
+    assert strict.returncode == 2
+    last = strict.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: unreadable image") and "truncated.jpg" in last
+    assert "Traceback" not in strict.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (("--set", "model.protoypes=4"), "did you mean 'model.prototypes'?"),
+        (("--set", "swav.epsilon=-1"), "invalid value for 'swav.epsilon'"),
+        (("--preset", "smokee"), "unknown preset 'smokee'"),
+        (("--arch", "resnet51"), "unknown backbone 'resnet51'"),
+    ],
+)
+def test_config_errors_exit_2_with_one_line(cli, image_folder: Path, args, fragment) -> None:  # type: ignore[no-untyped-def]
+    base = ["pretrain", "--gpus", "0", "--data", str(image_folder)]
+    if "--preset" not in args:
+        base += ["--preset", "smoke"]
+    result = cli(*base, *args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0]
+
+
+def test_bad_preset_value_exits_2(cli, image_folder: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    preset = tmp_path / "mine.toml"
+    preset.write_text("[train]\nbatch_size = 0\n")
+    result = cli("pretrain", "--preset", str(preset), "--data", str(image_folder))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: preset mine.toml: invalid value for 'train.batch_size': Input should be greater than or equal "
+        "to 1 (got 0)"
+    ]
+
+
+@pytest.mark.parametrize("kind", ["missing", "file", "empty", "no-images"])
+def test_bad_data_is_refused_before_anything_starts(cli, tmp_path: Path, kind: str) -> None:  # type: ignore[no-untyped-def]
+    target = tmp_path / "data"
+    if kind == "file":
+        target.write_text("x")
+    elif kind == "empty":
+        target.mkdir()
+    elif kind == "no-images":
+        (target / "sub").mkdir(parents=True)
+        (target / "sub" / "readme.txt").write_text("hello")
+    result = cli(*SMOKE, "--data", str(target))
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error:")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_collapse_and_small_batch_warnings(cli, image_folder: Path) -> None:  # type: ignore[no-untyped-def]
+    result = cli(
+        *SMOKE, "--data", str(image_folder), "--max-steps", "4",
+        "--set", "swav.temperature=1000", "--set", "health.collapse_patience=2",
+        "--set", "model.prototypes=20",
+    )
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stderr.split())
+    assert "possible collapse" in text and "swav.epsilon" in text
+    assert "global batch 8 + queue 0 < 20 prototypes" in text
+
+
+def test_no_data_at_all_exits_2(cli) -> None:  # type: ignore[no-untyped-def]
+    result = cli("pretrain", "--preset", "smoke")
+    assert result.returncode == 2 and "--data" in result.stderr

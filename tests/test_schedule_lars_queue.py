@@ -1,0 +1,89 @@
+"""LR schedule, LARC and the queue against the official semantics."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from swavctl.queue import EmbeddingQueue
+from swavctl.train.lars import LARC, parameter_groups
+from swavctl.train.schedule import learning_rate
+
+
+def official_schedule(steps_per_epoch, epochs, base, final, warmup_epochs, start):  # type: ignore[no-untyped-def]
+    warmup = np.linspace(start, base, steps_per_epoch * warmup_epochs)
+    iters = np.arange(steps_per_epoch * (epochs - warmup_epochs))
+    cosine = np.array(
+        [
+            final + 0.5 * (base - final) * (1 + math.cos(math.pi * t / (steps_per_epoch * (epochs - warmup_epochs))))
+            for t in iters
+        ]
+    )
+    return np.concatenate((warmup, cosine))
+
+
+@pytest.mark.parametrize(("warmup", "start"), [(10, 0.3), (0, 0.0), (2, 0.05)])
+def test_schedule_matches_official_numpy(warmup: int, start: float) -> None:
+    expected = official_schedule(7, 20, 4.8, 0.0048, warmup, start)
+    got = [
+        learning_rate(s, steps_per_epoch=7, epochs=20, base_lr=4.8, final_lr=0.0048, warmup_epochs=warmup,
+                      start_warmup_lr=start)
+        for s in range(len(expected))
+    ]
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_larc_matches_reference_formula() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Linear(4, 3, bias=False))
+    model[0].bias.data.zero_()  # zero-norm parameter: official quirk skips it entirely
+    params = [p.detach().clone().double() for p in model.parameters()]
+    x = torch.randn(8, 5)
+    model(x).pow(2).sum().backward()
+    grads = [p.grad.detach().clone().double() for p in model.parameters()]
+    lr, wd, trust, momentum = 0.5, 1e-4, 0.001, 0.9
+    sgd = torch.optim.SGD(parameter_groups(model, weight_decay=wd, exclude_bias_norm=False), lr=lr, momentum=momentum)
+    LARC(sgd, trust_coefficient=trust).step()
+    for before, grad, after in zip(params, grads, model.parameters(), strict=True):
+        p_norm, g_norm = before.norm(), grad.norm()
+        if p_norm != 0 and g_norm != 0:
+            local = trust * p_norm / (g_norm + p_norm * wd + 1e-8)
+            update = (grad + wd * before) * local
+        else:
+            update = grad  # no adaptation, no weight decay
+        torch.testing.assert_close(after.detach().double(), before - lr * update, atol=1e-7, rtol=1e-6)
+    assert sgd.param_groups[0]["weight_decay"] == wd  # restored after the step
+
+
+def test_larc_clip_and_exclusion() -> None:
+    torch.manual_seed(1)
+    model = torch.nn.Linear(3, 2)
+    before_bias = model.bias.detach().clone()
+    model(torch.randn(4, 3)).sum().backward()
+    bias_grad = model.bias.grad.detach().clone()
+    sgd = torch.optim.SGD(parameter_groups(model, weight_decay=0.1, exclude_bias_norm=True), lr=0.1)
+    LARC(sgd, clip=True).step()
+    # The excluded (1-D) bias gets a plain SGD step: no adaptation, no weight decay.
+    torch.testing.assert_close(model.bias.detach(), before_bias - 0.1 * bias_grad)
+
+
+def test_queue_fifo_and_state() -> None:
+    queue = EmbeddingQueue(2, 6, 3)
+    assert not queue.is_full
+    for i in range(3):
+        for slot in range(2):
+            queue.push(slot, torch.full((2, 3), float(10 * slot + i)))
+    assert queue.is_full
+    # Newest first, as in the official code.
+    assert queue.buffer[0, :, 0].tolist() == [2, 2, 1, 1, 0, 0]
+    assert queue.buffer[1, :, 0].tolist() == [12, 12, 11, 11, 10, 10]
+    protos = torch.eye(3)
+    torch.testing.assert_close(queue.scores(1, protos), queue.buffer[1])
+    copy = EmbeddingQueue(2, 6, 3)
+    copy.load_state_dict(queue.state_dict())
+    assert copy.is_full and torch.equal(copy.buffer, queue.buffer)
+    with pytest.raises(ValueError):
+        EmbeddingQueue(2, 4, 3).load_state_dict(queue.state_dict())

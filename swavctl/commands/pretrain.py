@@ -14,16 +14,16 @@ from swavctl.errors import UserError
 def pretrain_command(
     data: DataOpt = None,
     preset: Annotated[
-        str | None, typer.Option("--preset", help="Preset name (see 'swavctl presets list') or TOML path.")
+        str | None, typer.Option("--preset", metavar="NAME|PATH", help="Preset name (see 'swavctl presets list') or TOML path.")
     ] = None,
     out: OutOpt = None,
-    epochs: Annotated[int | None, typer.Option("--epochs", help="Number of epochs.")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Images per device.")] = None,
-    arch: Annotated[str | None, typer.Option("--arch", help="Backbone architecture.")] = None,
-    max_steps: Annotated[int | None, typer.Option("--max-steps", help="Stop after this many steps.")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", metavar="N", help="Number of epochs.")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", metavar="N", help="Images per device.")] = None,
+    arch: Annotated[str | None, typer.Option("--arch", metavar="NAME", help="Backbone architecture.")] = None,
+    max_steps: Annotated[int | None, typer.Option("--max-steps", metavar="N", help="Stop after this many steps.")] = None,
     gpus: GpusOpt = None,
     procs: Annotated[
-        int | None, typer.Option("--procs", help="CPU processes with --gpus 0 (gloo on 127.0.0.1).")
+        int | None, typer.Option("--procs", metavar="N", help="CPU processes with --gpus 0 (gloo on 127.0.0.1).")
     ] = None,
     overrides: SetOpt = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Start over instead of resuming.")] = False,

@@ -1,0 +1,66 @@
+"""Choosing the run folder (new, explicit, or the unfinished runs/latest) and the demo dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from swavctl import config
+from swavctl.data.demo import demo_dataset
+from swavctl.data.images import class_of, list_images
+from swavctl.train.run_dir import (
+    SUMMARY_FILE,
+    incompatible_changes,
+    point_latest,
+    select_run_dir,
+    settings_diff,
+)
+
+
+def test_new_folder_then_reuse_unfinished_latest(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    settings = config.resolve(preset="smoke", flags={"data.path": "/data"})
+    first, reused = select_run_dir(settings, fresh=False, runs_root=runs)
+    assert not reused and first.parent == runs and first.name.endswith("-smoke")
+    first.mkdir(parents=True)
+    (first / "resolved.toml").write_text(config.to_toml(settings.model_copy(update={"out": str(first)})))
+    point_latest(first, runs)
+    # Same settings, unfinished: the same command resumes there.
+    again, reused = select_run_dir(settings, fresh=False, runs_root=runs)
+    assert reused and again == first.resolve()
+    # --fresh, other settings, or a finished run: a new folder.
+    assert select_run_dir(settings, fresh=True, runs_root=runs)[0] != first
+    other = config.resolve(preset="smoke", flags={"data.path": "/data", "train.epochs": 5})
+    assert select_run_dir(other, fresh=False, runs_root=runs)[1] is False
+    (first / SUMMARY_FILE).write_text("{}")
+    assert select_run_dir(settings, fresh=False, runs_root=runs)[1] is False
+    # An explicit --out is used as given.
+    explicit = config.resolve(preset="smoke", flags={"out": str(tmp_path / "mine")})
+    assert select_run_dir(explicit, fresh=False, runs_root=runs) == (tmp_path / "mine", False)
+
+
+def test_incompatible_changes_are_named() -> None:
+    old = config.resolve(preset="smoke")
+    new = config.resolve(preset="smoke", overrides=["model.prototypes=16", "optim.base_lr=0.2"])
+    bad = incompatible_changes(old, new, old_world=1, new_world=1)
+    assert bad == {"model.prototypes": (8, 16)}
+    assert set(settings_diff(old, new)) == {"model.prototypes", "optim.base_lr"}
+    queued = config.resolve(preset="smoke", overrides=["swav.queue_length=64"])
+    assert "world_size (queue is per rank)" in incompatible_changes(queued, queued, old_world=1, new_world=2)
+
+
+def test_demo_dataset_is_real_stratified_and_cached() -> None:
+    root = demo_dataset()
+    train, val = list_images(root / "train"), list_images(root / "val")
+    assert (len(train), len(val)) == (1438, 359)
+    assert not {p.name for p in train} & {p.name for p in val}
+    labels = [class_of(p, root / "val") for p in val]
+    counts = np.unique(labels, return_counts=True)[1]
+    assert len(counts) == 10 and counts.min() >= 35 and counts.max() <= 37
+    with Image.open(val[0]) as image:
+        assert image.size == (32, 32) and image.mode == "L"
+        assert np.asarray(image).max() > 200  # real ink, not blank
+    stamp = (root / ".complete").stat().st_mtime
+    assert demo_dataset() == root and (root / ".complete").stat().st_mtime == stamp

@@ -104,7 +104,9 @@ def available_backbones() -> list[str]:
 
 
 def _small_stem(model: nn.Module) -> None:
-    stem_width = model.conv1.out_channels  # type: ignore[union-attr]
+    conv1 = model.conv1
+    assert isinstance(conv1, nn.Conv2d)
+    stem_width = conv1.out_channels
     model.conv1 = nn.Conv2d(3, stem_width, kernel_size=3, stride=1, padding=1, bias=False)
     nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
     model.maxpool = nn.Identity()

@@ -67,6 +67,7 @@ class LARC:
             weight_decay = group["weight_decay"]
             for p in _with_grad(group["params"]):
                 grad = p.grad
+                assert grad is not None
                 param_norm = torch.linalg.vector_norm(p.float())
                 grad_norm = torch.linalg.vector_norm(grad.float())
                 local = self.trust_coefficient * param_norm / (grad_norm + param_norm * weight_decay + self.eps)

@@ -49,10 +49,8 @@ app.command("eval-linear", context_settings=_PASSTHROUGH)(eval_linear_command)
 app.command("linear-eval", hidden=True, context_settings=_PASSTHROUGH, help="Alias of eval-linear.")(
     eval_linear_command
 )
-app.command("inspect-clusters", context_settings=_PASSTHROUGH)(inspect_clusters_command)
-app.command("cluster-inspect", hidden=True, context_settings=_PASSTHROUGH, help="Alias of inspect-clusters.")(
-    inspect_clusters_command
-)
+app.command("inspect-clusters")(inspect_clusters_command)
+app.command("cluster-inspect", hidden=True, help="Alias of inspect-clusters.")(inspect_clusters_command)
 app.command("export")(export_command)
 app.add_typer(presets_app, name="presets")
 

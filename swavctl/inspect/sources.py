@@ -1,0 +1,93 @@
+"""What to inspect, and where to write: the model, the image folder and the output folder.
+
+Defaults (``swavctl inspect-clusters`` with no arguments):
+
+* model: ``runs/latest`` (its newest verified checkpoint, else its export with head);
+* data: the folder recorded in the model's settings (``data.path``; ``demo`` is the built-in
+  digits). Of a root with splits, ``val/`` is read when present (held-out images, as for the
+  demo's NMI bar), else ``train/``, else the folder itself; ``--split`` picks one explicitly;
+* out: ``<run folder>/clusters``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from swavctl.data.demo import resolve_data_path
+from swavctl.data.images import IMAGE_SUFFIXES, class_of, list_images
+from swavctl.errors import UserError
+from swavctl.model_io import LoadedModel
+
+DEFAULT_MODEL = Path("runs") / "latest"
+SPLITS = ("auto", "val", "train", "none")
+
+
+@dataclass
+class ImageSet:
+    """The images to inspect, in sorted order, with their ImageFolder labels when every one has one."""
+
+    folder: Path
+    paths: list[Path]
+    label_names: list[str] | None  # sorted class folder names
+    labels: list[int] | None  # index into label_names, per path
+
+
+def resolve_images(data: str | None, *, split: str, loaded: LoadedModel, max_images: int | None) -> ImageSet:
+    """The image folder from ``--data`` (or the model's recorded data), its split, and its files."""
+    if split not in SPLITS:
+        raise UserError(f"--split must be one of {', '.join(SPLITS)}, got '{split}'")
+    recorded = data is None
+    if recorded:
+        data = loaded.settings.data.path
+        if not data:
+            raise UserError(f"{loaded.source}: its settings record no data folder; pass --data DIR")
+    assert data is not None
+    root = resolve_data_path(data).expanduser()
+    hint = " (recorded in the model's settings; pass --data DIR)" if recorded else ""
+    if not root.exists():
+        raise UserError(f"data folder does not exist: {root}{hint}")
+    if not root.is_dir():
+        raise UserError(f"data path is not a folder: {root}{hint}")
+    if split == "auto":
+        folder = next((root / s for s in ("val", "train") if (root / s).is_dir()), root)
+    elif split == "none":
+        folder = root
+    else:
+        folder = root / split
+        if not folder.is_dir():
+            raise UserError(f"--split {split}: no {split}/ folder under {root}")
+    folder = folder.resolve()
+    paths = list_images(folder)
+    if max_images is not None:
+        paths = paths[:max_images]
+    if not paths:
+        raise UserError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {folder}{hint}")
+    classes = [class_of(p, folder) for p in paths]
+    if any(c is None for c in classes):
+        return ImageSet(folder, paths, None, None)
+    names = sorted({c for c in classes if c is not None})
+    index = {name: i for i, name in enumerate(names)}
+    return ImageSet(folder, paths, names, [index[c] for c in classes if c is not None])
+
+
+def default_out(loaded: LoadedModel) -> Path:
+    """``<run folder>/clusters``: beside the checkpoints folder, or beside the export file."""
+    run_dir = loaded.source.parent.parent if loaded.kind == "checkpoint" else loaded.source.parent
+    return run_dir / "clusters"
+
+
+def prepare_out(out: Path) -> Path:
+    """Create ``out`` and check that files can be written in it; a :class:`UserError` if not."""
+    out = out.expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    probe = out / f".write-test-{os.getpid()}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write to output folder {out}: {exc.strerror or exc}") from None
+    return out

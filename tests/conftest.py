@@ -68,3 +68,88 @@ def cli(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
         return run_cli(*args, cwd=cwd or tmp_path, **kwargs)  # type: ignore[arg-type]
 
     return _run
+
+
+# ---------------------------------------------------------------------------------------------
+# Real processes: start, watch, signal (used by the multi-process and fault tests)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment for a CLI subprocess: this one, one thread per process (so runs are
+    bitwise reproducible whatever the machine), plus ``extra``."""
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"
+    env.update(extra)
+    return env
+
+
+def start_cli(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, **popen: object
+) -> subprocess.Popen[str]:
+    """Start ``python -m swavctl ARGS`` without waiting (stdout/stderr piped)."""
+    return subprocess.Popen(  # type: ignore[call-overload,no-any-return]
+        [sys.executable, "-m", "swavctl", *args],
+        cwd=cwd,
+        env=env or cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+
+
+def last_logged_step(run_dir: Path) -> int:
+    """The last step in ``run_dir/metrics.jsonl`` (0 when there is none yet)."""
+    import json
+
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return 0
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError):
+            continue
+    return 0
+
+
+def wait_until(
+    predicate: Callable[[], bool], *, timeout: float, proc: subprocess.Popen[str] | None = None
+) -> None:
+    """Poll ``predicate`` every 20 ms; fail on timeout or when ``proc`` exits first."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            out, errs = proc.communicate()
+            pytest.fail(f"process exited ({proc.returncode}) before the condition held:\n{errs[-3000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail("timed out waiting for the condition")
+        time.sleep(0.02)
+
+
+def pids_with_env(marker: str) -> list[int]:
+    """Live processes whose environment contains ``marker`` (to find workers, or leftovers)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker.encode() in environ and state != "Z":
+            found.append(int(entry.name))
+    return sorted(found)

@@ -14,26 +14,26 @@ from swavctl.errors import UserError
 def pretrain_command(
     data: DataOpt = None,
     preset: Annotated[
-        str | None, typer.Option("--preset", metavar="NAME|PATH", help="Preset name (see 'swavctl presets list') or TOML path.")
+        str | None, typer.Option("--preset", help="Preset name (see 'swavctl presets list') or TOML path.")
     ] = None,
     out: OutOpt = None,
-    epochs: Annotated[int | None, typer.Option("--epochs", metavar="N", help="Number of epochs.")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", metavar="N", help="Images per device.")] = None,
-    arch: Annotated[str | None, typer.Option("--arch", metavar="NAME", help="Backbone architecture.")] = None,
-    max_steps: Annotated[int | None, typer.Option("--max-steps", metavar="N", help="Stop after this many steps.")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", help="Number of epochs.")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Images per device.")] = None,
+    arch: Annotated[str | None, typer.Option("--arch", help="Backbone architecture.")] = None,
+    max_steps: Annotated[int | None, typer.Option("--max-steps", help="Stop after this many steps.")] = None,
     gpus: GpusOpt = None,
     procs: Annotated[
-        int | None, typer.Option("--procs", metavar="N", help="CPU processes with --gpus 0 (gloo on 127.0.0.1).")
+        int | None, typer.Option("--procs", help="CPU processes with --gpus 0 (gloo on 127.0.0.1).")
     ] = None,
     overrides: SetOpt = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Start over instead of resuming.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Pretrain a backbone with SwAV; re-running the same command resumes it."""
-    from swavctl import config
+    # --gpus N (N > 1) starts N worker processes (NCCL), --gpus 0 --procs N as many CPU workers
+    # (gloo); under torchrun or SLURM srun each process is one worker (swavctl.launch).
+    from swavctl import config, launch
     from swavctl.model.backbones import check_backbone_name
-    from swavctl.progress import RichReporter
-    from swavctl.train.loop import Interrupted, NonFiniteError, pretrain
 
     try:
         settings = config.resolve(
@@ -51,24 +51,33 @@ def pretrain_command(
             overrides=overrides or [],
         )
         check_backbone_name(settings.model.arch)
-        if settings.dist.procs > 1 or (settings.dist.gpus or 0) > 1:
-            raise UserError("multi-process pretraining (--gpus N > 1, --procs N > 1) is not yet available")
-        summary = pretrain(settings, reporter=RichReporter(), fresh=fresh)
+        outcome = launch.run_pretrain(settings, fresh=fresh)
     except UserError as exc:
         raise fail(str(exc)) from None
-    except Interrupted as exc:
-        err.print(f"{exc}", markup=False)
-        raise typer.Exit(exc.exit_code) from None
-    except NonFiniteError as exc:
-        raise fail(str(exc), code=1) from None
-    result = summary.as_dict()
+    code = outcome.exit_code
+    if outcome.report:
+        if outcome.status == launch.OK and outcome.summary is not None:
+            _print_summary(outcome.summary, as_json=as_json)
+        elif outcome.status == launch.INTERRUPTED:
+            err.print(outcome.message, markup=False)
+        elif outcome.status != launch.OK:
+            prefix = f"[rank {outcome.rank}] " if launch.group_still_open() and outcome.rank else ""
+            err.print(f"error: {prefix}{outcome.message}", markup=False)
+    if code and launch.group_still_open():
+        launch.exit_now(code)  # a failed job worker: leave without tearing down the group
+    if code:
+        raise typer.Exit(code)
+
+
+def _print_summary(result: dict[str, object], *, as_json: bool) -> None:
     if as_json:
         print(json.dumps(result))
-    else:
-        loss = "n/a" if result["final_loss"] is None else f"{result['final_loss']:.4f}"
-        err.print(
-            f"done: {result['steps']} steps, final loss {loss}, "
-            f"{result['samples_per_s']:.1f} samples/s, {result['skipped_images']} skipped files\n"
-            f"run folder: {result['out_dir']}\nbackbone: {result['backbone']}",
-            markup=False,
-        )
+        return
+    loss = result["final_loss"]
+    loss_text = "n/a" if loss is None else f"{float(loss):.4f}"  # type: ignore[arg-type]
+    err.print(
+        f"done: {result['steps']} steps, final loss {loss_text}, "
+        f"{float(result['samples_per_s']):.1f} samples/s, {result['skipped_images']} skipped files\n"  # type: ignore[arg-type]
+        f"run folder: {result['out_dir']}\nbackbone: {result['backbone']}",
+        markup=False,
+    )

@@ -5,6 +5,16 @@ The per-image augmentation is seeded from ``(seed, epoch, index)``, so a sample'
 depend on the worker that made them, and a resumed run sees exactly the crops it would have seen.
 Unreadable files come back as :class:`Skipped` records and are counted, not raised, unless
 ``on_bad_image="error"``.
+
+Three kinds of item, chosen by :func:`pretrain_dataset` from ``data.augment_on`` and the device:
+
+* ``workers``: the worker decodes and multi-crops (:class:`~swavctl.data.fast_augment.FastMultiCrop`);
+  the batch holds stacked crops;
+* ``device`` on a CPU: the worker decodes; the loop multi-crops the batch
+  (:func:`~swavctl.data.batch_augment.batch_multicrop`);
+* ``device`` on a GPU: the worker only reads the file. JPEG files travel as their raw bytes (a
+  1-D uint8 tensor) and are decoded on the GPU by :func:`decode_images` (nvjpeg), other formats
+  are decoded in the worker.
 """
 
 from __future__ import annotations
@@ -15,9 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
-from swavctl.data.images import BadImage, decode_file
+from swavctl.data.augment import AugmentSpec, CropSpec
+from swavctl.data.fast_augment import FastMultiCrop
+from swavctl.data.images import BadImage, decode_bytes, decode_file
+
+JPEG_MAGIC = b"\xff\xd8\xff"  # start-of-image marker + the first marker's 0xff
 
 _MIX = 0x9E3779B97F4A7C15
 
@@ -50,15 +64,40 @@ class Batch:
     def size(self) -> int:
         return len(self.indices)
 
+    def pin_memory(self) -> Batch:
+        """Page-locked copies of the tensors (the DataLoader's pin thread calls this), so the
+        host-to-device copies of the loop run asynchronously."""
+        return Batch(
+            crops=None if self.crops is None else [c.pin_memory() for c in self.crops],
+            images=None if self.images is None else [im.pin_memory() for im in self.images],
+            indices=self.indices,
+            skipped=self.skipped,
+        )
+
 
 class PretrainDataset(Dataset):
-    """Images under a folder; ``transform`` (if given) maps a uint8 image to a list of crops."""
+    """Images under a folder; ``transform`` (if given) maps a uint8 image to a list of crops.
 
-    def __init__(self, paths: Sequence[Path], *, seed: int, transform: Any | None = None, strict: bool) -> None:
+    With ``encoded=True`` (and no transform) a JPEG file comes back undecoded, as its bytes in a
+    1-D uint8 tensor, for :func:`decode_images` to decode on the device; other files are decoded.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        *,
+        seed: int,
+        transform: Any | None = None,
+        strict: bool,
+        encoded: bool = False,
+    ) -> None:
+        if encoded and transform is not None:
+            raise ValueError("encoded=True returns file bytes; it cannot be combined with a transform")
         self.paths = [str(p) for p in paths]
         self.seed = seed
         self.transform = transform
         self.strict = strict
+        self.encoded = encoded
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -67,13 +106,24 @@ class PretrainDataset(Dataset):
         epoch, index = key
         path = self.paths[index]
         try:
-            image = decode_file(Path(path))
+            if self.encoded:
+                data = _read(Path(path))
+                if data.startswith(JPEG_MAGIC):
+                    return index, torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                image = decode_bytes(data, path)
+            else:
+                image = decode_file(Path(path))
         except BadImage as exc:
             if self.strict:
                 raise BadImage(f"{path}: {exc}") from None
             return index, Skipped(path, str(exc))
         if self.transform is None:
             return index, image
+        if isinstance(self.transform, FastMultiCrop):
+            # A private generator: torch.manual_seed also seeds (lazily) every accelerator
+            # backend, which costs more than the crops of a small image.
+            generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
+            return index, self.transform(image, generator=generator)
         state = torch.random.get_rng_state()
         torch.manual_seed(sample_seed(self.seed, epoch, index))
         try:
@@ -92,5 +142,118 @@ def collate(items: list[tuple[int, Any]]) -> Batch:
     first = good[0][1]
     if isinstance(first, torch.Tensor):
         return Batch(crops=None, images=[x for _, x in good], indices=indices, skipped=skipped)
-    crops = [torch.stack([x[v] for _, x in good]) for v in range(len(first))]
+    # default_collate stacks straight into shared memory inside a worker (one copy fewer).
+    crops = [default_collate([x[v] for _, x in good]) for v in range(len(first))]
     return Batch(crops=crops, images=None, indices=indices, skipped=skipped)
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise BadImage(f"cannot read ({exc.strerror})") from None
+
+
+def is_encoded(item: torch.Tensor) -> bool:
+    """True for an undecoded item (1-D uint8 file bytes), False for a decoded ``[3, H, W]`` image."""
+    return item.dim() == 1
+
+
+def decode_images(
+    items: Sequence[torch.Tensor], device: torch.device
+) -> tuple[list[torch.Tensor], list[tuple[int, str]]]:
+    """Decode a batch's items onto ``device``: returns (images, [(position, reason), ...] of failures).
+
+    Encoded JPEGs are decoded together by ``torchvision.io.decode_jpeg(device=cuda)`` (nvjpeg)
+    when ``device`` is a GPU; whatever that cannot decode (a CMYK or otherwise unusual JPEG,
+    nvjpeg missing) is decoded on the CPU with :func:`~swavctl.data.images.decode_bytes` and
+    moved. Decoded items are moved as they are. ``images`` keeps the order of the items that
+    decoded; failures are the positions (in ``items``) that no decoder could read.
+    """
+    out: list[torch.Tensor | None] = [None] * len(items)
+    pending = [i for i, item in enumerate(items) if is_encoded(item)]
+    for i, item in enumerate(items):
+        if not is_encoded(item):
+            out[i] = item.to(device, non_blocking=True)
+    if pending and device.type == "cuda":
+        out_gpu = _decode_jpeg_cuda([items[i] for i in pending], device)
+        still = []
+        for i, image in zip(pending, out_gpu, strict=True):
+            if image is None:
+                still.append(i)
+            else:
+                out[i] = image
+        pending = still
+    failures: list[tuple[int, str]] = []
+    for i in pending:
+        try:
+            out[i] = decode_bytes(items[i].cpu().numpy().tobytes()).to(device, non_blocking=True)
+        except BadImage as exc:
+            failures.append((i, str(exc)))
+    return [im for im in out if im is not None], failures
+
+
+def _decode_jpeg_cuda(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+    """nvjpeg decode of a list of JPEGs; one call for the batch, per image where the batch fails."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    cpu = [e if e.device.type == "cpu" else e.cpu() for e in encoded]
+    try:
+        images = decode_jpeg(cpu, mode=ImageReadMode.RGB, device=device)
+        return [_rgb(im) for im in images]
+    except (RuntimeError, ValueError):
+        pass
+    result: list[torch.Tensor | None] = []
+    for e in cpu:
+        try:
+            result.append(_rgb(decode_jpeg(e, mode=ImageReadMode.RGB, device=device)))
+        except (RuntimeError, ValueError):
+            result.append(None)
+    return result
+
+
+def _rgb(image: torch.Tensor) -> torch.Tensor | None:
+    if image.dim() != 3 or image.shape[0] != 3 or image.shape[1] < 1 or image.shape[2] < 1:
+        return None
+    return image
+
+
+def pretrain_dataset(
+    paths: Sequence[Path],
+    *,
+    seed: int,
+    crops: Sequence[CropSpec],
+    augment: AugmentSpec,
+    augment_on: str,
+    device: torch.device,
+    strict: bool,
+    decode_in_workers: bool = False,
+) -> PretrainDataset:
+    """The dataset the pretrain loop reads (see the module docstring for the three kinds of item).
+
+    ``decode_in_workers`` keeps JPEG decoding in the workers for device augmentation on a GPU
+    (a measurement option of ``swavctl bench data``).
+    """
+    on_device = augment_on == "device"
+    return PretrainDataset(
+        paths,
+        seed=seed,
+        transform=None if on_device else FastMultiCrop(crops, augment),
+        strict=strict,
+        encoded=on_device and device.type == "cuda" and not decode_in_workers,
+    )
+
+
+def pretrain_loader(
+    dataset: PretrainDataset, batch_sampler: Any, *, workers: int, device: torch.device
+) -> DataLoader:
+    """The loop's DataLoader for one epoch (the same arguments as in ``swavctl.train.loop``)."""
+    return DataLoader(
+        dataset,  # type: ignore[arg-type]
+        batch_sampler=batch_sampler,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if workers > 0 else None,
+    )

@@ -13,6 +13,7 @@ Old checkpoints are purged only after a new one commits, oldest first.
 
 from __future__ import annotations
 
+import errno as errno_names
 import hashlib
 import json
 import os
@@ -64,6 +65,38 @@ def _write_atomic(path: Path, write: Any) -> None:
         raise
 
 
+class _ErrorKeepingWriter:
+    """A file wrapper that remembers the ``OSError`` of a failed write.
+
+    ``torch.save`` turns a failing ``write`` into a ``RuntimeError`` without the errno ("unexpected
+    pos ..."); keeping the original lets a full disk be reported as one.
+    """
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return int(self.handle.write(data))
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def _torch_save(state: dict[str, Any], handle: Any) -> None:
+    writer = _ErrorKeepingWriter(handle)
+    try:
+        torch.save(state, writer)  # type: ignore[arg-type]
+    except RuntimeError:
+        if writer.error is not None:
+            raise writer.error from None
+        raise
+
+
 def file_digest(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -83,7 +116,7 @@ def save_checkpoint(run_dir: Path, step: int, epoch: int, state: dict[str, Any],
     state_path = folder / f"step-{step:09d}.pt"
     manifest_path = folder / f"step-{step:09d}.json"
     try:
-        _write_atomic(state_path, lambda handle: torch.save(state, handle))
+        _write_atomic(state_path, lambda handle: _torch_save(state, handle))
         manifest = {
             "format": FORMAT,
             "step": step,
@@ -97,8 +130,11 @@ def save_checkpoint(run_dir: Path, step: int, epoch: int, state: dict[str, Any],
         _fsync_dir(folder)
     except OSError as exc:
         target = Path(exc.filename) if exc.filename else state_path
+        name = errno_names.errorcode.get(exc.errno or 0, "")
         raise CheckpointWriteError(
-            f"could not write checkpoint {target}: [errno {exc.errno}] {exc.strerror or exc}", exc.errno
+            f"could not write checkpoint {target}: [errno {exc.errno}{' ' + name if name else ''}] "
+            f"{exc.strerror or exc}; the earlier checkpoints are intact",
+            exc.errno,
         ) from None
     purge(folder, keep=keep)
     return state_path
@@ -195,6 +231,12 @@ def load_state(path: Path) -> dict[str, Any]:
     if not isinstance(state, dict):
         raise UserError(f"{path} is not a swavctl checkpoint")
     return state
+
+
+def checkpoint_at(run_dir: Path, step: int) -> Checkpoint:
+    """The checkpoint of ``step`` in ``run_dir`` (not verified)."""
+    folder = run_dir / CHECKPOINT_DIR
+    return Checkpoint(step, folder / f"step-{step:09d}.pt", folder / f"step-{step:09d}.json")
 
 
 def latest_checkpoint(run_dir: Path, *, warn: Any = None) -> tuple[Checkpoint, dict[str, Any]] | None:

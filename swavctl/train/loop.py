@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -22,8 +23,8 @@ from torch.utils.data import DataLoader
 
 from swavctl import dist
 from swavctl.config import Settings, to_toml
-from swavctl.data.augment import AugmentSpec, PerImageMultiCrop, expand_crops
-from swavctl.data.dataset import Batch, PretrainDataset, collate, sample_seed
+from swavctl.data.augment import AugmentSpec, expand_crops
+from swavctl.data.dataset import Batch, Skipped, collate, decode_images, pretrain_dataset, sample_seed
 from swavctl.data.demo import resolve_data_path
 from swavctl.data.images import BadImage, list_images, resolve_image_root
 from swavctl.data.sampler import EpochBatchSampler, steps_per_epoch
@@ -45,8 +46,22 @@ from swavctl.train.run_dir import (
 )
 from swavctl.train.schedule import learning_rate
 from swavctl.train.step import swav_loss_from_outputs
+from swavctl.train.sync_batchnorm import convert_sync_batchnorm
 
-EXIT_SIGNAL = {signal.SIGTERM: 143, signal.SIGINT: 130}
+# Signals that stop a run at the next step boundary, after a checkpoint; exit status 128 + signal.
+# SIGUSR1 is SLURM's "time is nearly up" (sbatch --signal=USR1@T): after the checkpoint commits,
+# rank 0 runs `scontrol requeue $SLURM_JOB_ID`.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+EXIT_SIGNAL = {signal.SIGTERM: 143, signal.SIGINT: 130, signal.SIGUSR1: 138}
+
+# Test hooks (environment variables, read once per run). They exist so the fault tests can make a
+# real run fail in a chosen way; they do nothing unless set.
+#   SWAVCTL_TEST_NAN_AT="RANK:STEP"    multiply the loss by NaN on RANK at optimizer step STEP (1-based)
+#   SWAVCTL_TEST_RAISE_AT="RANK:STEP"  raise RuntimeError on RANK at optimizer step STEP
+#   SWAVCTL_TEST_STEP_SLEEP="SECONDS"  sleep after every step (so a test can signal mid-run)
+HOOK_NAN = "SWAVCTL_TEST_NAN_AT"
+HOOK_RAISE = "SWAVCTL_TEST_RAISE_AT"
+HOOK_SLEEP = "SWAVCTL_TEST_STEP_SLEEP"
 
 
 class Reporter(Protocol):
@@ -79,13 +94,17 @@ class QuietReporter:
 class Interrupted(Exception):
     """The run stopped on a signal after writing a checkpoint."""
 
-    def __init__(self, signum: int, step: int, checkpoint: Path | None) -> None:
+    def __init__(self, signum: int, step: int, checkpoint: Path | None, requeue: str | None = None) -> None:
         self.signum = signum
         self.step = step
         self.checkpoint = checkpoint
+        self.requeue = requeue
         self.exit_code = EXIT_SIGNAL.get(signal.Signals(signum), 128 + signum)
         name = signal.Signals(signum).name
-        super().__init__(f"stopped by {name} at step {step}; checkpoint {checkpoint}")
+        message = f"stopped by {name} at step {step}; checkpoint {checkpoint}"
+        if requeue:
+            message += f"; {requeue}"
+        super().__init__(message)
 
 
 class NonFiniteError(Exception):
@@ -133,29 +152,51 @@ def autocast_dtype(settings: Settings, device: torch.device) -> torch.dtype | No
     return torch.float16 if settings.train.precision == "fp16" else torch.bfloat16
 
 
-class _StopFlag:
-    """Signal handlers that only record the signal; the loop checks it at step boundaries."""
+class StopFlag:
+    """Signal handlers that only record the signals; the loop acts on them at step boundaries.
+
+    Handlers do nothing else (no I/O, no collectives), so a signal can never corrupt a step or a
+    checkpoint write, and every rank stops at the same step (see :func:`_agree_on_step_start`).
+    """
 
     def __init__(self) -> None:
-        self.signum: int | None = None
+        self.received: set[int] = set()
         self._previous: dict[int, Any] = {}
 
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is None:
-            self.signum = signum
+    @property
+    def signum(self) -> int | None:
+        """The signal that decides the exit status: SIGTERM over SIGINT over SIGUSR1."""
+        for candidate in STOP_SIGNALS:
+            if candidate in self.received:
+                return int(candidate)
+        return None
 
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[_StopFlag]:
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received.add(signum)
+
+    def install(self) -> None:
+        """Install the handlers (for good, or until :meth:`restore`); a no-op off the main thread."""
         try:
-            for signum in (signal.SIGTERM, signal.SIGINT):
+            for signum in STOP_SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)
         except ValueError:  # not the main thread: leave signals alone
             pass
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StopFlag]:
+        self.install()
         try:
             yield self
         finally:
-            for signum, handler in self._previous.items():
-                signal.signal(signum, handler)
+            self.restore()
+
+
+_StopFlag = StopFlag  # the name earlier code used
 
 
 def _data_paths(settings: Settings, reporter: Reporter) -> tuple[Path, list[Path]]:
@@ -170,7 +211,7 @@ def _data_paths(settings: Settings, reporter: Reporter) -> tuple[Path, list[Path
     return folder, paths
 
 
-def _queue_length_per_rank(settings: Settings, world: int, reporter: Reporter) -> int:
+def _queue_length_per_rank(settings: Settings, world: int, warn: Callable[[str], None]) -> int:
     """Official rule: the global length is rounded down to a multiple of the global batch."""
     requested = settings.swav.queue_length
     if requested == 0:
@@ -183,8 +224,9 @@ def _queue_length_per_rank(settings: Settings, world: int, reporter: Reporter) -
             "make it a multiple of the global batch"
         )
     if rounded != requested:
-        reporter.warn(
-            f"swav.queue_length {requested} rounded down to {rounded}, a multiple of the global batch {global_batch}"
+        warn(
+            f"swav.queue_length {requested} rounded down to {rounded}, "
+            f"a multiple of the global batch {global_batch}"
         )
     return rounded // world
 
@@ -205,21 +247,56 @@ def _export_backbone(model: SwAV, path: Path, settings: Settings, step: int, epo
     write_export(model, path, settings=settings, step=step, epoch=epoch, with_head=False)
 
 
+def _parse_hook(name: str) -> tuple[int, int] | None:
+    """A ``RANK:STEP`` test hook from the environment (see the constants at the top), or None."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return None
+    try:
+        rank_text, step_text = text.split(":")
+        return int(rank_text), int(step_text)
+    except ValueError:
+        raise UserError(f"{name} must be RANK:STEP, got {text!r}") from None
+
+
+def _hook_sleep() -> float:
+    text = os.environ.get(HOOK_SLEEP, "").strip()
+    try:
+        return float(text) if text else 0.0
+    except ValueError:
+        raise UserError(f"{HOOK_SLEEP} must be a number of seconds, got {text!r}") from None
+
+
 def pretrain(
     settings: Settings,
     *,
     reporter: Reporter | None = None,
     fresh: bool = False,
     on_step: Callable[[int], None] | None = None,
+    stop: StopFlag | None = None,
 ) -> Summary:
     """Run (or resume) SwAV pretraining with ``settings``; returns the run's summary.
 
-    Raises :class:`UserError` for bad input, :class:`Interrupted` after a signal-triggered
-    checkpoint, and :class:`NonFiniteError` when the loss or gradients stop being finite.
+    With a process group initialized (see :mod:`swavctl.dist`), every rank calls this; the model
+    is wrapped in DDP here, at the edge, and rank 0 alone writes files. ``stop`` is a
+    :class:`StopFlag` the caller installed already (a launcher does so before the group exists);
+    without one, the handlers are installed for the duration of the loop.
+
+    Raises :class:`UserError` for bad input (on every rank), :class:`Interrupted` after a
+    signal-triggered checkpoint, :class:`NonFiniteError` when the loss or gradients stop being
+    finite, and :class:`~swavctl.train.checkpoint.CheckpointWriteError` when a checkpoint cannot
+    be written (disk full). All ranks raise the same one at the same step.
     """
     reporter = reporter or QuietReporter()
     world, rank = dist.world_size(), dist.rank()
+
+    def warn_all(message: str) -> None:
+        """A warning every rank reaches alike: printed once, by rank 0."""
+        if dist.is_main():
+            reporter.warn(message)
+
     device = pick_device(settings)
+    hook_nan, hook_raise, hook_sleep = _parse_hook(HOOK_NAN), _parse_hook(HOOK_RAISE), _hook_sleep()
     image_root, paths = _data_paths(settings, reporter)
     global_batch = settings.train.batch_size * world
     steps_epoch = steps_per_epoch(len(paths), settings.train.batch_size, world)
@@ -230,8 +307,8 @@ def pretrain(
         )
 
     run_dir, reused = select_run_dir(settings, fresh=fresh)
-    if dist.is_distributed():
-        run_dir = Path(_broadcast_str(str(run_dir.resolve())))
+    # Rank 0 decides the folder (it may be a new time-stamped one); the others follow.
+    run_dir, reused = dist.broadcast_object((run_dir, reused))
     settings = settings.model_copy(update={"out": str(run_dir)})
     if reused:
         reporter.info(f"re-running the unfinished run in {run_dir}")
@@ -244,9 +321,9 @@ def pretrain(
             reporter.warn(f"--fresh: earlier checkpoints moved to {aside}")
     dist.barrier()
 
-    queue_per_rank = _queue_length_per_rank(settings, world, reporter)
+    queue_per_rank = _queue_length_per_rank(settings, world, warn_all)
     if global_batch + settings.swav.queue_length < settings.model.prototypes:
-        reporter.warn(
+        warn_all(
             f"global batch {global_batch} + queue {settings.swav.queue_length} < {settings.model.prototypes} "
             "prototypes: the equal-partition constraint cannot fill every prototype each step and clusters "
             "will go empty; use a larger batch, a queue, or fewer prototypes"
@@ -261,7 +338,7 @@ def pretrain(
         settings.model.prototypes,
     )
     if world > 1 and settings.dist.sync_batchnorm:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # type: ignore[assignment]
+        model = convert_sync_batchnorm(model, device_type=device.type)  # type: ignore[assignment]
     model.to(device)
     channels_last = device.type == "cuda" and settings.train.channels_last
     if channels_last:
@@ -279,7 +356,9 @@ def pretrain(
     amp_dtype = autocast_dtype(settings, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     queue = (
-        EmbeddingQueue(len(settings.swav.assignment_crops), queue_per_rank, settings.model.embedding_dim).to(device)
+        EmbeddingQueue(len(settings.swav.assignment_crops), queue_per_rank, settings.model.embedding_dim).to(
+            device
+        )
         if queue_per_rank
         else None
     )
@@ -290,42 +369,64 @@ def pretrain(
         warmup_steps=round(settings.optim.warmup_epochs * steps_epoch),
     )
 
-    # ----- resume
+    # ----- resume: rank 0 picks the newest checkpoint that verifies; every rank loads that one
     step = 0
     skipped_total = 0
     resumed_from: int | None = None
-    found = ckpt.latest_checkpoint(run_dir, warn=reporter.warn)
-    if found is not None:
-        checkpoint, state = found
+    last_checkpoint: Path | None = None
+    found = ckpt.latest_checkpoint(run_dir, warn=reporter.warn) if dist.is_main() else None
+    chosen = dist.broadcast_object(found[0].step if found is not None else None)
+    if chosen is not None:
+        if found is not None:
+            checkpoint, state = found
+        else:
+            checkpoint = ckpt.checkpoint_at(run_dir, chosen)
+            state = ckpt.load_state(checkpoint.state_path)
         saved = state.get("settings")
         if previous is None and isinstance(saved, str):
             from swavctl.config import from_toml_text
 
             previous = from_toml_text(saved, source=str(checkpoint.state_path))
         if previous is not None:
-            bad = incompatible_changes(
+            incompatible = incompatible_changes(
                 previous, settings, old_world=int(state.get("world_size", 1)), new_world=world
             )
-            if bad:
-                listing = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in bad.items()))
+            if incompatible:
+                listing = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in incompatible.items())
                 raise UserError(
                     f"cannot resume {run_dir}: settings changed the meaning of the saved state ({listing}); "
                     "use --fresh to start over or another --out"
                 )
             changed = settings_diff(previous, settings)
             if changed:
-                reporter.warn("resuming with changed settings: " + ", ".join(sorted(changed)))
+                warn_all("resuming with changed settings: " + ", ".join(sorted(changed)))
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         if queue is not None and state.get("queues") is not None:
             queue.load_state_dict(state["queues"][rank])
         health.load_state_dict(state["health"])
-        rng.restore(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
+        saved_rng = state["rng"]
+        if isinstance(saved_rng, dict):
+            rng.restore(saved_rng)
+        elif rank < len(saved_rng):
+            rng.restore(saved_rng[rank])
         step = int(state["step"])
+        saved_steps_epoch = int(state.get("steps_per_epoch", steps_epoch))
+        if saved_steps_epoch != steps_epoch:
+            # The world size or the data changed: keep the epoch and the fraction done of it.
+            epoch_saved, batch_saved = divmod(step, saved_steps_epoch)
+            step = epoch_saved * steps_epoch + batch_saved * steps_epoch // saved_steps_epoch
+            warn_all(
+                f"steps per epoch changed from {saved_steps_epoch} to {steps_epoch} (world size or data "
+                f"changed): resuming in epoch {epoch_saved} at batch {step - epoch_saved * steps_epoch}; "
+                "this is not an exact continuation of the saved run"
+            )
         skipped_total = int(state.get("skipped_images", 0))
         resumed_from = step
+        last_checkpoint = checkpoint.state_path
         reporter.info(f"resuming from {checkpoint.state_path} (step {step})")
+        del state
 
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -339,6 +440,8 @@ def pretrain(
 
     train_model: nn.Module = model
     if world > 1:
+        # Prototype freezing drops the prototypes' gradients *after* backward (they are still
+        # used in forward), so DDP never needs find_unused_parameters.
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
@@ -346,7 +449,10 @@ def pretrain(
         train_model = torch.compile(train_model)  # type: ignore[assignment]
 
     crops = expand_crops(
-        settings.data.crop_counts, settings.data.crop_sizes, settings.data.min_scales, settings.data.max_scales
+        settings.data.crop_counts,
+        settings.data.crop_sizes,
+        settings.data.min_scales,
+        settings.data.max_scales,
     )
     aug = settings.data.augment
     augment = AugmentSpec(
@@ -363,11 +469,13 @@ def pretrain(
         mean=aug.mean,
         std=aug.std,
     )
-    on_device = settings.data.augment_on == "device"
-    dataset = PretrainDataset(
+    dataset = pretrain_dataset(
         paths,
         seed=settings.train.seed,
-        transform=None if on_device else PerImageMultiCrop(crops, augment),
+        crops=crops,
+        augment=augment,
+        augment_on=settings.data.augment_on,
+        device=device,
         strict=settings.data.on_bad_image == "error",
     )
 
@@ -377,23 +485,24 @@ def pretrain(
     num_crops = len(crops)
     bs = settings.train.batch_size
     last_loss: float | None = None
-    last_checkpoint: Path | None = None
     checkpoint_step = step if resumed_from is not None else -1
     samples_seen = 0
     started = time.perf_counter()
     reporter.start(total_steps, step)
     reporter.info(
         f"{len(paths)} images, {steps_epoch} steps/epoch, global batch {global_batch}, "
-        f"{num_crops} crops {settings.data.crop_counts}x{settings.data.crop_sizes}, device {device}, world {world}"
+        f"{num_crops} crops {settings.data.crop_counts}x{settings.data.crop_sizes}, "
+        f"device {device}, world {world}"
     )
 
     def save(epoch_now: int, reason: str) -> Path | None:
+        """Gather every rank's state, let rank 0 write and commit it, and agree on the outcome."""
         nonlocal last_checkpoint, checkpoint_step
         if checkpoint_step == step:
             return last_checkpoint
-        gathered_rng = _gather_objects(rng.capture())
-        gathered_queue = _gather_objects(queue.state_dict()) if queue is not None else None
-        path = None
+        gathered_rng = dist.gather_objects(rng.capture())
+        gathered_queue = dist.gather_objects(queue.state_dict()) if queue is not None else None
+        failure: tuple[str, str, int | None] | None = None
         if dist.is_main():
             state = {
                 "format": ckpt.FORMAT,
@@ -411,14 +520,34 @@ def pretrain(
                 "settings": to_toml(settings),
                 "reason": reason,
             }
-            path = ckpt.save_checkpoint(run_dir, step, epoch_now, state, keep=settings.checkpoint.keep)
-        dist.barrier()
-        last_checkpoint = path or run_dir / ckpt.CHECKPOINT_DIR / f"step-{step:09d}.pt"
+            try:
+                ckpt.save_checkpoint(run_dir, step, epoch_now, state, keep=settings.checkpoint.keep)
+            except ckpt.CheckpointWriteError as exc:
+                failure = ("write", str(exc), exc.errno)
+            except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
+                if not dist.is_distributed():
+                    raise
+                failure = (
+                    "other",
+                    f"rank 0 could not save the checkpoint: {type(exc).__name__}: {exc}",
+                    None,
+                )
+        # Doubles as the barrier: no rank goes on before the commit (or the failure) is known.
+        failure = dist.broadcast_object(failure)
+        if failure is not None:
+            kind, message, errno = failure
+            if kind == "write":
+                raise ckpt.CheckpointWriteError(message, errno)
+            raise RuntimeError(message)
+        last_checkpoint = run_dir / ckpt.CHECKPOINT_DIR / f"step-{step:09d}.pt"
         checkpoint_step = step
         return last_checkpoint
 
-    stop = _StopFlag()
-    with stop.installed():
+    owns_stop = stop is None
+    stop_flag = stop or StopFlag()
+    if owns_stop:
+        stop_flag.install()
+    try:
         while step < total_steps:
             epoch, batch_in_epoch = divmod(step, steps_epoch)
             sampler = EpochBatchSampler(
@@ -430,10 +559,7 @@ def pretrain(
                 world_size=world,
                 start_batch=batch_in_epoch,
             )
-            if queue is not None and epoch < settings.swav.queue_start_epoch:
-                active_queue = None
-            else:
-                active_queue = queue
+            active_queue = None if epoch < settings.swav.queue_start_epoch else queue
             loader = DataLoader(
                 dataset,  # type: ignore[arg-type]
                 batch_sampler=sampler,  # type: ignore[arg-type]
@@ -452,14 +578,30 @@ def pretrain(
                     break
                 except BadImage as exc:
                     raise UserError(f"unreadable image (data.on_bad_image=error): {exc}") from None
+                if batch.images is not None:
+                    batch = _decode_batch(batch, dataset.paths, device)
                 data_wait = time.perf_counter() - wait_start
                 step_start = time.perf_counter()
                 for bad in batch.skipped:
                     skipped_total += 1
                     reporter.warn(f"skipped unreadable file {bad.path}: {bad.reason}")
-                if batch.size == 0:
+                # One small collective per step: did any rank get a signal, or an empty batch?
+                signals, any_empty = _agree_on_step_start(stop_flag, batch.size == 0, device)
+                if signals:
+                    signum = next(s for s in STOP_SIGNALS if s in signals)
+                    path = save(step // steps_epoch, f"signal {signal.Signals(signum).name}")
+                    requeue = None
+                    if signal.SIGUSR1 in signals and dist.is_main() and _in_slurm_job():
+                        requeue = dist.requeue_slurm_job()  # once, after the checkpoint committed
+                        reporter.info(requeue)
+                    raise Interrupted(signum, step, path, requeue)
+                if any_empty:
+                    # Every file of some rank's batch was unreadable: all ranks skip the step together.
                     step += 1
+                    wait_start = time.perf_counter()
                     continue
+                if hook_raise is not None and hook_raise == (rank, step + 1):
+                    raise RuntimeError(f"injected failure on rank {rank} at step {step + 1} ({HOOK_RAISE})")
                 crops_t = _batch_crops(batch, crops, augment, device, settings.train.seed, epoch, step, rank)
                 if channels_last:
                     crops_t = [c.contiguous(memory_format=torch.channels_last) for c in crops_t]
@@ -475,7 +617,9 @@ def pretrain(
                 for group in sgd.param_groups:
                     group["lr"] = lr
                 model.normalize_prototypes()
-                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                with torch.autocast(
+                    device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+                ):
                     embeddings, scores = train_model(crops_t)
                 out = swav_loss_from_outputs(
                     embeddings.float(),
@@ -489,16 +633,29 @@ def pretrain(
                     sinkhorn_iterations=settings.swav.sinkhorn_iterations,
                     queue=active_queue,
                 )
+                loss = out.loss
+                if hook_nan is not None and hook_nan == (rank, step + 1):
+                    loss = loss * float("nan")
                 optimizer.zero_grad(set_to_none=True)
-                scaler.scale(out.loss).backward()
+                scaler.scale(loss).backward()
                 if step < settings.swav.freeze_prototypes_steps:
                     _freeze_prototype_grads(model)
-                finite = torch.isfinite(out.loss.detach()) & (_grads_finite(model) | scaler.is_enabled())
-                culprits = _ranks_flagging(not bool(finite), device)
-                if culprits:
+                # Checked on every rank with one collective, before the optimizer touches anything.
+                loss_ok = bool(torch.isfinite(loss.detach()))
+                grads_ok = scaler.is_enabled() or bool(_grads_finite(model))
+                bad_loss, bad_grads, mean_loss = _check_step(
+                    not loss_ok, not grads_ok, float(out.loss.detach()), device
+                )
+                if bad_loss or bad_grads:
+                    what = (
+                        f"non-finite loss on rank {_ranks_text(bad_loss)}"
+                        if bad_loss
+                        else f"non-finite gradients on rank {_ranks_text(bad_grads)}"
+                    )
                     raise NonFiniteError(
-                        f"non-finite loss or gradients at step {step} on rank(s) {culprits}; "
-                        f"the last good checkpoint is {last_checkpoint or 'none'}"
+                        f"{what} at step {step + 1}; stopped before the optimizer step, on every rank; "
+                        f"the last good checkpoint is {last_checkpoint or 'none'} "
+                        "(try a lower optim.base_lr, or train.precision=fp32)"
                     )
                 if scaler.is_enabled():
                     scaler.unscale_(sgd)
@@ -514,7 +671,7 @@ def pretrain(
                     optimizer.step()
                 step += 1
                 samples_seen += batch.size * world
-                loss_value = float(out.loss.detach())
+                loss_value = mean_loss  # over all ranks, as one process on the global batch
                 last_loss = loss_value
                 step_time = time.perf_counter() - step_start
                 entropy, used = code_statistics(out.codes[0])
@@ -536,20 +693,21 @@ def pretrain(
                 reporter.step(record)
                 warning = health.update(step, loss_value)
                 if warning:
-                    reporter.warn(warning)
+                    warn_all(warning)
                 if on_step is not None:
                     on_step(step)
-                signum = _agree_on_signal(stop.signum, device)
-                if signum is not None:
-                    path = save(step // steps_epoch, f"signal {signal.Signals(signum).name}")
-                    raise Interrupted(signum, step, path)
                 if step % steps_epoch == 0 or step % settings.checkpoint.every_steps == 0:
                     save(step // steps_epoch, "periodic")
                 if settings.train.max_seconds and time.perf_counter() - started > settings.train.max_seconds:
                     reporter.info(f"train.max_seconds reached at step {step}")
                     total_steps = step
+                if hook_sleep:
+                    time.sleep(hook_sleep)
                 wait_start = time.perf_counter()
             del iterator, loader
+    finally:
+        if owns_stop:
+            stop_flag.restore()
     final_ckpt = save(step // steps_epoch, "final")
     elapsed = time.perf_counter() - started
     backbone_path = run_dir / "backbone.safetensors"
@@ -564,6 +722,7 @@ def pretrain(
         checkpoint=str(final_ckpt) if final_ckpt else None,
         backbone=str(backbone_path),
         resumed_from_step=resumed_from,
+        extra={"world_size": world},
     )
     if dist.is_main():
         _export_backbone(model, backbone_path, settings, step, step // steps_epoch)
@@ -588,40 +747,87 @@ def _batch_crops(
     from swavctl.data.batch_augment import batch_multicrop
 
     assert batch.images is not None
-    images = [im.to(device, non_blocking=True) for im in batch.images]
+    images = [im.to(device, non_blocking=True) for im in batch.images]  # decoded by _decode_batch
     generator = torch.Generator(device="cpu").manual_seed(sample_seed(seed, epoch, step * 1_000_003 + rank))
     return batch_multicrop(images, crops, augment, generator=generator)
 
 
-def _gather_objects(obj: Any) -> list[Any]:
-    """Every rank's ``obj`` (a one-element list without a process group)."""
-    if not dist.is_distributed():
-        return [obj]
-    gathered: list[Any] = [None] * dist.world_size()
-    torch.distributed.all_gather_object(gathered, obj)
-    return gathered
+def _decode_batch(batch: Batch, paths: list[str], device: torch.device) -> Batch:
+    """Decode a device-augmentation batch onto ``device`` (JPEGs by nvjpeg on a GPU).
+
+    Items no decoder can read become :class:`Skipped` records, counted like unreadable files.
+    """
+    assert batch.images is not None
+    images, failures = decode_images(batch.images, device)
+    if not failures:
+        return Batch(crops=None, images=images, indices=batch.indices, skipped=batch.skipped)
+    failed = {position for position, _ in failures}
+    skipped = list(batch.skipped) + [Skipped(paths[batch.indices[pos]], reason) for pos, reason in failures]
+    indices = [index for pos, index in enumerate(batch.indices) if pos not in failed]
+    return Batch(crops=None, images=images or None, indices=indices, skipped=skipped)
+
+
+def _in_slurm_job() -> bool:
+    return bool(os.environ.get("SLURM_JOB_ID") or os.environ.get("SLURM_JOBID"))
+
+
+def _ranks_text(ranks: list[int]) -> str:
+    return ", ".join(str(r) for r in ranks)
 
 
 def _ranks_flagging(flag: bool, device: torch.device) -> list[int]:
     """The ranks whose ``flag`` is set, agreed by all ranks with one collective."""
+    return _check_step(flag, False, 0.0, device)[0]
+
+
+def _check_step(
+    bad_loss: bool, bad_grads: bool, loss: float, device: torch.device
+) -> tuple[list[int], list[int], float]:
+    """One collective per step: the ranks with a non-finite loss, those with non-finite gradients,
+    and the mean of the ranks' losses (the loss of the global batch; NaN when any is bad)."""
     if not dist.is_distributed():
-        return [0] if flag else []
-    flags = torch.zeros(dist.world_size(), device=device)
-    flags[dist.rank()] = float(flag)
-    dist.all_reduce_sum(flags)
-    return [r for r, v in enumerate(flags.tolist()) if v]
+        return ([0] if bad_loss else []), ([0] if bad_grads else []), loss
+    world = dist.world_size()
+    values = torch.zeros(2 * world + 1, dtype=torch.float64, device=device)
+    values[dist.rank()] = float(bad_loss)
+    values[world + dist.rank()] = float(bad_grads)
+    values[-1] = loss
+    flat = dist.all_reduce_sum(values).tolist()
+    return (
+        [r for r in range(world) if flat[r]],
+        [r for r in range(world) if flat[world + r]],
+        flat[-1] / world,
+    )
+
+
+def _agree_on_step_start(stop: StopFlag, empty_batch: bool, device: torch.device) -> tuple[set[int], bool]:
+    """The stop signals any rank received, and whether any rank's batch is empty (one collective).
+
+    All ranks see the same answer, so all checkpoint (or skip) at the same step.
+    """
+    local = [float(s in stop.received) for s in STOP_SIGNALS] + [float(empty_batch)]
+    if not dist.is_distributed():
+        values = local
+    else:
+        tensor = torch.tensor(local, device=device)
+        values = dist.all_reduce_max(tensor).tolist()
+    signals = {int(s) for s, v in zip(STOP_SIGNALS, values, strict=False) if v}
+    return signals, bool(values[-1])
 
 
 def _agree_on_signal(signum: int | None, device: torch.device) -> int | None:
-    """The largest signal number any rank received, so all ranks checkpoint at the same step."""
+    """The largest signal number any rank received (kept for callers of the earlier API)."""
     if not dist.is_distributed():
         return signum
     value = torch.tensor([signum or 0], device=device)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    dist.all_reduce_max(value)
     return int(value.item()) or None
 
 
+def _gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (a one-element list without a process group)."""
+    return dist.gather_objects(obj)
+
+
 def _broadcast_str(value: str) -> str:
-    box = [value]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return str(box[0])
+    return str(dist.broadcast_object(value))

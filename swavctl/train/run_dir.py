@@ -38,11 +38,15 @@ def _dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def settings_diff(old: Settings, new: Settings, *, ignore: tuple[str, ...] = ("out",)) -> dict[str, tuple[Any, Any]]:
+def settings_diff(
+    old: Settings, new: Settings, *, ignore: tuple[str, ...] = ("out",)
+) -> dict[str, tuple[Any, Any]]:
     """Dotted keys whose values differ between two settings trees: {key: (old, new)}."""
     a = _dotted(old.model_dump(mode="json"))
     b = _dotted(new.model_dump(mode="json"))
-    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if k not in ignore and a.get(k) != b.get(k)}
+    return {
+        k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if k not in ignore and a.get(k) != b.get(k)
+    }
 
 
 def incompatible_changes(

@@ -1,0 +1,431 @@
+"""Starting ``swavctl pretrain``: one process, N local workers, or one worker of torchrun / SLURM.
+
+Three ways in, one training loop (:func:`swavctl.train.loop.pretrain`) and one result shape
+(:class:`Outcome`), so the summary and ``--json`` do not depend on how the run was started:
+
+1. **Inside a job** (``torchrun``, ``srun``; see :func:`swavctl.dist.detect_env`): this process is
+   one worker. It joins the process group (NCCL on GPUs, gloo on CPUs, timeout
+   ``dist.timeout_s``) and trains; rank 0 prints the summary.
+2. **``--gpus N`` (N > 1) or ``--gpus 0 --procs N`` (N > 1)**: this process becomes a
+   torch.distributed.elastic agent (:func:`torch.distributed.launcher.api.elastic_launch`) that
+   starts N workers on this machine, with a c10d rendezvous on 127.0.0.1 and no restarts (forked
+   for CPU workers, spawned for GPU workers). Each worker gets the settings as JSON and builds its
+   own reporter (a console is not picklable); rank 0 draws the progress bar.
+   Each worker leaves an :class:`Outcome` file; the agent combines them into one (naming the
+   rank that failed first and why) and prints it here.
+3. Otherwise: a plain single process.
+
+Signals: the workers install :class:`~swavctl.train.loop.StopFlag` before anything else, and the
+agent forwards SIGTERM/SIGINT/SIGUSR1 it receives to them, so the run checkpoints at the next step
+boundary and exits 143/130/138. When a worker fails, the agent stops the others (SIGTERM, then
+SIGKILL after 30 s); with gloo the survivors see the broken connection at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import traceback
+import uuid
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from swavctl import dist
+from swavctl.config import Settings
+from swavctl.errors import UserError
+
+# Seconds the agent gives workers to checkpoint and exit after it forwards a signal. A worker that
+# failed makes the agent stop the others with SIGTERM and SIGKILL after torchelastic's own 30 s.
+SIGNAL_GRACE_S = 120
+# Start method of local workers: "spawn" for GPU workers (CUDA must not be initialized before a
+# fork), "fork" for CPU workers (no re-import of torch per worker: several seconds each). The
+# environment variable overrides it.
+START_METHOD_ENV = "SWAVCTL_START_METHOD"
+
+OK, USER_ERROR, INTERRUPTED, NON_FINITE, CHECKPOINT_WRITE, CRASH, KILLED = (
+    "ok",
+    "user_error",
+    "interrupted",
+    "non_finite",
+    "checkpoint_write",
+    "crash",
+    "killed",
+)
+# Which failure explains a multi-rank failure best (lower first); a failed collective is
+# usually the echo of another rank's failure, so it comes last.
+_PRIORITY = {USER_ERROR: 0, NON_FINITE: 1, CHECKPOINT_WRITE: 2, CRASH: 3, KILLED: 4, INTERRUPTED: 5}
+
+
+@dataclass
+class Outcome:
+    """How a run (or one rank of it) ended.
+
+    ``status`` is one of ``ok``, ``user_error`` (exit 2), ``interrupted`` (143/130/138),
+    ``non_finite``, ``checkpoint_write``, ``crash`` or ``killed`` (exit 1). ``summary`` is the
+    run summary (rank 0, ``ok`` only). ``report`` says whether this process should print it.
+    """
+
+    status: str
+    exit_code: int
+    message: str = ""
+    rank: int = 0
+    summary: dict[str, Any] | None = None
+    error_type: str | None = None
+    peer_failure: bool = False
+    traceback: str | None = None
+    report: bool = True
+    ranks: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> Outcome:
+        return cls(**json.loads(text))
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning
+
+
+def wants_cuda(settings: Settings) -> bool:
+    """Whether workers train on GPUs: ``--gpus`` > 0, or unset with CUDA available."""
+    if settings.dist.gpus is not None:
+        return settings.dist.gpus > 0
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def local_workers(settings: Settings) -> int:
+    """How many worker processes ``swavctl pretrain`` starts on this machine (1 = no launcher)."""
+    gpus, procs = settings.dist.gpus, settings.dist.procs
+    if gpus is not None and gpus > 0:
+        if procs > 1:
+            raise UserError(
+                f"--procs {procs} is for CPU workers (--gpus 0); on GPUs use --gpus N for N processes"
+            )
+        if gpus > 1:
+            import torch
+
+            found = torch.cuda.device_count()
+            if found < gpus:
+                raise UserError(f"--gpus {gpus} asked for, but {found} CUDA device(s) are visible")
+        return gpus
+    if gpus is None and procs > 1 and wants_cuda(settings):
+        raise UserError(f"--procs {procs} is for CPU workers: add --gpus 0 (or use --gpus N on GPUs)")
+    return procs
+
+
+def run_pretrain(settings: Settings, *, fresh: bool = False) -> Outcome:
+    """Run pretraining the way the environment and ``settings.dist`` ask for (see module doc).
+
+    In a single process, bugs propagate with their traceback; user errors raise :class:`UserError`.
+    """
+    env = dist.detect_env()
+    if env is not None:
+        return _run_as_job_worker(settings, fresh=fresh, env=env)
+    workers = local_workers(settings)
+    if workers > 1:
+        return launch_local(settings, fresh=fresh, nprocs=workers, use_cuda=wants_cuda(settings))
+    from swavctl.train.loop import pretrain
+
+    return _guarded(lambda stop: pretrain(settings, reporter=_reporter(), fresh=fresh, stop=stop), rank=0)
+
+
+def _reporter() -> Any:
+    from swavctl.progress import RichReporter
+
+    return RichReporter()
+
+
+# ---------------------------------------------------------------------------------------------
+# One worker
+
+
+def _is_peer_failure(exc: BaseException) -> bool:
+    """Heuristic: is this the failed collective that follows another rank's death?"""
+    import torch.distributed as torch_dist
+
+    dist_error = getattr(torch_dist, "DistError", None)
+    if dist_error is not None and isinstance(exc, dist_error):
+        return True
+    text = str(exc).lower()
+    needles = (
+        "connection closed by peer",
+        "connection reset",
+        "broken pipe",
+        "gloo",
+        "nccl",
+        "socket",
+        "timed out",
+    )
+    return any(needle in text for needle in needles)
+
+
+def _guarded(body: Any, *, rank: int, stop: Any = None, reraise_bugs: bool = True) -> Outcome:
+    """Run ``body(stop)`` and turn how it ended into an :class:`Outcome`."""
+    from swavctl.train.checkpoint import CheckpointWriteError
+    from swavctl.train.loop import Interrupted, NonFiniteError
+
+    try:
+        summary = body(stop)
+    except UserError as exc:
+        return Outcome(USER_ERROR, 2, str(exc), rank, error_type="UserError")
+    except Interrupted as exc:
+        return Outcome(INTERRUPTED, exc.exit_code, str(exc), rank, error_type="Interrupted")
+    except NonFiniteError as exc:
+        return Outcome(NON_FINITE, 1, str(exc), rank, error_type="NonFiniteError")
+    except CheckpointWriteError as exc:
+        return Outcome(CHECKPOINT_WRITE, 1, str(exc), rank, error_type="CheckpointWriteError")
+    except Exception as exc:
+        if reraise_bugs:
+            raise
+        return Outcome(
+            CRASH,
+            1,
+            f"{type(exc).__name__}: {exc}".strip().splitlines()[0],
+            rank,
+            error_type=type(exc).__name__,
+            peer_failure=_is_peer_failure(exc),
+            traceback=traceback.format_exc(),
+        )
+    return Outcome(OK, 0, "", rank, summary=summary.as_dict())
+
+
+def _train_as_worker(settings: Settings, *, fresh: bool, env: dist.DistEnv, stop: Any) -> Outcome:
+    """Join the group, train, and report; never raises (a crash becomes an Outcome)."""
+    from swavctl.train.loop import pretrain
+
+    def body(stop_flag: Any) -> Any:
+        dist.init_process_group(env, use_cuda=wants_cuda(settings), timeout_s=settings.dist.timeout_s)
+        return pretrain(settings, reporter=_reporter(), fresh=fresh, stop=stop_flag)
+
+    outcome = _guarded(body, rank=env.rank, stop=stop, reraise_bugs=False)
+    if outcome.status == CRASH:
+        prefix = f"[rank {env.rank}] "
+        if outcome.peer_failure:
+            print(f"{prefix}stopped: {outcome.message}", file=sys.stderr, flush=True)
+        elif outcome.traceback:
+            print("".join(prefix + line + "\n" for line in outcome.traceback.splitlines()), file=sys.stderr)
+    # A worker reports on rank 0, or when it is the one that broke.
+    outcome.report = env.rank == 0 or (outcome.status == CRASH and not outcome.peer_failure)
+    return outcome
+
+
+def group_still_open() -> bool:
+    """True while this process is in a process group (a failed job worker does not leave it)."""
+    import torch.distributed as torch_dist
+
+    return torch_dist.is_available() and torch_dist.is_initialized()
+
+
+def exit_now(code: int) -> None:
+    """Leave without tearing down a process group whose peers may be gone (that can hang)."""
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)
+
+
+def _run_as_job_worker(settings: Settings, *, fresh: bool, env: dist.DistEnv) -> Outcome:
+    """This process is one worker of torchrun or srun."""
+    from swavctl.train.loop import StopFlag
+
+    stop = StopFlag()
+    stop.install()
+    launched = settings.dist.gpus if settings.dist.gpus and settings.dist.gpus > 1 else settings.dist.procs
+    if env.rank == 0 and launched > 1 and launched != env.local_world_size:
+        print(
+            f"note: {env.source} started {env.local_world_size} workers on this node; --gpus/--procs "
+            f"{launched} only chooses GPU or CPU workers here",
+            file=sys.stderr,
+        )
+    outcome = _train_as_worker(settings, fresh=fresh, env=env, stop=stop)
+    if outcome.exit_code == 0:
+        dist.destroy_process_group()
+    return outcome
+
+
+def _elastic_worker(payload: dict[str, Any]) -> dict[str, Any]:
+    """Entry point of a worker started by :func:`launch_local` (a forked or spawned process)."""
+    from swavctl.train.loop import StopFlag
+
+    stop = StopFlag()
+    stop.install()  # first: a signal from now on is a checkpoint request, not a kill
+    env = dist.detect_env()
+    if env is None:  # pragma: no cover - elastic always sets RANK/WORLD_SIZE/LOCAL_RANK
+        raise RuntimeError("worker started without RANK/WORLD_SIZE/LOCAL_RANK")
+    settings = Settings.model_validate_json(payload["settings"])
+    outcome = _train_as_worker(settings, fresh=bool(payload["fresh"]), env=env, stop=stop)
+    target = Path(payload["outcome_dir"]) / f"rank-{env.rank}.json"
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(outcome.to_json())
+    tmp.replace(target)
+    if outcome.exit_code != 0:
+        exit_now(outcome.exit_code)
+    dist.destroy_process_group()
+    return {"status": outcome.status}
+
+
+# ---------------------------------------------------------------------------------------------
+# The local launcher
+
+
+def _quiet_elastic_logs() -> None:
+    """torchelastic logs every shutdown step; the outcome we print says what matters."""
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def _threads_per_worker(nprocs: int) -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // nprocs)
+
+
+def launch_local(settings: Settings, *, fresh: bool, nprocs: int, use_cuda: bool) -> Outcome:
+    """Start ``nprocs`` workers on this machine with torch.distributed.elastic and combine their outcomes."""
+    from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs, SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    _quiet_elastic_logs()
+    outcome_dir = Path(tempfile.mkdtemp(prefix="swavctl-launch-"))
+    payload = {"settings": settings.model_dump_json(), "fresh": fresh, "outcome_dir": str(outcome_dir)}
+    start_method = os.environ.get(START_METHOD_ENV) or ("spawn" if use_cuda else "fork")
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nprocs,
+        run_id=f"swavctl-{uuid.uuid4().hex[:12]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint="127.0.0.1:0",
+        max_restarts=0,
+        monitor_interval=0.2,
+        start_method=start_method,
+        logs_specs=DefaultLogsSpecs(log_dir=str(outcome_dir / "logs")),
+        local_addr="127.0.0.1",
+        signals_to_handle="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+        shutdown_timeout=SIGNAL_GRACE_S,
+    )
+    saved_env = {key: os.environ.get(key) for key in ("OMP_NUM_THREADS",)}
+    if "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(_threads_per_worker(nprocs))
+    failures: dict[int, str] = {}
+    received: int | None = None
+    started = time.monotonic()
+    try:
+        try:
+            elastic_launch(config, _elastic_worker)(payload)
+        except ChildFailedError as exc:
+            for rank_, failure in exc.failures.items():
+                failures[rank_] = _describe_exit(failure.exitcode)
+        except SignalException as exc:
+            received = int(exc.sigval)
+        outcomes = _read_outcomes(outcome_dir, nprocs)
+    finally:
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        shutil.rmtree(outcome_dir, ignore_errors=True)
+    combined = combine_outcomes(outcomes, nprocs, failures=failures, received=received)
+    combined.summary = combined.summary if combined.status == OK else None
+    if combined.status != OK:
+        combined.message += f" [after {time.monotonic() - started:.1f} s]"
+    return combined
+
+
+def _status_text(outcome: Outcome) -> str:
+    if outcome.status == KILLED:
+        return outcome.message
+    if outcome.peer_failure:
+        return f"stopped when a peer failed (exit status {outcome.exit_code})"
+    return f"{outcome.status} (exit status {outcome.exit_code})"
+
+
+def _describe_exit(exitcode: int) -> str:
+    if exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exit status {exitcode}"
+
+
+def _read_outcomes(folder: Path, nprocs: int) -> dict[int, Outcome]:
+    found: dict[int, Outcome] = {}
+    for rank_ in range(nprocs):
+        path = folder / f"rank-{rank_}.json"
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            found[rank_] = Outcome.from_json(path.read_text())
+    return found
+
+
+def combine_outcomes(
+    outcomes: Mapping[int, Outcome],
+    world: int,
+    *,
+    failures: Mapping[int, str] | None = None,
+    received: int | None = None,
+) -> Outcome:
+    """One outcome for the whole run: rank 0's when all ranks agree, else the failure that explains it.
+
+    ``failures`` are the agent's exit descriptions of ranks that failed (for ranks that left no
+    outcome, e.g. killed by SIGKILL); ``received`` is a signal the agent itself got.
+    """
+    failures = failures or {}
+    full: dict[int, Outcome] = {}
+    for rank_ in range(world):
+        if rank_ in outcomes:
+            full[rank_] = outcomes[rank_]
+            continue
+        how = failures.get(rank_) or (
+            f"stopped by the launcher after {signal.Signals(received).name}"
+            if received
+            else "killed by a signal such as SIGKILL or the out-of-memory killer, or a crash of Python itself"
+        )
+        full[rank_] = Outcome(KILLED, 1, f"exited without a report ({how})", rank_, error_type="Killed")
+    statuses = {str(r): _status_text(o) for r, o in full.items()}
+    if all(o.status == OK for o in full.values()):
+        result = full[0]
+        result.ranks = statuses
+        return result
+    first = full[0]
+    agreed = all(o.status == first.status and o.message == first.message for o in full.values())
+    if agreed:
+        first.ranks = statuses
+        first.report = True
+        first.message += f" [all {world} ranks stopped, exit status {first.exit_code}]"
+        return first
+    failed = [o for o in full.values() if o.status != OK]
+    primary = min(failed, key=lambda o: (_PRIORITY.get(o.status, 9) + (10 if o.peer_failure else 0), o.rank))
+    others = [f"rank {r}: {text}" for r, text in statuses.items() if int(r) != primary.rank]
+    message = f"rank {primary.rank} failed: {primary.message}"
+    if others:
+        message += "; other ranks: " + ", ".join(others)
+    return Outcome(
+        primary.status,
+        primary.exit_code if primary.exit_code else 1,
+        message,
+        primary.rank,
+        error_type=primary.error_type,
+        peer_failure=primary.peer_failure,
+        traceback=primary.traceback,
+        report=True,
+        ranks=statuses,
+    )

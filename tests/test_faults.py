@@ -1,0 +1,111 @@
+"""Faults in a real 2-process CPU run (gloo): a NaN on one rank, a full disk, a rank that raises.
+
+The NaN run stops at step 3 and leaves the checkpoint of step 2; the full-disk test resumes from a
+copy of that folder under RLIMIT_FSIZE, so the next checkpoint (step 4) cannot be written.
+"""
+
+from __future__ import annotations
+
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from swavctl.train import checkpoint as ckpt
+from tests.conftest import cli_env, pids_with_env, run_cli, write_image_folder
+
+TWO = ("pretrain", "--preset", "smoke", "--gpus", "0", "--procs", "2", "--batch-size", "4")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(write_image_folder(tmp_path_factory.mktemp("data") / "images", per_class=32))
+
+
+@pytest.fixture(scope="module")
+def nan_run(
+    tmp_path_factory: pytest.TempPathFactory, images: str
+) -> tuple[subprocess.CompletedProcess[str], Path]:
+    cwd = tmp_path_factory.mktemp("nan")
+    done = run_cli(*TWO, "--data", images, "--out", "run", cwd=cwd, env=cli_env(SWAVCTL_TEST_NAN_AT="1:3"))
+    return done, cwd / "run"
+
+
+def error_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, stderr[-3000:]
+    return lines[0]
+
+
+def test_nan_on_rank_1_stops_every_rank_naming_step_and_rank(
+    nan_run: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
+    done, run_dir = nan_run
+    assert done.returncode == 1, done.stderr
+    line = error_line(done.stderr)
+    assert "non-finite loss on rank 1 at step 3" in line
+    assert "[all 2 ranks stopped, exit status 1]" in line
+    assert f"the last good checkpoint is {run_dir.name}/checkpoints/step-000000002.pt" in line
+    assert "Traceback" not in done.stderr
+    # Stopped before the optimizer step: the checkpoint of step 2 is the newest and it verifies.
+    assert [c.step for c in ckpt.list_committed(run_dir / "checkpoints")] == [2]
+    assert ckpt.verify(ckpt.checkpoint_at(run_dir, 2)) is None
+    assert not (run_dir / "summary.json").exists() and not (run_dir / "backbone.safetensors").exists()
+
+
+def test_full_disk_during_a_save_keeps_the_previous_checkpoint_and_stops_every_rank(
+    tmp_path: Path, images: str, nan_run: tuple[subprocess.CompletedProcess[str], Path]
+) -> None:
+    shutil.copytree(nan_run[1], tmp_path / "run")
+    limit = 256 * 1024  # metrics, settings and logs fit; a checkpoint (about 2 MB) does not
+    done = subprocess.run(
+        [sys.executable, "-m", "swavctl", *TWO, "--data", images, "--out", "run"],
+        cwd=tmp_path,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
+    )
+    assert done.returncode == 1, done.stderr
+    line = error_line(done.stderr)
+    assert "could not write checkpoint run/checkpoints/step-000000004.pt" in line
+    assert "[errno 27 EFBIG] File too large" in line
+    assert "[all 2 ranks stopped, exit status 1]" in line
+    committed = ckpt.list_committed(tmp_path / "run" / "checkpoints")
+    assert [c.step for c in committed] == [2] and ckpt.verify(committed[0]) is None
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        "step-000000002.json",
+        "step-000000002.pt",
+    ]
+
+
+def test_a_rank_that_raises_stops_all_ranks_quickly_naming_it_and_leaves_no_process(
+    tmp_path: Path, images: str
+) -> None:
+    marker = f"raise-{random.getrandbits(48)}"
+    started = time.monotonic()
+    done = run_cli(
+        *TWO,
+        "--data",
+        images,
+        "--out",
+        "run",
+        cwd=tmp_path,
+        env=cli_env(SWAVCTL_TEST_RAISE_AT="1:5", SWAVCTL_TEST_MARKER=marker),
+        timeout=120,
+    )
+    elapsed = time.monotonic() - started
+    assert done.returncode == 1, done.stderr
+    line = error_line(done.stderr)
+    assert "rank 1 failed: RuntimeError: injected failure on rank 1 at step 5" in line
+    assert "rank 0: stopped when a peer failed (exit status 1)" in line
+    assert "[rank 1] Traceback" in done.stderr  # the failing rank shows where it failed
+    assert elapsed < 60
+    assert pids_with_env(f"SWAVCTL_TEST_MARKER={marker}") == []
+    assert [c.step for c in ckpt.list_committed(tmp_path / "run" / "checkpoints")] == [2, 4]

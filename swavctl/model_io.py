@@ -1,12 +1,16 @@
 """Load a trained model from whatever a user points at: a run folder, a checkpoint or an export.
 
 Weights are always loaded strictly; a mismatch is a :class:`UserError` that names the missing and
-unexpected keys, never a silent partial load.
+unexpected keys, never a silent partial load. Pickle checkpoints are read with
+``torch.load(weights_only=True)`` only; safetensors files are validated from their header before
+any tensor is read, and their keys and shapes are checked against the architecture (built on the
+meta device, so no memory is spent) before a model is allocated. NaN/Inf weights are refused.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +21,19 @@ from torch import nn
 from swavctl.config import Settings, from_toml_text, validate
 from swavctl.errors import UserError
 from swavctl.model.swav import SwAV
+from swavctl.safe_io import (
+    assert_finite,
+    file_sha256,
+    load_pickle_weights,
+    payload_sha256,
+    read_safetensors,
+    read_safetensors_metadata,
+)
 from swavctl.train import checkpoint as ckpt
+
+#: A backbone-only export still gets a (random) head built from its settings; refuse settings
+#: declaring a head larger than this many elements (or 4x the backbone), which a real one never is.
+_MAX_HEAD_ELEMENTS = 2**26
 
 
 @dataclass
@@ -26,15 +42,24 @@ class LoadedModel:
 
     model: SwAV
     settings: Settings
-    has_head: bool
+    has_head: bool  # False for a backbone-only export: head and prototypes are then random
     step: int | None
     epoch: int | None
     source: Path
     kind: str  # "checkpoint" or "export"
 
 
-def _strict_load(module: nn.Module, state: dict[str, torch.Tensor], what: str, source: Path) -> None:
-    expected = module.state_dict()
+def _short(keys: list[str], limit: int = 8) -> str:
+    if not keys:
+        return "none"
+    shown = ", ".join(keys[:limit])
+    return f"[{shown}{f', ... {len(keys) - limit} more' if len(keys) > limit else ''}]"
+
+
+def _check_state(
+    expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], what: str, source: Path
+) -> None:
+    """Every key accounted for, every shape equal; else a UserError listing the offenders."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -49,19 +74,17 @@ def _strict_load(module: nn.Module, state: dict[str, torch.Tensor], what: str, s
             f"{source}: {what} shape mismatch for {len(wrong)} key(s), e.g. {k}: "
             f"file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
         )
+
+
+def _strict_load(module: nn.Module, state: dict[str, torch.Tensor], what: str, source: Path) -> None:
+    expected = module.state_dict()
+    _check_state(expected, state, what, source)
     module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
 
 
-def _short(keys: list[str], limit: int = 8) -> str:
-    if not keys:
-        return "none"
-    shown = ", ".join(keys[:limit])
-    return f"[{shown}{f', ... {len(keys) - limit} more' if len(keys) > limit else ''}]"
-
-
 def resolve_model_path(path: Path) -> Path:
-    """A run folder becomes its newest verified checkpoint (or its backbone export)."""
-    path = path.expanduser()
+    """A run folder becomes its newest verified checkpoint (or its export)."""
+    path = Path(path).expanduser()
     if not path.exists():
         raise UserError(f"model not found: {path}")
     if path.is_dir():
@@ -76,69 +99,190 @@ def resolve_model_path(path: Path) -> Path:
     return path
 
 
+_PICKLE_SUFFIXES = frozenset({".pt", ".pth", ".tar", ".ckpt", ".bin", ".pkl"})
+
+
+def _looks_like_pickle(path: Path) -> bool:
+    """torch.save writes a zip archive (``PK``) or, in the legacy format, a pickle (``\\x80``)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    return head.startswith((b"PK\x03\x04", b"PK\x05\x06", b"\x80"))
+
+
 def load_model(path: Path) -> LoadedModel:
-    """Load a run folder, a checkpoint (``.pt``) or an export (``.safetensors``) into a SwAV model."""
-    source = resolve_model_path(path)
-    if source.suffix == ".safetensors":
+    """Load a run folder, a checkpoint (``.pt``) or an export (``.safetensors``) into a SwAV model.
+
+    The model is on the CPU, in fp32 and in eval mode. Exports made by ``swavctl export`` and
+    official checkpoints imported with ``swavctl export --from-official`` load alike.
+    """
+    source = resolve_model_path(Path(path))
+    if source.suffix == ".safetensors" or (
+        source.suffix not in _PICKLE_SUFFIXES and not _looks_like_pickle(source)
+    ):
         return _load_export(source)
-    state = ckpt.load_state(source)
-    if "model" not in state or "settings" not in state:
-        raise UserError(f"{source} is not a swavctl checkpoint (no model or settings)")
+    state = load_pickle_weights(source)
+    if not isinstance(state, dict) or "model" not in state or "settings" not in state:
+        raise UserError(
+            f"{source} is not a swavctl checkpoint (no model or settings); for an official SwAV "
+            "checkpoint use 'swavctl export --from-official'"
+        )
+    weights = state["model"]
+    if (
+        not isinstance(state["settings"], str)
+        or not isinstance(weights, dict)
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items())
+    ):
+        raise UserError(f"{source} is not a swavctl checkpoint (malformed model or settings)")
     settings = from_toml_text(state["settings"], source=str(source))
-    model = _build(settings)
-    _strict_load(model, state["model"], "checkpoint", source)
+    assert_finite(weights, source=str(source))
+    meta_model = _build(settings, meta=True, source=source)
+    _check_state(meta_model.state_dict(), weights, "checkpoint", source)
+    model = _build(settings, source=source)
+    _strict_load(model, weights, "checkpoint", source)
     model.eval()
-    return LoadedModel(model, settings, True, int(state["step"]), int(state["epoch"]), source, "checkpoint")
+    step, epoch = _int_or_none(state.get("step")), _int_or_none(state.get("epoch"))
+    return LoadedModel(model, settings, True, step, epoch, source, "checkpoint")
 
 
-def _build(settings: Settings) -> SwAV:
-    return SwAV(
-        settings.model.arch, settings.model.hidden_dim, settings.model.embedding_dim, settings.model.prototypes
+def _int_or_none(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return None
+
+
+def _build(settings: Settings, *, meta: bool = False, source: Path | None = None) -> SwAV:
+    """The SwAV model ``settings`` describes (on the meta device: shapes only, no memory)."""
+    from swavctl.model.backbones import check_backbone_name
+
+    try:
+        check_backbone_name(settings.model.arch)
+    except UserError as exc:
+        raise UserError(f"{source}: {exc}") from None
+    args = (
+        settings.model.arch,
+        settings.model.hidden_dim,
+        settings.model.embedding_dim,
+        settings.model.prototypes,
     )
+    if meta:
+        with torch.device("meta"):
+            return SwAV(*args)
+    return SwAV(*args)
+
+
+def _numel(state: dict[str, torch.Tensor]) -> int:
+    return sum(math.prod(v.shape) for v in state.values())
 
 
 def _load_export(source: Path) -> LoadedModel:
-    from swavctl.safe_io import read_safetensors
+    from swavctl.export import EXPORT_FORMAT, FORMAT_VERSION, HEAD_PREFIX
 
     tensors, meta = read_safetensors(source)
+    fmt = meta.get("format", EXPORT_FORMAT)
+    if fmt == f"{EXPORT_FORMAT}-1":  # written before format_version existed
+        fmt, meta = EXPORT_FORMAT, {**meta, "format_version": "1"}
+    if fmt != EXPORT_FORMAT:
+        raise UserError(f"{source}: metadata format {fmt!r} is not {EXPORT_FORMAT!r}")
+    version = meta.get("format_version", "1")
+    if not version.isdigit() or int(version) > FORMAT_VERSION:
+        raise UserError(
+            f"{source}: export format version {version!r} is newer than this swavctl reads "
+            f"({FORMAT_VERSION}); upgrade swavctl"
+        )
     if "settings" not in meta:
-        raise UserError(f"{source}: no swavctl settings in its metadata; convert it with 'swavctl export'")
+        raise UserError(
+            f"{source}: no swavctl settings in its metadata; convert it with 'swavctl export' "
+            "(or 'swavctl export --from-official' for an official SwAV checkpoint)"
+        )
     try:
-        settings = validate(json.loads(meta["settings"]), source=f"{source} metadata")
-    except ValueError:
+        tree = json.loads(meta["settings"])
+    except (ValueError, RecursionError):
         raise UserError(f"{source}: its settings metadata is not valid JSON") from None
-    model = _build(settings)
-    backbone = {k: v for k, v in tensors.items() if not k.startswith(("head.", "prototypes."))}
+    if not isinstance(tree, dict):
+        raise UserError(f"{source}: its settings metadata is not a JSON object")
+    settings = validate(tree, source=f"{source} metadata")
+    stated = meta.get("payload_sha256")
+    if stated and payload_sha256(tensors) != stated:
+        raise UserError(f"{source}: tensors do not match the metadata's payload_sha256 (altered or corrupt)")
+    assert_finite(tensors, source=str(source))
+
+    backbone = {k: v for k, v in tensors.items() if not k.startswith((HEAD_PREFIX, "prototypes."))}
+    head = {k[len(HEAD_PREFIX) :]: v for k, v in tensors.items() if k.startswith(HEAD_PREFIX)}
+    protos = {k[len("prototypes.") :]: v for k, v in tensors.items() if k.startswith("prototypes.")}
     if not backbone:
         raise UserError(f"{source} holds no backbone weights")
+    has_head = bool(head) or bool(protos)
+
+    # Keys and shapes first, against a model on the meta device: a file whose settings declare a
+    # huge model is refused before anything is allocated.
+    skeleton = _build(settings, meta=True, source=source)
+    _check_state(skeleton.backbone.state_dict(), backbone, "backbone", source)
+    if has_head:
+        _check_state(skeleton.head.state_dict(), head, "projection head", source)
+        _check_state(skeleton.prototypes.state_dict(), protos, "prototypes", source)
+    else:
+        head_elements = _numel(skeleton.head.state_dict()) + _numel(skeleton.prototypes.state_dict())
+        if head_elements > max(_MAX_HEAD_ELEMENTS, 4 * _numel(backbone)):
+            raise UserError(
+                f"{source}: its settings declare a head of {head_elements} elements for a backbone of "
+                f"{_numel(backbone)}; refusing implausible metadata"
+            )
+
+    model = _build(settings, source=source)
     _strict_load(model.backbone, backbone, "backbone", source)
-    head = {k[len("head.") :]: v for k, v in tensors.items() if k.startswith("head.")}
-    has_head = bool(head) or "prototypes.weight" in tensors
     if has_head:
         _strict_load(model.head, head, "projection head", source)
-        _strict_load(model.prototypes, {"weight": tensors["prototypes.weight"]} if "prototypes.weight" in tensors
-                     else {}, "prototypes", source)
+        _strict_load(model.prototypes, protos, "prototypes", source)
     model.eval()
-    step = int(meta["step"]) if meta.get("step") else None
-    epoch = int(meta["epoch"]) if meta.get("epoch") else None
-    return LoadedModel(model, settings, has_head, step, epoch, source, "export")
+    return LoadedModel(
+        model,
+        settings,
+        has_head,
+        _int_or_none(meta.get("step")),
+        _int_or_none(meta.get("epoch")),
+        source,
+        "export",
+    )
 
 
 def export_run(model_path: Path, *, out: Path | None, with_head: bool, dtype: str) -> dict[str, Any]:
-    """Export the model at ``model_path`` (run folder or checkpoint) to safetensors."""
+    """Export the model at ``model_path`` (run folder, checkpoint or export) to safetensors.
+
+    Default ``out``: ``backbone.safetensors`` (``model.safetensors`` with the head) in the run
+    folder. Returns a JSON-able summary.
+    """
     from swavctl.export import DTYPES, write_export
 
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+    if out is not None and out.suffix != ".safetensors":
+        raise UserError(f"--out should end in .safetensors, got {out}")
     loaded = load_model(model_path)
     if with_head and not loaded.has_head:
         raise UserError(f"{loaded.source} has no projection head or prototypes to export")
     if out is None:
         run_dir = loaded.source.parent.parent if loaded.kind == "checkpoint" else loaded.source.parent
         out = run_dir / ("model.safetensors" if with_head else "backbone.safetensors")
-    if out.suffix != ".safetensors":
-        raise UserError(f"--out should end in .safetensors, got {out}")
+    if out.exists() and out.resolve() == loaded.source.resolve():
+        raise UserError(f"the export would overwrite its own source {out}; pass --out OTHER.safetensors")
     out.parent.mkdir(parents=True, exist_ok=True)
+    extra = {"source_file": loaded.source.name, "source_sha256": file_sha256(loaded.source)}
+    if loaded.kind == "export":
+        # Re-exporting an export keeps where the weights came from (e.g. an official import)
+        # and what is known of the head it was trained with.
+        source_meta = read_safetensors_metadata(loaded.source)
+        for key in ("source", "source_file", "source_sha256"):
+            if source_meta.get(key):
+                extra[key] = source_meta[key]
+        if not loaded.has_head and "num_prototypes" in source_meta:
+            extra["num_prototypes"] = source_meta["num_prototypes"]
     meta = write_export(
         loaded.model,
         out,
@@ -147,14 +291,18 @@ def export_run(model_path: Path, *, out: Path | None, with_head: bool, dtype: st
         epoch=loaded.epoch,
         with_head=with_head,
         dtype=dtype,
+        extra=extra,
+        source=str(loaded.source),
     )
     return {
         "path": str(out),
         "source": str(loaded.source),
+        "arch": meta["arch"],
         "contents": meta["contents"],
         "dtype": dtype,
-        "tensors": len(loaded.model.backbone.state_dict()) + (
-            len(loaded.model.head.state_dict()) + 1 if with_head else 0
-        ),
+        "tensors": len(loaded.model.backbone.state_dict())
+        + (len(loaded.model.head.state_dict()) + 1 if with_head else 0),
+        "step": loaded.step,
+        "epoch": loaded.epoch,
         "payload_sha256": meta["payload_sha256"],
     }

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -42,7 +43,9 @@ __all__ = [
     "load_pickle_weights",
     "payload_sha256",
     "read_safetensors",
+    "read_safetensors_header",
     "read_safetensors_metadata",
+    "torch_version_is_safe",
     "write_safetensors_atomic",
 ]
 
@@ -211,11 +214,11 @@ def _parse_header(fh: Any, file_size: int, max_header_bytes: int) -> tuple[dict[
     return header, metadata
 
 
-def _validate(path: Path, max_header_bytes: int) -> dict[str, str]:
+def _validate_header(path: Path, max_header_bytes: int) -> tuple[dict[str, Any], dict[str, str]]:
     try:
         with open(path, "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
-            _, metadata = _parse_header(fh, size, max_header_bytes)
+            entries, metadata = _parse_header(fh, size, max_header_bytes)
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -224,7 +227,11 @@ def _validate(path: Path, max_header_bytes: int) -> dict[str, str]:
         raise UserError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except _BadFile as exc:
         raise UserError(f"{path}: not a valid safetensors file: {exc}") from None
-    return metadata
+    return entries, metadata
+
+
+def _validate(path: Path, max_header_bytes: int) -> dict[str, str]:
+    return _validate_header(path, max_header_bytes)[1]
 
 
 def read_safetensors(
@@ -260,6 +267,17 @@ def read_safetensors_metadata(
     return _validate(Path(path), max_header_bytes)
 
 
+def read_safetensors_header(
+    path: str | Path, *, max_header_bytes: int = MAX_HEADER_BYTES
+) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Validate a safetensors file as :func:`read_safetensors` does; return its header only.
+
+    Returns ``(entries, metadata)``: ``entries`` maps each tensor name to its validated
+    ``{"dtype", "shape", "data_offsets"}``. The tensor data is never read.
+    """
+    return _validate_header(Path(path), max_header_bytes)
+
+
 # --------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------
@@ -278,6 +296,10 @@ def assert_finite(tensors: Mapping[str, torch.Tensor], *, source: str) -> None:
             continue  # meta tensors have no values to check
         if t.element_size() == 1:  # float8: isfinite is not implemented for it
             t = t.float()
+        # Fast path: NaN and Inf propagate through a sum (inf - inf is NaN), so a finite sum
+        # proves every element finite. A non-finite sum may be mere overflow: check exactly.
+        if bool(torch.isfinite(t.sum())):
+            continue
         if not bool(torch.isfinite(t).all()):
             raise UserError(f"{source}: tensor {key!r} contains NaN or Inf values")
 
@@ -442,18 +464,48 @@ def _unpickler_detail(message: str) -> str:
     return detail if len(detail) <= 200 else detail[:197] + "..."
 
 
+#: Oldest torch whose ``torch.load(weights_only=True)`` has no known bypass (pyproject requires it).
+MIN_SAFE_TORCH = (2, 10)
+
+
+def torch_version_is_safe(version: str | None = None) -> bool:
+    """Whether torch ``version`` (default: the running one) is at least :data:`MIN_SAFE_TORCH`."""
+    text = torch.__version__ if version is None else version
+    parts = []
+    for piece in str(text).split("+")[0].split(".")[:2]:
+        digits = "".join(itertools.takewhile(str.isdigit, piece))
+        if not digits:
+            return False
+        parts.append(int(digits))
+    return len(parts) == 2 and tuple(parts) >= MIN_SAFE_TORCH
+
+
 def load_pickle_weights(path: str | Path) -> Any:
     """Load a PyTorch pickle checkpoint with ``torch.load(weights_only=True)`` on the CPU.
 
     Only tensors and plain containers/scalars are allowed; a file that would build any other
     object (and so could run code) is refused with :class:`UserError`, as are missing,
-    unreadable, truncated and corrupt files.
+    unreadable, truncated and corrupt files, and any torch older than :data:`MIN_SAFE_TORCH`.
     """
     path = Path(path)
+    if not torch_version_is_safe():
+        raise UserError(
+            f"{path}: refusing to unpickle with torch {torch.__version__}: torch.load(weights_only=True) "
+            f"has known bypasses before {MIN_SAFE_TORCH[0]}.{MIN_SAFE_TORCH[1]}; upgrade torch"
+        )
     if not path.exists():
         raise UserError(f"{path}: no such file")
     if path.is_dir():
         raise UserError(f"{path}: is a directory, not a checkpoint file")
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    # torch.save writes a zip archive; its legacy format (and plain pickles since protocol 2)
+    # start with the PROTO opcode 0x80. Anything else is no checkpoint, hostile or not.
+    if magic and not magic.startswith((b"PK\x03\x04", b"PK\x05\x06", b"\x80")):
+        raise UserError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

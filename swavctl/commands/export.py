@@ -1,32 +1,169 @@
-"""``swavctl export``."""
+"""``swavctl export``: safetensors exports, ``--info`` on one, and import of official checkpoints."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from swavctl.commands.common import JsonOpt, err, fail
 from swavctl.errors import UserError
 
+_INFO_ORDER = (
+    "format",
+    "format_version",
+    "arch",
+    "torchvision_arch",
+    "contents",
+    "dtype",
+    "feature_dim",
+    "hidden_dim",
+    "embedding_dim",
+    "num_prototypes",
+    "mean",
+    "std",
+    "crop_size",
+    "crop_sizes",
+    "step",
+    "epoch",
+    "source",
+    "source_file",
+    "source_sha256",
+    "swavctl_version",
+    "payload_sha256",
+)
+
+
+def _print_info(info: dict[str, Any]) -> None:
+    meta: dict[str, str] = info["metadata"]
+    err.print(
+        f"{info['path']}: {info['tensors']} tensors, {info['parameters']:,} values, {info['bytes']:,} bytes",
+        markup=False,
+    )
+    keys = [k for k in _INFO_ORDER if k in meta] + sorted(k for k in meta if k not in _INFO_ORDER)
+    keys = [k for k in keys if k != "settings"] + (["settings"] if "settings" in meta else [])
+    width = max((len(k) for k in keys), default=0)
+    for key in keys:
+        err.print(f"  {key:<{width}}  {meta[key]}", markup=False)
+    if not meta:
+        err.print("  (no metadata)", markup=False)
+    if info.get("verified"):
+        err.print("payload SHA-256 verified", markup=False)
+
 
 def export_command(
-    model: Annotated[Path | None, typer.Argument(help="Run folder or checkpoint (default: runs/latest).")] = None,
-    out: Annotated[Path | None, typer.Option("--out", help="Output .safetensors file.")] = None,
-    with_head: Annotated[bool, typer.Option("--with-head", help="Include projection head and prototypes.")] = False,
-    dtype: Annotated[str, typer.Option("--dtype", help="fp32, bf16 or fp16.")] = "fp32",
+    model: Annotated[
+        Path | None, typer.Argument(help="Run folder, checkpoint or export (default: runs/latest).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", metavar="FILE", help="Output .safetensors file.")
+    ] = None,
+    with_head: Annotated[
+        bool, typer.Option("--with-head", help="Include the projection head (head.*) and prototypes.weight.")
+    ] = False,
+    dtype: Annotated[
+        str,
+        typer.Option("--dtype", metavar="fp32|bf16|fp16", help="Floating-point dtype: fp32, bf16 or fp16."),
+    ] = "fp32",
+    info: Annotated[
+        Path | None,
+        typer.Option("--info", metavar="FILE", help="Print the metadata of an export FILE and exit."),
+    ] = None,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="With --info: also recompute the payload SHA-256.")
+    ] = False,
+    from_official: Annotated[
+        Path | None,
+        typer.Option(
+            "--from-official",
+            metavar="CKPT",
+            help="Convert an official facebookresearch/swav checkpoint CKPT.",
+        ),
+    ] = None,
+    arch: Annotated[
+        str | None,
+        typer.Option(
+            "--arch",
+            metavar="ARCH",
+            help="With --from-official: resnet50, resnet50w2/w4/w5, resnet18 or resnet34.",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Export a run's weights to safetensors (backbone under torchvision's key names)."""
-    from swavctl.model_io import export_run
-
+    """Export weights to safetensors (backbone under torchvision's key names), show an export's
+    metadata (--info FILE), or import an official SwAV checkpoint (--from-official CKPT --arch A)."""
     try:
-        result = export_run(model or Path("runs/latest"), out=out, with_head=with_head, dtype=dtype)
+        result = _run(model, out, with_head, dtype, info, verify, from_official, arch, as_json)
     except UserError as exc:
         raise fail(str(exc)) from None
     if as_json:
         print(json.dumps(result))
-    else:
-        err.print(f"wrote {result['path']} ({result['tensors']} tensors, {result['contents']})", markup=False)
+
+
+def _run(
+    model: Path | None,
+    out: Path | None,
+    with_head: bool,
+    dtype: str,
+    info: Path | None,
+    verify: bool,
+    from_official: Path | None,
+    arch: str | None,
+    as_json: bool,
+) -> dict[str, Any]:
+    if info is not None:
+        others = [
+            name
+            for name, given in (
+                ("MODEL", model is not None),
+                ("--out", out is not None),
+                ("--with-head", with_head),
+                ("--from-official", from_official is not None),
+                ("--arch", arch is not None),
+            )
+            if given
+        ]
+        if others:
+            raise UserError(f"--info only reads a file; it cannot be combined with {', '.join(others)}")
+        from swavctl.export import export_info
+
+        result = export_info(info, verify=verify)
+        if not as_json:
+            _print_info(result)
+        return result
+    if verify:
+        raise UserError("--verify goes with --info FILE")
+
+    if from_official is not None:
+        if model is not None:
+            raise UserError("give either MODEL or --from-official CKPT, not both")
+        if arch is None:
+            raise UserError(
+                "--from-official needs --arch (resnet50, resnet50w2, resnet50w4, resnet50w5, ...)"
+            )
+        if out is None:
+            raise UserError("--from-official needs --out FILE.safetensors")
+        from swavctl.export import import_official
+
+        result = import_official(from_official, arch=arch, out=out, with_head=with_head, dtype=dtype)
+        if not as_json:
+            err.print(
+                f"imported {result['source']} ({arch}) -> {result['path']} "
+                f"({result['tensors']} tensors, {result['contents']}, {dtype})",
+                markup=False,
+            )
+        return result
+    if arch is not None:
+        raise UserError("--arch goes with --from-official; an export takes the architecture from its run")
+
+    from swavctl.model_io import export_run
+
+    result = export_run(model or Path("runs/latest"), out=out, with_head=with_head, dtype=dtype)
+    if not as_json:
+        err.print(
+            f"wrote {result['path']} ({result['tensors']} tensors, {result['contents']}, {dtype})",
+            markup=False,
+        )
+    return result

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from swavctl import __version__
+from swavctl.commands.bench import bench_app
 from swavctl.commands.eval import eval_linear_command
 from swavctl.commands.export import export_command
 from swavctl.commands.inspect import inspect_clusters_command
@@ -53,6 +54,7 @@ app.command("inspect-clusters")(inspect_clusters_command)
 app.command("cluster-inspect", hidden=True, help="Alias of inspect-clusters.")(inspect_clusters_command)
 app.command("export")(export_command)
 app.add_typer(presets_app, name="presets")
+app.add_typer(bench_app, name="bench")
 
 
 def main() -> None:

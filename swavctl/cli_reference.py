@@ -19,6 +19,8 @@ COMMANDS: list[list[str]] = [
     ["export"],
     ["presets", "list"],
     ["presets", "show"],
+    ["bench", "data"],
+    ["bench", "step"],
 ]
 
 HEADER_CLI = """# CLI reference

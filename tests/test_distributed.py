@@ -249,8 +249,12 @@ def test_training_steps_on_cuda_match(tmp_path: Path) -> None:
         other = run_cli(*common, "--gpus", "0", "--batch-size", "8", "--out", "other", cwd=tmp_path, env=env)
     assert one.returncode == 0, one.stderr
     assert other.returncode == 0, other.stderr
-    a = torch.load(tmp_path / "one" / "checkpoints" / "step-000000002.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "other" / "checkpoints" / "step-000000002.pt", weights_only=True)["model"]
+    a = torch.load(
+        tmp_path / "one" / "checkpoints" / "step-000000002.pt", map_location="cpu", weights_only=True
+    )["model"]
+    b = torch.load(
+        tmp_path / "other" / "checkpoints" / "step-000000002.pt", map_location="cpu", weights_only=True
+    )["model"]
     worst = 0.0
     for key, value in a.items():
         if key in {"head.0.bias", "head.1.running_mean"} or not value.dtype.is_floating_point:

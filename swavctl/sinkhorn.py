@@ -27,33 +27,65 @@ def sinkhorn(scores: torch.Tensor, *, epsilon: float = 0.05, iterations: int = 3
     divide Q by its total; repeat ``iterations`` times: divide each prototype row by its row sum
     and by K, then each sample column by its column sum and by B; finally multiply by B.
 
-    Numerics: the computation runs in float32 (float64 for float64 input) whatever the input dtype,
-    and in the log domain: every normalisation subtracts a log-sum-exp, which itself subtracts
-    the maximum. So it never overflows (fp16 input, small epsilon) and a prototype far from every
-    sample does not underflow to an all-zero row (which would give 0/0 in the official formula).
-    The result equals the official formula wherever that one is finite.
+    Numerics: the computation runs in float32 (float64 for float64 input) whatever the input dtype.
+    Each prototype row is shifted by its (global) maximum before exponentiating; that shift
+    cancels in the first row normalisation, so the result is the official one, but nothing can
+    overflow (fp16 input, small epsilon) and no prototype row can underflow to all zeros. If a
+    sample's column still underflows to all zeros (a sample far from every prototype at a tiny
+    epsilon), the whole solve switches, on every rank, to an exact log-domain form. The result
+    equals the official formula wherever that one is finite.
 
-    When a process group with more than one process is initialized, the total and the row sums
-    (as max + sum-of-exponentials pairs) are all-reduced, so the codes equal a single-process
-    solve on the concatenated batch.
+    When a process group with more than one process is initialized, the row maxima, the total
+    and the row sums are all-reduced, so the codes equal a single-process solve on the
+    concatenated batch.
     """
     if scores.dim() != 2:
         raise ValueError(f"sinkhorn expects scores of shape B x K, got {tuple(scores.shape)}")
     if epsilon <= 0:
         raise ValueError(f"epsilon must be positive, got {epsilon}")
     work_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
-    log_q = (scores.to(work_dtype) / epsilon).t()  # K x B_local: log of exp(scores / epsilon)^T
+    logits = (scores.to(work_dtype) / epsilon).t()  # K x B_local
 
-    num_prototypes = log_q.shape[0]
-    batch = torch.tensor(float(log_q.shape[1]), dtype=work_dtype, device=log_q.device)
+    num_prototypes = logits.shape[0]
+    batch = torch.tensor(float(logits.shape[1]), dtype=work_dtype, device=logits.device)
     dist.all_reduce_sum(batch)  # B is the global batch
-    log_k, log_b = math.log(num_prototypes), torch.log(batch)
 
-    log_q = log_q - _global_logsumexp(log_q.reshape(1, -1)).reshape(())  # divide by the total
+    row_max = logits.max(dim=1, keepdim=True).values if logits.shape[1] else torch.zeros_like(logits[:, :1])
+    if dist.is_distributed():
+        torch.distributed.all_reduce(row_max, op=torch.distributed.ReduceOp.MAX)
+    q = torch.exp(logits - row_max)
+    # Dividing by the total (the official first step) cancels in the first row normalisation and
+    # the last "/ B, * B" pair cancels too; both are folded away. Each normalisation is one
+    # multiply by a reciprocal vector.
+    for iteration in range(iterations):
+        row_sums = q.sum(dim=1, keepdim=True)
+        dist.all_reduce_sum(row_sums)
+        q *= 1.0 / (row_sums * num_prototypes)
+        col_sums = q.sum(dim=0, keepdim=True)
+        if iteration == 0:
+            # A column of zeros stays zero under row scaling: detect it once, on every rank, so
+            # all ranks take the same path (the two paths use different collectives).
+            underflow = (col_sums == 0).any().to(work_dtype).reshape(1)
+            dist.all_reduce_sum(underflow)
+            if bool(underflow.item()):
+                return _sinkhorn_log_domain(logits, num_prototypes, batch, iterations).t()
+        if iteration == iterations - 1:
+            q *= 1.0 / col_sums  # = (/ column sum / B) * B: rows of the result sum to 1
+        else:
+            q *= 1.0 / (col_sums * batch)
+    return q.t()
+
+
+def _sinkhorn_log_domain(
+    logits: torch.Tensor, num_prototypes: int, batch: torch.Tensor, iterations: int
+) -> torch.Tensor:
+    """The same iterations on log Q (K x B_local): every normalisation subtracts a log-sum-exp."""
+    log_k, log_b = math.log(num_prototypes), torch.log(batch)
+    log_q = logits - _global_logsumexp(logits.reshape(1, -1)).reshape(())  # divide by the total
     for _ in range(iterations):
         log_q = log_q - _global_logsumexp(log_q) - log_k  # prototype rows: sum over all ranks
         log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True) - log_b  # sample columns: local
-    return torch.exp(log_q + log_b).t()
+    return torch.exp(log_q + log_b)
 
 
 def _global_logsumexp(x: torch.Tensor) -> torch.Tensor:

@@ -88,6 +88,17 @@ def test_small_epsilon_stays_finite(epsilon: float) -> None:
         )
 
 
+def test_far_sample_switches_to_the_log_domain() -> None:
+    # A sample opposite to every prototype at epsilon 0.005: its whole column underflows float32
+    # after the row shift (exp(-400)); the log-domain path must take over and stay exact.
+    scores = unit_scores(64, 12)
+    scores[5, :] = -1.0
+    scores[:, 0] = scores[:, 0].clamp(min=0.5)
+    codes = sinkhorn(scores, epsilon=0.005, iterations=3)
+    assert torch.isfinite(codes).all()
+    torch.testing.assert_close(codes.double(), reference_sinkhorn(scores, 0.005, 3), atol=1e-5, rtol=1e-4)
+
+
 def test_far_prototype_does_not_underflow() -> None:
     # A prototype opposite to every sample: exp((s - max) / 0.01) underflows float32 in the
     # official formula, giving an all-zero row and 0/0. The log-domain solve keeps it exact.

@@ -46,10 +46,8 @@ def _root(
 
 
 app.command("pretrain", epilog="Every setting with its meaning: swavctl presets show defaults.")(pretrain_command)
-app.command("eval-linear", context_settings=_PASSTHROUGH)(eval_linear_command)
-app.command("linear-eval", hidden=True, context_settings=_PASSTHROUGH, help="Alias of eval-linear.")(
-    eval_linear_command
-)
+app.command("eval-linear")(eval_linear_command)
+app.command("linear-eval", hidden=True, help="Alias of eval-linear.")(eval_linear_command)
 app.command("inspect-clusters")(inspect_clusters_command)
 app.command("cluster-inspect", hidden=True, help="Alias of inspect-clusters.")(inspect_clusters_command)
 app.command("export")(export_command)

@@ -1,0 +1,66 @@
+"""Frozen-backbone features: the global-average-pooled output of the backbone in eval mode.
+
+This is what the paper's linear evaluation trains on (Caron et al. 2020, Sec. 4.1: "we train a
+linear classifier on top of frozen features ... from the global average pooling"). Batch norm
+uses its running statistics (eval mode) and no gradient is kept.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from swavctl.eval.dataset import LabelledImages, make_loader
+from swavctl.eval.progress import QuietReporter, Reporter
+from swavctl.eval.views import Normalizer
+
+
+@torch.no_grad()
+def backbone_features(backbone: nn.Module, images: torch.Tensor, normalize: Normalizer) -> torch.Tensor:
+    """Features (B, d) of uint8 ``images`` (B, 3, H, W) already on the backbone's device, in float32."""
+    return backbone(normalize(images)).float()
+
+
+@torch.no_grad()
+def extract_features(
+    backbone: nn.Module,
+    dataset: LabelledImages,
+    *,
+    normalize: Normalizer,
+    device: torch.device,
+    batch_size: int,
+    workers: int = 0,
+    reporter: Reporter | None = None,
+    name: str = "features",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of every readable image of ``dataset``, in dataset order.
+
+    Returns (features (M, d) float32 on ``device``, kept dataset indices (M,) int64 on the CPU);
+    M < len(dataset) only when some files could not be decoded.
+    """
+    report: Reporter = reporter or QuietReporter()
+    was_training = backbone.training
+    backbone.eval()
+    loader = make_loader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        seed=0,
+        workers=workers,
+        pin_memory=device.type == "cuda",
+    )
+    chunks: list[torch.Tensor] = []
+    kept: list[torch.Tensor] = []
+    try:
+        with report.task(name, len(dataset)) as task:
+            for batch in loader:
+                if batch.images is not None:
+                    images = batch.images.to(device, non_blocking=True)
+                    chunks.append(backbone_features(backbone, images, normalize))
+                    kept.append(batch.indices)
+                task.advance(len(batch.indices))
+    finally:
+        backbone.train(was_training)
+    if not chunks:
+        raise ValueError("no readable images")
+    return torch.cat(chunks), torch.cat(kept)

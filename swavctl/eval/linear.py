@@ -1,0 +1,141 @@
+"""The paper's linear evaluation: a linear classifier on the frozen backbone's pooled features.
+
+Caron et al. 2020, Sec. 4.1 and the official ``eval_linear.py``:
+
+- the backbone is frozen and in eval mode (batch norm uses its running statistics);
+- the classifier is ``Linear(d, C)`` with weights ~ N(0, 0.01) and zero bias;
+- SGD, momentum 0.9, lr 0.3, weight decay 1e-6 (on every parameter), batch 256,
+  cosine decay to 0 over 100 epochs, stepped once per epoch (``CosineAnnealingLR``);
+- training views: RandomResizedCrop + horizontal flip, fresh every epoch; evaluation views: resize
+  then centre crop (see :mod:`swavctl.eval.views`).
+
+The official script reports the best epoch on val, which selects on the test data. Here the
+reported number is the final epoch's; the best epoch is kept in the history and labelled as
+selected on val. Val features come from a frozen, deterministic view, so they are computed once
+and every epoch's classifier is scored on them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from swavctl.eval.dataset import LabelledImages, make_loader
+from swavctl.eval.features import backbone_features
+from swavctl.eval.metrics import topk_correct
+from swavctl.eval.progress import QuietReporter, Reporter
+from swavctl.eval.views import Normalizer
+
+
+@dataclass(frozen=True)
+class LinearRecipe:
+    """The paper's linear-evaluation hyper-parameters (defaults) for ``--mode linear``."""
+
+    epochs: int = 100
+    lr: float = 0.3
+    weight_decay: float = 1e-6
+    momentum: float = 0.9
+    batch_size: int = 256
+    init_std: float = 0.01
+
+
+@dataclass
+class LinearResult:
+    """The final classifier's val scores and the per-epoch history."""
+
+    val_scores: torch.Tensor  # (N_val, C), final epoch
+    history: list[dict[str, float]] = field(default_factory=list)
+    classifier: nn.Linear | None = None
+
+
+def new_classifier(feature_dim: int, num_classes: int, init_std: float, seed: int) -> nn.Linear:
+    """``Linear(d, C)`` with N(0, init_std) weights and zero bias (seeded)."""
+    layer = nn.Linear(feature_dim, num_classes)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(num_classes, feature_dim, generator=gen) * init_std)
+        layer.bias.zero_()
+    return layer
+
+
+def linear_protocol(
+    backbone: nn.Module,
+    train: LabelledImages,
+    val_features: torch.Tensor,
+    val_labels: torch.Tensor,
+    *,
+    feature_dim: int,
+    num_classes: int,
+    recipe: LinearRecipe,
+    normalize: Normalizer,
+    device: torch.device,
+    seed: int,
+    workers: int = 0,
+    reporter: Reporter | None = None,
+) -> LinearResult:
+    """Train the linear classifier on fresh training views of ``train`` for ``recipe.epochs`` epochs.
+
+    ``train`` must yield training views (``augment=True``); ``val_features`` are the frozen
+    backbone's centre-view features of val. Returns the final epoch's val scores and a history of
+    (epoch, lr, train loss, val top-1, val top-5) per epoch.
+    """
+    report: Reporter = reporter or QuietReporter()
+    backbone.eval()
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    classifier = new_classifier(feature_dim, num_classes, recipe.init_std, seed).to(device)
+    optimizer = torch.optim.SGD(
+        classifier.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, recipe.epochs, eta_min=0)
+    loader = make_loader(
+        train,
+        batch_size=recipe.batch_size,
+        shuffle=True,
+        seed=seed,
+        workers=workers,
+        pin_memory=device.type == "cuda",
+    )
+    labels_all = train.labels.to(device)
+    val_labels = val_labels.to(device)
+    history: list[dict[str, float]] = []
+    steps = math.ceil(len(train) / recipe.batch_size)
+    with report.task("linear", recipe.epochs * steps) as task:
+        for epoch in range(recipe.epochs):
+            train.set_epoch(epoch)
+            classifier.train()
+            total_loss, seen = 0.0, 0
+            lr_now = optimizer.param_groups[0]["lr"]
+            for batch in loader:
+                if batch.images is not None:
+                    features = backbone_features(
+                        backbone, batch.images.to(device, non_blocking=True), normalize
+                    )
+                    targets = labels_all[batch.indices.to(device)]
+                    loss = F.cross_entropy(classifier(features), targets)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    total_loss += float(loss.detach()) * targets.numel()
+                    seen += targets.numel()
+                task.advance(1, f"epoch {epoch + 1}/{recipe.epochs} loss {total_loss / max(1, seen):.3f}")
+            scheduler.step()
+            classifier.eval()
+            with torch.no_grad():
+                scores = classifier(val_features)
+            history.append(
+                {
+                    "epoch": epoch + 1,
+                    "lr": lr_now,
+                    "train_loss": total_loss / max(1, seen),
+                    "val_top1": float(topk_correct(scores, val_labels, 1).float().mean()),
+                    "val_top5": float(topk_correct(scores, val_labels, 5).float().mean()),
+                }
+            )
+    with torch.no_grad():
+        final = classifier(val_features)
+    return LinearResult(val_scores=final, history=history, classifier=classifier)

@@ -1,0 +1,85 @@
+"""What an evaluation writes: ``eval.json`` and a confusion-matrix picture (drawn with Pillow)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+EVAL_JSON = "eval.json"
+CONFUSION_PNG = "confusion.png"
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` as indented JSON to ``path`` via a temporary file and a rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=1)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _blue(fraction: float) -> tuple[int, int, int]:
+    """White (0) to dark blue (1)."""
+    f = min(1.0, max(0.0, fraction))
+    return (int(round(255 - 227 * f)), int(round(255 - 197 * f)), int(round(255 - 99 * f)))
+
+
+def confusion_image(confusion: torch.Tensor, classes: Sequence[str], title: str) -> Any:
+    """A PIL image of the row-normalised confusion matrix (rows: true class, columns: predicted).
+
+    Each cell's shade is the fraction of the true class predicted as the column's class. Class
+    names and per-cell percentages are drawn when the cells are large enough to hold them.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    counts = confusion.double()
+    c = counts.shape[0]
+    rows = counts.sum(dim=1, keepdim=True).clamp_min(1.0)
+    frac = (counts / rows).tolist()
+    cell = max(1, min(48, 960 // max(1, c)))
+    font = ImageFont.load_default()
+    label_room = 0
+    show_names = cell >= 12
+    if show_names:
+        label_room = min(120, 8 + 7 * max(len(str(name)) for name in classes))
+    top = 28 + (label_room if show_names else 0)
+    left = 8 + label_room
+    width = left + c * cell + 8
+    height = top + c * cell + 24
+    image = Image.new("RGB", (max(width, 320), height), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((8, 6), title, fill="black", font=font)
+    for i in range(c):
+        for j in range(c):
+            x0, y0 = left + j * cell, top + i * cell
+            draw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=_blue(frac[i][j]))
+            if cell >= 28 and counts[i, j] > 0:
+                text = f"{100 * frac[i][j]:.0f}"
+                ink = "white" if frac[i][j] > 0.5 else "black"
+                draw.text((x0 + 3, y0 + cell // 2 - 5), text, fill=ink, font=font)
+    if show_names:
+        for i, name in enumerate(classes):
+            short = str(name)[:16]
+            draw.text((8, top + i * cell + cell // 2 - 5), short, fill="black", font=font)
+            # Column names, written vertically by rotating a small text image.
+            text_img = Image.new("RGB", (label_room, cell), "white")
+            ImageDraw.Draw(text_img).text((2, cell // 2 - 5), short, fill="black", font=font)
+            rotated = text_img.rotate(90, expand=True)
+            image.paste(rotated, (left + i * cell, 28))
+    draw.text((8, height - 18), "rows: true class, columns: predicted class", fill="black", font=font)
+    return image
+
+
+def write_confusion_png(path: Path, confusion: torch.Tensor, classes: Sequence[str], title: str) -> None:
+    """Save :func:`confusion_image` as a PNG."""
+    confusion_image(confusion, classes, title).save(path, format="PNG")

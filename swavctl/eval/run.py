@@ -1,0 +1,509 @@
+"""One evaluation from start to end: load the model, find the labelled data, run a mode, report.
+
+Modes (see ``docs/eval.md``):
+
+- ``linear``: the paper's linear protocol (:mod:`swavctl.eval.linear`);
+- ``fast``: a grid of linear probes on cached features, chosen on a held-out part of train
+  (:mod:`swavctl.eval.fast`);
+- ``knn``: DINO's weighted k-NN (:mod:`swavctl.eval.knn`);
+- ``finetune``: the paper's semi-supervised fine-tuning on 1% / 10% of the labels
+  (:mod:`swavctl.eval.finetune`).
+
+Writes ``OUT/eval.json`` and ``OUT/confusion.png`` and returns a short summary.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from swavctl.data.demo import DEMO_NAME, resolve_data_path
+from swavctl.errors import UserError
+from swavctl.eval import fast as fast_mod
+from swavctl.eval.dataset import ImageCache, LabelledImages, should_cache
+from swavctl.eval.features import extract_features
+from swavctl.eval.finetune import finetune, paper_recipe
+from swavctl.eval.knn import knn_scores
+from swavctl.eval.linear import LinearRecipe, linear_protocol
+from swavctl.eval.metrics import accuracy
+from swavctl.eval.progress import QuietReporter, Reporter
+from swavctl.eval.report import CONFUSION_PNG, EVAL_JSON, write_confusion_png, write_json_atomic
+from swavctl.eval.splits import EvalSplit, discover, holdout_split, label_subset
+from swavctl.eval.views import Normalizer, geometry_for
+from swavctl.model_io import LoadedModel, load_model
+from swavctl.safe_io import file_sha256
+
+MODES = ("fast", "linear", "knn", "finetune")
+DEFAULT_EPOCHS = {"linear": 100, "fast": 100}  # finetune: see finetune.paper_recipe
+
+
+@dataclass
+class EvalOptions:
+    """Everything ``swavctl eval-linear`` accepts (None = the mode's default)."""
+
+    model: Path = Path("runs/latest")
+    data: str | None = None
+    mode: str = "fast"
+    out: Path | None = None
+    val_split: float = 0.2
+    seed: int = 0
+    epochs: int | None = None
+    batch_size: int = 256
+    lr: float | None = None
+    weight_decay: float | None = None
+    k: int = 20
+    temperature: float = 0.07
+    label_fraction: float | None = None
+    aug_passes: int = 0
+    holdout: float = 0.2
+    standardize: bool = False
+    fast_lrs: tuple[float, ...] = fast_mod.DEFAULT_LRS
+    fast_wds: tuple[float, ...] = fast_mod.DEFAULT_WDS
+    crop_size: int | None = None
+    min_scale: float | None = None
+    gpus: int | None = None
+    workers: int | None = None
+
+    def check(self) -> None:
+        """Raise :class:`UserError` for values no mode accepts."""
+        if self.mode not in MODES:
+            raise UserError(f"--mode must be one of {', '.join(MODES)}, got '{self.mode}'")
+        if self.mode == "finetune" and self.label_fraction is None:
+            raise UserError("--mode finetune needs --label-fraction (the paper's: 0.01 or 0.1)")
+        if self.label_fraction is not None and self.mode != "finetune":
+            raise UserError("--label-fraction only applies to --mode finetune")
+        if self.label_fraction is not None and not 0 < self.label_fraction <= 1:
+            raise UserError(f"--label-fraction must be in (0, 1], got {self.label_fraction}")
+        if self.epochs is not None and self.epochs < 1:
+            raise UserError("--epochs must be at least 1")
+        if self.batch_size < 1:
+            raise UserError("--batch-size must be at least 1")
+        if self.k < 1:
+            raise UserError("--k must be at least 1")
+        if self.temperature <= 0:
+            raise UserError("--temperature must be positive")
+        if self.aug_passes < 0:
+            raise UserError("--aug-passes must be 0 or more")
+        if not 0 < self.holdout < 1:
+            raise UserError(f"--holdout must be in (0, 1), got {self.holdout}")
+        if self.crop_size is not None and self.crop_size < 1:
+            raise UserError("--crop-size must be positive")
+        if self.min_scale is not None and not 0 < self.min_scale <= 1:
+            raise UserError(f"--min-scale must be in (0, 1], got {self.min_scale}")
+        if not self.fast_lrs or not self.fast_wds or min(self.fast_lrs) <= 0 or min(self.fast_wds) < 0:
+            raise UserError("the fast grid needs positive learning rates and non-negative weight decays")
+        if self.gpus is not None and self.gpus > 1:
+            raise UserError(
+                f"--gpus {self.gpus}: multi-GPU evaluation is not yet available in this version "
+                "(use --gpus 1)"
+            )
+        if self.gpus is not None and self.gpus < 0:
+            raise UserError("--gpus must be 0 or more")
+
+    @property
+    def resolved_epochs(self) -> int | None:
+        """``--epochs`` or the mode's default (None: knn has none, finetune's depends on the subset)."""
+        return self.epochs or DEFAULT_EPOCHS.get(self.mode)
+
+
+@dataclass
+class _Context:
+    options: EvalOptions
+    loaded: LoadedModel
+    split: EvalSplit
+    device: torch.device
+    normalize: Normalizer
+    workers: int
+    reporter: Reporter
+    cache: ImageCache | None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def images(self, which: str, *, augment: bool, indices: Any = None) -> LabelledImages:
+        samples = self.split.train if which == "train" else self.split.val
+        if indices is not None:
+            samples = [samples[int(i)] for i in indices]
+        geometry = geometry_for(self.loaded.settings, self.options.crop_size, self.options.min_scale)
+        return LabelledImages(samples, geometry, augment=augment, seed=self.options.seed, cache=self.cache)
+
+    def features(self, dataset: LabelledImages, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(features on the device, their labels on the device, their dataset indices on the CPU)."""
+        start = time.perf_counter()
+        try:
+            feats, kept = extract_features(
+                self.loaded.model.backbone,
+                dataset,
+                normalize=self.normalize,
+                device=self.device,
+                batch_size=self.options.batch_size,
+                workers=self.workers,
+                reporter=self.reporter,
+                name=name,
+            )
+        except ValueError:
+            raise UserError(f"none of the {len(dataset)} {name} images could be decoded") from None
+        self.timings["features"] = self.timings.get("features", 0.0) + time.perf_counter() - start
+        return feats, dataset.labels[kept].to(self.device), kept
+
+
+def pick_device(gpus: int | None) -> torch.device:
+    """CUDA when asked for (or by default when available), else the CPU."""
+    if gpus is None:
+        gpus = 1 if torch.cuda.is_available() else 0
+    if gpus == 0:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError(f"--gpus {gpus} asked for, but CUDA is not available (use --gpus 0 for the CPU)")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def run_folder(loaded: LoadedModel, model_arg: Path) -> Path:
+    """The run folder a model came from (for the default output folder)."""
+    if model_arg.is_dir():
+        return model_arg
+    if loaded.kind == "checkpoint" and loaded.source.parent.name == "checkpoints":
+        return loaded.source.parent.parent
+    return loaded.source.parent
+
+
+def data_root(options: EvalOptions, loaded: LoadedModel, reporter: Reporter) -> Path:
+    """``--data``, else the dataset recorded in the model's settings, else the demo digits."""
+    if options.data is not None:
+        return resolve_data_path(options.data)
+    recorded = loaded.settings.data.path
+    if not recorded:
+        reporter.info(f"the model records no dataset; evaluating on the built-in demo digits ('{DEMO_NAME}')")
+        return resolve_data_path(DEMO_NAME)
+    root = resolve_data_path(recorded)
+    if not root.exists():
+        raise UserError(f"the model's recorded dataset {recorded} does not exist here; pass --data DIR")
+    # Pretraining on DIR uses DIR/train when present; evaluation wants DIR itself (train/ and val/).
+    if root.name == "train" and (root.parent / "val").is_dir():
+        root = root.parent
+    return root
+
+
+def run_eval(options: EvalOptions, reporter: Reporter | None = None) -> dict[str, Any]:
+    """Run one evaluation; returns the summary (the full record is in ``OUT/eval.json``)."""
+    report: Reporter = reporter or QuietReporter()
+    options.check()
+    started = time.perf_counter()
+    device = pick_device(options.gpus)
+    torch.manual_seed(options.seed)
+    model_path = options.model.expanduser()
+    if not model_path.exists():
+        hint = " (pretrain first, or pass MODEL)" if options.model == Path("runs/latest") else ""
+        raise UserError(f"model not found: {model_path}{hint}")
+    loaded = load_model(model_path)
+    loaded.model.backbone.to(device).eval()
+    root = data_root(options, loaded, report)
+    split = discover(root, val_split=options.val_split, seed=options.seed)
+    for note in split.notes:
+        report.warn(note)
+    cache = ImageCache() if should_cache([*split.train, *split.val]) else None
+    ctx = _Context(
+        options=options,
+        loaded=loaded,
+        split=split,
+        device=device,
+        normalize=Normalizer(loaded.settings.data.augment.mean, loaded.settings.data.augment.std),
+        workers=options.workers if options.workers is not None else loaded.settings.data.workers,
+        reporter=report,
+        cache=cache,
+    )
+    out = options.out or run_folder(loaded, model_path) / f"eval-{options.mode}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the output folder {out}: {exc.strerror}; pass --out DIR") from None
+    geometry = geometry_for(loaded.settings, options.crop_size, options.min_scale)
+    report.info(
+        f"{options.mode}: {loaded.settings.model.arch} ({loaded.kind} {loaded.source}) on {split.root} "
+        f"[{split.layout}]: {len(split.train)} train / {len(split.val)} val images, "
+        f"{split.num_classes} classes, "
+        f"{geometry.crop} px views (resize {geometry.resize}), device {device}"
+    )
+    runner = {"fast": _run_fast, "linear": _run_linear, "knn": _run_knn, "finetune": _run_finetune}[
+        options.mode
+    ]
+    scores, val_labels, n_train, extra = runner(ctx, out)
+    extra_summary = extra.pop("summary", {})
+    acc = accuracy(scores, val_labels, split.num_classes)
+    total = time.perf_counter() - started
+    ctx.timings["total"] = total
+    sha = file_sha256(loaded.source)
+    per_class = {name: acc.per_class[i] for i, name in enumerate(split.classes)}
+    title = f"{options.mode}: top-1 {100 * acc.top1:.2f}% on {acc.n} val images ({loaded.source.name})"
+    write_confusion_png(out / CONFUSION_PNG, acc.confusion, split.classes, title)
+    record: dict[str, Any] = {
+        "mode": options.mode,
+        "top1": acc.top1,
+        "top5": acc.top5,
+        "top5_k": acc.top5_k,
+        "n_train": n_train,
+        "n_val": acc.n,
+        "n_images": {
+            "train": len(split.train),
+            "val": len(split.val),
+            "train_used": n_train,
+            "val_scored": acc.n,
+        },
+        "num_classes": split.num_classes,
+        "classes": split.classes,
+        "per_class_accuracy": per_class,
+        "confusion": acc.confusion.tolist(),
+        "model": {
+            "path": str(loaded.source),
+            "kind": loaded.kind,
+            "sha256": sha,
+            "arch": loaded.settings.model.arch,
+            "feature_dim": loaded.model.feature_dim,
+            "step": loaded.step,
+            "epoch": loaded.epoch,
+        },
+        "data": {"root": str(split.root), "layout": split.layout, "notes": split.notes},
+        "settings": {
+            **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
+            "epochs": options.resolved_epochs,
+            "geometry": geometry.as_dict(),
+            "normalize": {"mean": list(ctx.normalize.mean), "std": list(ctx.normalize.std)},
+            "device": str(device),
+            "workers": ctx.workers,
+        },
+        "model_settings": loaded.settings.model_dump(mode="json"),
+        "seconds": ctx.timings,
+        "out": str(out),
+        "eval_json": str(out / EVAL_JSON),
+        "confusion_png": str(out / CONFUSION_PNG),
+        **extra,
+    }
+    write_json_atomic(out / EVAL_JSON, record)
+    summary_keys = (
+        "mode",
+        "top1",
+        "top5",
+        "top5_k",
+        "n_train",
+        "n_val",
+        "num_classes",
+        "out",
+        "eval_json",
+        "confusion_png",
+    )
+    summary = {k: record[k] for k in summary_keys}
+    summary["seconds"] = round(total, 3)
+    summary["model"] = str(loaded.source)
+    summary["model_sha256"] = sha
+    summary.update(extra_summary)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Modes: each returns (val scores (N, C), val labels (N,), train images used, extra record fields)
+
+_ModeResult = tuple[torch.Tensor, torch.Tensor, int, dict[str, Any]]
+
+
+def _run_knn(ctx: _Context, out: Path) -> _ModeResult:
+    o = ctx.options
+    train_f, train_y, _ = ctx.features(ctx.images("train", augment=False), "train features")
+    val_f, val_y, _ = ctx.features(ctx.images("val", augment=False), "val features")
+    start = time.perf_counter()
+    scores = knn_scores(
+        train_f, train_y, val_f, num_classes=ctx.split.num_classes, k=o.k, temperature=o.temperature
+    )
+    ctx.timings["classifier"] = time.perf_counter() - start
+    k = min(o.k, train_f.shape[0])
+    extra = {"knn": {"k": k, "temperature": o.temperature}, "summary": {"k": k}}
+    return scores, val_y, int(train_f.shape[0]), extra
+
+
+def _run_fast(ctx: _Context, out: Path) -> _ModeResult:
+    o = ctx.options
+    c = ctx.split.num_classes
+    views = [("train features", ctx.images("train", augment=False))]
+    for p in range(o.aug_passes):
+        dataset = ctx.images("train", augment=True)
+        dataset.set_epoch(p)
+        views.append((f"augmented pass {p + 1}/{o.aug_passes}", dataset))
+    feats, labels, indices = [], [], []
+    for name, dataset in views:
+        f, y, kept = ctx.features(dataset, name)
+        feats.append(f)
+        labels.append(y)
+        indices.append(kept)
+    val_f, val_y, _ = ctx.features(ctx.images("val", augment=False), "val features")
+    start = time.perf_counter()
+    # Hold out a class-stratified part of the train images (by image, so none of the augmented
+    # views of a held-out image is fitted on); only their centre views are scored.
+    _, held_idx = holdout_split([s.label for s in ctx.split.train], o.holdout, o.seed)
+    held_set = torch.as_tensor(held_idx, dtype=torch.int64)
+    is_held = [torch.isin(kept, held_set).to(ctx.device) for kept in indices]
+    fit_f = torch.cat([f[~h] for f, h in zip(feats, is_held, strict=True)])
+    fit_y = torch.cat([y[~h] for y, h in zip(labels, is_held, strict=True)])
+    held_f, held_y = feats[0][is_held[0]], labels[0][is_held[0]]
+    if held_f.shape[0] == 0 or fit_f.shape[0] == 0:
+        raise UserError(f"too few train images ({len(ctx.split.train)}) for a --holdout of {o.holdout:g}")
+    lrs, wds = fast_mod.grid_axes(o.fast_lrs, o.fast_wds)
+    epochs = o.epochs or DEFAULT_EPOCHS["fast"]
+    all_f, all_y = torch.cat(feats), torch.cat(labels)
+    if o.standardize:
+        std_fit, std_all = fast_mod.Standardizer.fit(fit_f), fast_mod.Standardizer.fit(all_f)
+        fit_f, held_f, all_f, val_f = std_fit(fit_f), std_fit(held_f), std_all(all_f), std_all(val_f)
+    with ctx.reporter.task(f"fast grid ({lrs.numel()} probes)", 2) as task:
+        grid = fast_mod.train_linear_grid(
+            fit_f,
+            fit_y,
+            num_classes=c,
+            lrs=lrs,
+            wds=wds,
+            epochs=epochs,
+            batch_size=o.batch_size,
+            seed=o.seed,
+        )
+        choice = fast_mod.choose_member(grid, held_f, held_y)
+        if choice.holdout_top1[choice.chosen] < 0:
+            raise UserError("every probe of the fast grid diverged; try smaller --fast-lrs or --standardize")
+        task.advance(1, f"chosen lr {choice.lr:g} wd {choice.wd:g}")
+        final = fast_mod.train_linear_grid(
+            all_f,
+            all_y,
+            num_classes=c,
+            lrs=torch.tensor([choice.lr], dtype=torch.float64),
+            wds=torch.tensor([choice.wd], dtype=torch.float64),
+            epochs=epochs,
+            batch_size=o.batch_size,
+            seed=o.seed,
+        )
+        task.advance(1)
+    refit = bool(torch.isfinite(final.weight).all() and torch.isfinite(final.bias).all())
+    if refit:
+        scores = final.logits(val_f)[:, 0]
+    else:  # the chosen rate diverged on all of train: keep the member that was chosen
+        ctx.reporter.warn(
+            "the chosen probe diverged when retrained on all of train; using the fit-part probe"
+        )
+        weight, bias = grid.member(choice.chosen)
+        scores = val_f @ weight + bias
+    ctx.timings["classifier"] = time.perf_counter() - start
+    chosen = {"lr": choice.lr, "weight_decay": choice.wd, "holdout_top1": choice.holdout_top1[choice.chosen]}
+    extra = {
+        "fast": {
+            "epochs": epochs,
+            "aug_passes": o.aug_passes,
+            "holdout_fraction": o.holdout,
+            "n_fit": int(fit_f.shape[0]),
+            "n_holdout": int(held_f.shape[0]),
+            "standardized": o.standardize,
+            "refit_on_all_train": refit,
+            "chosen": chosen,
+            "grid": choice.table(),
+        },
+        "summary": {"chosen": chosen},
+    }
+    return scores, val_y, int(feats[0].shape[0]), extra
+
+
+def _run_linear(ctx: _Context, out: Path) -> _ModeResult:
+    o = ctx.options
+    defaults = LinearRecipe()
+    recipe = LinearRecipe(
+        epochs=o.epochs or DEFAULT_EPOCHS["linear"],
+        lr=o.lr if o.lr is not None else defaults.lr,
+        weight_decay=o.weight_decay if o.weight_decay is not None else defaults.weight_decay,
+        batch_size=o.batch_size,
+    )
+    val_f, val_y, _ = ctx.features(ctx.images("val", augment=False), "val features")
+    start = time.perf_counter()
+    train = ctx.images("train", augment=True)
+    result = linear_protocol(
+        ctx.loaded.model.backbone,
+        train,
+        val_f,
+        val_y,
+        feature_dim=ctx.loaded.model.feature_dim,
+        num_classes=ctx.split.num_classes,
+        recipe=recipe,
+        normalize=ctx.normalize,
+        device=ctx.device,
+        seed=o.seed,
+        workers=ctx.workers,
+        reporter=ctx.reporter,
+    )
+    ctx.timings["classifier"] = time.perf_counter() - start
+    best = max(result.history, key=lambda h: (h["val_top1"], h["epoch"]))
+    best_epoch = {
+        "epoch": int(best["epoch"]),
+        "top1": best["val_top1"],
+        "top5": best["val_top5"],
+        "note": "best epoch selected on val (the official script's number; optimistic); "
+        "top1/top5 are the final epoch's",
+    }
+    extra = {
+        "linear": {
+            "recipe": asdict(recipe),
+            "history": result.history,
+            "best_epoch_selected_on_val": best_epoch,
+        },
+        "summary": {"best_epoch_selected_on_val": {"epoch": best_epoch["epoch"], "top1": best_epoch["top1"]}},
+    }
+    return result.val_scores, val_y, len(train), extra
+
+
+def _run_finetune(ctx: _Context, out: Path) -> _ModeResult:
+    o = ctx.options
+    assert o.label_fraction is not None
+    labels = [s.label for s in ctx.split.train]
+    subset, notes = label_subset(labels, o.label_fraction, o.seed)
+    for note in notes:
+        ctx.reporter.warn(note)
+    subset_file = out / "subset.txt"
+    lines = [f"{ctx.split.train[int(i)].path}\t{ctx.split.classes[labels[int(i)]]}" for i in subset]
+    subset_file.write_text("".join(f"{line}\n" for line in lines))
+    recipe = paper_recipe(
+        o.label_fraction,
+        subset_size=len(subset),
+        epochs=o.epochs,
+        batch_size=o.batch_size,
+        head_lr=o.lr,
+        weight_decay=o.weight_decay,
+    )
+    train = ctx.images("train", augment=True, indices=subset)
+    val = ctx.images("val", augment=False)
+    start = time.perf_counter()
+    try:
+        result = finetune(
+            ctx.loaded.model.backbone,
+            train,
+            val,
+            feature_dim=ctx.loaded.model.feature_dim,
+            num_classes=ctx.split.num_classes,
+            recipe=recipe,
+            normalize=ctx.normalize,
+            device=ctx.device,
+            seed=o.seed,
+            workers=ctx.workers,
+            reporter=ctx.reporter,
+        )
+    except FloatingPointError as exc:
+        raise UserError(f"{exc}; try a lower head learning rate with --lr") from None
+    ctx.timings["classifier"] = time.perf_counter() - start
+    per_class_counts = [0] * ctx.split.num_classes
+    for i in subset:
+        per_class_counts[labels[int(i)]] += 1
+    val_y = val.labels[result.val_indices.cpu()].to(ctx.device)
+    extra = {
+        "finetune": {
+            "label_fraction": o.label_fraction,
+            "subset_size": len(subset),
+            "subset_per_class": dict(zip(ctx.split.classes, per_class_counts, strict=True)),
+            "subset_file": str(subset_file),
+            "recipe": {**asdict(recipe), "milestone_epochs": recipe.milestone_epochs()},
+            "history": result.history,
+        },
+        "summary": {"label_fraction": o.label_fraction, "subset_size": len(subset)},
+    }
+    return result.val_scores, val_y, len(subset), extra

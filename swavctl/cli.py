@@ -27,9 +27,6 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-_PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
-
-
 def _version(value: bool) -> None:
     if value:
         print(f"swavctl {__version__}")

@@ -352,7 +352,8 @@ def resolve(
 ) -> Settings:
     """Build settings from defaults, a preset, explicit flags (dotted keys) and ``--set`` overrides.
 
-    Each source is validated as it is applied, so an error names the source that caused it.
+    The preset and the flags are validated as they are applied, so an error names the source
+    that caused it; the ``--set`` overrides are validated together.
     """
     tree: dict[str, Any] = {}
     if preset is not None:
@@ -365,11 +366,12 @@ def resolve(
         if value is not None:
             _set_path(tree, dotted.split("."), value)
     validate(tree, source="flags")
+    # The overrides are validated together, so several of them can change related settings at
+    # once (e.g. the lengths of all four crop lists).
     for text in overrides:
         path_parts, value = parse_override(text)
         _set_path(tree, path_parts, value)
-        validate(tree, source=f"--set {text}")
-    return validate(tree)
+    return validate(tree, source="--set" if overrides else "settings")
 
 
 def to_toml(settings: Settings) -> str:

@@ -100,6 +100,13 @@ def test_paper_presets_hold_the_paper_numbers() -> None:
     assert (small.optim.base_lr, small.optim.final_lr, small.optim.warmup_epochs) == (0.6, 0.0006, 0)
 
 
+def test_several_overrides_can_change_list_lengths_together() -> None:
+    s = config.resolve(
+        overrides=["data.crop_counts=[2]", "data.crop_sizes=[16]", "data.min_scales=[0.4]", "data.max_scales=[1.0]"]
+    )
+    assert s.data.crop_counts == [2] and s.data.total_crops == 2
+
+
 def test_override_parsing() -> None:
     assert config.parse_override("a.b=3") == (["a", "b"], 3)
     assert config.parse_override("a=hello") == (["a"], "hello")

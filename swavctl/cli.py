@@ -27,6 +27,7 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
+
 def _version(value: bool) -> None:
     if value:
         print(f"swavctl {__version__}")
@@ -42,7 +43,9 @@ def _root(
     """SwAV self-supervised pretraining, evaluation, cluster inspection and export."""
 
 
-app.command("pretrain", epilog="Every setting with its meaning: swavctl presets show defaults.")(pretrain_command)
+app.command("pretrain", epilog="Every setting with its meaning: swavctl presets show defaults.")(
+    pretrain_command
+)
 app.command("eval-linear")(eval_linear_command)
 app.command("linear-eval", hidden=True, help="Alias of eval-linear.")(eval_linear_command)
 app.command("inspect-clusters")(inspect_clusters_command)

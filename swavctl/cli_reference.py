@@ -34,7 +34,9 @@ this page and the program disagree. Aliases: `linear-eval` = `eval-linear`,
 def _help(args: list[str]) -> str:
     from swavctl.cli import app
 
-    result = CliRunner().invoke(app, [*args, "--help"], env={"COLUMNS": "100", "TERM": "dumb"}, prog_name="swavctl")
+    result = CliRunner().invoke(
+        app, [*args, "--help"], env={"COLUMNS": "100", "TERM": "dumb"}, prog_name="swavctl"
+    )
     if result.exit_code != 0:
         raise RuntimeError(f"swavctl {' '.join(args)} --help failed: {result.output}")
     return result.output.rstrip() + "\n"

@@ -14,12 +14,12 @@ nearest valid key.
 from __future__ import annotations
 
 import difflib
-import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import tomli_w
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from swavctl.errors import UserError
@@ -47,9 +47,7 @@ class AugmentSettings(_Strict):
     blur_prob: float = Field(0.5, ge=0, le=1, description="Probability of a Gaussian blur.")
     blur_sigma_min: float = Field(0.1, gt=0, description="Smallest blur sigma, in output pixels.")
     blur_sigma_max: float = Field(2.0, gt=0, description="Largest blur sigma, in output pixels.")
-    mean: tuple[float, float, float] = Field(
-        (0.485, 0.456, 0.406), description="Normalisation mean (RGB)."
-    )
+    mean: tuple[float, float, float] = Field((0.485, 0.456, 0.406), description="Normalisation mean (RGB).")
     std: tuple[float, float, float] = Field(
         (0.228, 0.224, 0.225), description="Normalisation std (RGB); the official code uses 0.228."
     )
@@ -148,7 +146,9 @@ class TrainSettings(_Strict):
     """Length, batch, precision and seed of the run."""
 
     epochs: int = Field(800, ge=1, description="Number of epochs.")
-    batch_size: int = Field(64, ge=1, description="Images per device (the global batch is this x world size).")
+    batch_size: int = Field(
+        64, ge=1, description="Images per device (the global batch is this x world size)."
+    )
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps in total.")
     max_seconds: float | None = Field(
         None, gt=0, description="Stop (with a checkpoint) after this much wall time in this process."
@@ -165,7 +165,9 @@ class TrainSettings(_Strict):
 class CheckpointSettings(_Strict):
     """When checkpoints are written and how many are kept."""
 
-    every_steps: int = Field(500, ge=1, description="Steps between checkpoints (one is also written per epoch).")
+    every_steps: int = Field(
+        500, ge=1, description="Steps between checkpoints (one is also written per epoch)."
+    )
     keep: int = Field(3, ge=1, description="Number of committed checkpoints to keep.")
 
 
@@ -234,7 +236,9 @@ def _valid_keys(model: type[BaseModel], path: Sequence[str]) -> list[str]:
     current: type[BaseModel] = model
     for part in path:
         field = current.model_fields.get(part)
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+        if field is None or not (
+            isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+        ):
             return []
         current = field.annotation
     return list(current.model_fields)

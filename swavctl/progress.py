@@ -6,7 +6,14 @@ import sys
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from swavctl import dist
 
@@ -35,7 +42,9 @@ class RichReporter:
         if message in self._warned:
             return
         self._warned.add(message)
-        self.console.print(f"{self._prefix()}warning: {message}", style="yellow", markup=False, highlight=False)
+        self.console.print(
+            f"{self._prefix()}warning: {message}", style="yellow", markup=False, highlight=False
+        )
 
     def start(self, total_steps: int, done_steps: int) -> None:
         if self.quiet or not dist.is_main():

@@ -61,6 +61,8 @@ class EmbeddingQueue:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         buffer = state["buffer"]
         if buffer.shape != self.buffer.shape:
-            raise ValueError(f"saved queue has shape {tuple(buffer.shape)}, expected {tuple(self.buffer.shape)}")
+            raise ValueError(
+                f"saved queue has shape {tuple(buffer.shape)}, expected {tuple(self.buffer.shape)}"
+            )
         self.buffer = buffer.to(self.buffer.device, self.buffer.dtype).clone()
         self.filled = int(state["filled"])

@@ -102,7 +102,12 @@ def test_paper_presets_hold_the_paper_numbers() -> None:
 
 def test_several_overrides_can_change_list_lengths_together() -> None:
     s = config.resolve(
-        overrides=["data.crop_counts=[2]", "data.crop_sizes=[16]", "data.min_scales=[0.4]", "data.max_scales=[1.0]"]
+        overrides=[
+            "data.crop_counts=[2]",
+            "data.crop_sizes=[16]",
+            "data.min_scales=[0.4]",
+            "data.max_scales=[1.0]",
+        ]
     )
     assert s.data.crop_counts == [2] and s.data.total_crops == 2
 

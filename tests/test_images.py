@@ -25,8 +25,18 @@ def encode(image: Image.Image, fmt: str, **kwargs: object) -> bytes:
 @pytest.mark.parametrize(
     ("fmt", "mode"),
     [
-        ("JPEG", "RGB"), ("JPEG", "L"), ("PNG", "RGB"), ("PNG", "L"), ("PNG", "P"), ("PNG", "RGBA"),
-        ("PNG", "LA"), ("GIF", "P"), ("BMP", "RGB"), ("BMP", "L"), ("WEBP", "RGB"), ("WEBP", "RGBA"),
+        ("JPEG", "RGB"),
+        ("JPEG", "L"),
+        ("PNG", "RGB"),
+        ("PNG", "L"),
+        ("PNG", "P"),
+        ("PNG", "RGBA"),
+        ("PNG", "LA"),
+        ("GIF", "P"),
+        ("BMP", "RGB"),
+        ("BMP", "L"),
+        ("WEBP", "RGB"),
+        ("WEBP", "RGBA"),
         ("TIFF", "RGB"),
     ],
 )
@@ -62,7 +72,12 @@ def test_one_pixel_image() -> None:
 
 @pytest.mark.parametrize(
     "payload",
-    [b"", b"hello, not an image", encode(Image.fromarray(RGB), "JPEG")[:60], b"\x89PNG\r\n\x1a\n" + b"\0" * 20],
+    [
+        b"",
+        b"hello, not an image",
+        encode(Image.fromarray(RGB), "JPEG")[:60],
+        b"\x89PNG\r\n\x1a\n" + b"\0" * 20,
+    ],
 )
 def test_bad_payloads_raise_bad_image(payload: bytes) -> None:
     with pytest.raises(BadImage):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tomllib
 import torch
 import torchvision
 from PIL import Image
@@ -34,14 +34,21 @@ def test_smoke_run_writes_everything(cli, image_folder: Path, tmp_path: Path) ->
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 3]
     expected = {
-        "loss", "loss_over_lnk", "lr", "samples_per_s", "data_wait_fraction", "code_entropy",
-        "prototypes_used", "queue_in_use",
+        "loss",
+        "loss_over_lnk",
+        "lr",
+        "samples_per_s",
+        "data_wait_fraction",
+        "code_entropy",
+        "prototypes_used",
+        "queue_in_use",
     }
     assert expected <= set(lines[0])
     assert lines[0]["loss_over_lnk"] == pytest.approx(lines[0]["loss"] / math.log(8))
     assert 1 <= lines[0]["prototypes_used"] <= 8
     assert sorted(p.name for p in (out / "checkpoints").glob("*.json")) == [
-        "step-000000002.json", "step-000000003.json"
+        "step-000000002.json",
+        "step-000000003.json",
     ]
     state = torch.load(out / "checkpoints" / "step-000000003.pt", weights_only=True)
     assert {"model", "optimizer", "scaler", "rng", "step", "epoch", "settings"} <= set(state)
@@ -52,8 +59,19 @@ def test_smoke_run_writes_everything(cli, image_folder: Path, tmp_path: Path) ->
 
 def test_resnet18_backbone_loads_strictly_into_torchvision(cli, image_folder: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     result = cli(
-        *SMOKE, "--data", str(image_folder), "--arch", "resnet18", "--max-steps", "1", "--out", "r18",
-        "--set", "data.crop_sizes=[32, 16]", "--batch-size", "4",
+        *SMOKE,
+        "--data",
+        str(image_folder),
+        "--arch",
+        "resnet18",
+        "--max-steps",
+        "1",
+        "--out",
+        "r18",
+        "--set",
+        "data.crop_sizes=[32, 16]",
+        "--batch-size",
+        "4",
     )
     assert result.returncode == 0, result.stderr
     model = torchvision.models.resnet18()
@@ -84,8 +102,19 @@ def test_bad_files_are_skipped_and_counted(cli, tmp_path: Path) -> None:  # type
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["skipped_images"] == 2
     assert "truncated.jpg" in result.stderr and "notes.jpg" in result.stderr
-    strict = cli(*SMOKE, "--data", str(root), "--batch-size", "19", "--max-steps", "1", "--out", "strict",
-                 "--set", "data.on_bad_image=error")
+    strict = cli(
+        *SMOKE,
+        "--data",
+        str(root),
+        "--batch-size",
+        "19",
+        "--max-steps",
+        "1",
+        "--out",
+        "strict",
+        "--set",
+        "data.on_bad_image=error",
+    )
     assert strict.returncode == 2
     last = strict.stderr.strip().splitlines()[-1]
     assert last.startswith("error: unreadable image") and "truncated.jpg" in last
@@ -117,8 +146,8 @@ def test_bad_preset_value_exits_2(cli, image_folder: Path, tmp_path: Path) -> No
     result = cli("pretrain", "--preset", str(preset), "--data", str(image_folder))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "error: preset mine.toml: invalid value for 'train.batch_size': Input should be greater than or equal "
-        "to 1 (got 0)"
+        "error: preset mine.toml: invalid value for 'train.batch_size': "
+        "Input should be greater than or equal to 1 (got 0)"
     ]
 
 
@@ -140,9 +169,17 @@ def test_bad_data_is_refused_before_anything_starts(cli, tmp_path: Path, kind: s
 
 def test_collapse_and_small_batch_warnings(cli, image_folder: Path) -> None:  # type: ignore[no-untyped-def]
     result = cli(
-        *SMOKE, "--data", str(image_folder), "--max-steps", "4",
-        "--set", "swav.temperature=1000", "--set", "health.collapse_patience=2",
-        "--set", "model.prototypes=20",
+        *SMOKE,
+        "--data",
+        str(image_folder),
+        "--max-steps",
+        "4",
+        "--set",
+        "swav.temperature=1000",
+        "--set",
+        "health.collapse_patience=2",
+        "--set",
+        "model.prototypes=20",
     )
     assert result.returncode == 0, result.stderr
     text = " ".join(result.stderr.split())

@@ -18,7 +18,10 @@ def official_schedule(steps_per_epoch, epochs, base, final, warmup_epochs, start
     iters = np.arange(steps_per_epoch * (epochs - warmup_epochs))
     cosine = np.array(
         [
-            final + 0.5 * (base - final) * (1 + math.cos(math.pi * t / (steps_per_epoch * (epochs - warmup_epochs))))
+            final
+            + 0.5
+            * (base - final)
+            * (1 + math.cos(math.pi * t / (steps_per_epoch * (epochs - warmup_epochs))))
             for t in iters
         ]
     )
@@ -29,8 +32,15 @@ def official_schedule(steps_per_epoch, epochs, base, final, warmup_epochs, start
 def test_schedule_matches_official_numpy(warmup: int, start: float) -> None:
     expected = official_schedule(7, 20, 4.8, 0.0048, warmup, start)
     got = [
-        learning_rate(s, steps_per_epoch=7, epochs=20, base_lr=4.8, final_lr=0.0048, warmup_epochs=warmup,
-                      start_warmup_lr=start)
+        learning_rate(
+            s,
+            steps_per_epoch=7,
+            epochs=20,
+            base_lr=4.8,
+            final_lr=0.0048,
+            warmup_epochs=warmup,
+            start_warmup_lr=start,
+        )
         for s in range(len(expected))
     ]
     np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
@@ -45,7 +55,9 @@ def test_larc_matches_reference_formula() -> None:
     model(x).pow(2).sum().backward()
     grads = [p.grad.detach().clone().double() for p in model.parameters()]
     lr, wd, trust, momentum = 0.5, 1e-4, 0.001, 0.9
-    sgd = torch.optim.SGD(parameter_groups(model, weight_decay=wd, exclude_bias_norm=False), lr=lr, momentum=momentum)
+    sgd = torch.optim.SGD(
+        parameter_groups(model, weight_decay=wd, exclude_bias_norm=False), lr=lr, momentum=momentum
+    )
     LARC(sgd, trust_coefficient=trust).step()
     for before, grad, after in zip(params, grads, model.parameters(), strict=True):
         p_norm, g_norm = before.norm(), grad.norm()

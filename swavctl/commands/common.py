@@ -10,13 +10,20 @@ from rich.console import Console
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 DataOpt = Annotated[
-    str | None, typer.Option("--data", metavar="DIR", help="Image folder (train/ is used if present), or 'demo'.")
+    str | None,
+    typer.Option("--data", metavar="DIR", help="Image folder (train/ is used if present), or 'demo'."),
 ]
-OutOpt = Annotated[str | None, typer.Option("--out", metavar="DIR", help="Output folder (default: a new folder under runs/).")]
+OutOpt = Annotated[
+    str | None,
+    typer.Option("--out", metavar="DIR", help="Output folder (default: a new folder under runs/)."),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON summary object on stdout.")]
-GpusOpt = Annotated[int | None, typer.Option("--gpus", metavar="N", help="GPUs to use (default: 1 if CUDA is available).")]
+GpusOpt = Annotated[
+    int | None, typer.Option("--gpus", metavar="N", help="GPUs to use (default: 1 if CUDA is available).")
+]
 SetOpt = Annotated[
-    list[str] | None, typer.Option("--set", metavar="KEY=VALUE", help="Override any setting: --set a.b=value (repeatable).")
+    list[str] | None,
+    typer.Option("--set", metavar="KEY=VALUE", help="Override any setting: --set a.b=value (repeatable)."),
 ]
 
 

@@ -8,22 +8,22 @@ grayscale, palette, RGBA (alpha dropped) or 16-bit (scaled to 8 bits).
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
-import warnings
-
 import torch
-
 from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.v2 import functional as TF
+
+from swavctl.errors import UserError
 
 # torchvision 0.29 marks its decoders deprecated in favour of TorchCodec (warning on every call);
 # they remain the fastest decoders available without another dependency, and Pillow is the fallback.
 warnings.filterwarnings(
-    "ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning
+    "ignore",
+    message="The image decoding and encoding capabilities of TorchVision",
+    category=DeprecationWarning,
 )
-from torchvision.transforms.v2 import functional as TF
-
-from swavctl.errors import UserError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
 

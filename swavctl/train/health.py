@@ -48,8 +48,8 @@ class CollapseDetector:
         if near and self.streak >= self.patience and not self.warned:
             self.warned = True
             return (
-                f"possible collapse: the loss has stayed within {self.tolerance:.0%} of ln K = {self.log_k:.3f} "
-                f"for {self.streak} steps (step {step}); {COLLAPSE_REMEDIES}"
+                f"possible collapse: the loss has stayed within {self.tolerance:.0%} of "
+                f"ln K = {self.log_k:.3f} for {self.streak} steps (step {step}); {COLLAPSE_REMEDIES}"
             )
         return None
 

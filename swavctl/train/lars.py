@@ -22,7 +22,9 @@ import torch
 from torch import nn
 
 
-def parameter_groups(model: nn.Module, *, weight_decay: float, exclude_bias_norm: bool) -> list[dict[str, Any]]:
+def parameter_groups(
+    model: nn.Module, *, weight_decay: float, exclude_bias_norm: bool
+) -> list[dict[str, Any]]:
     """SGD parameter groups; with ``exclude_bias_norm`` the 1-D parameters form their own group."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not exclude_bias_norm:
@@ -38,8 +40,14 @@ def parameter_groups(model: nn.Module, *, weight_decay: float, exclude_bias_norm
 class LARC:
     """Wrap an optimizer: rescale gradients layer-wise, then call its ``step``."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, *, trust_coefficient: float = 0.001, clip: bool = False,
-                 eps: float = 1e-8) -> None:
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        trust_coefficient: float = 0.001,
+        clip: bool = False,
+        eps: float = 1e-8,
+    ) -> None:
         self.optim = optimizer
         self.trust_coefficient = trust_coefficient
         self.clip = clip
@@ -70,7 +78,9 @@ class LARC:
                 assert grad is not None
                 param_norm = torch.linalg.vector_norm(p.float())
                 grad_norm = torch.linalg.vector_norm(grad.float())
-                local = self.trust_coefficient * param_norm / (grad_norm + param_norm * weight_decay + self.eps)
+                local = (
+                    self.trust_coefficient * param_norm / (grad_norm + param_norm * weight_decay + self.eps)
+                )
                 if self.clip:
                     local = torch.clamp(local / group["lr"], max=1.0)
                 active = (param_norm != 0) & (grad_norm != 0)

@@ -55,5 +55,7 @@ def swav_loss_from_outputs(
     per_crop = list(scores.split(batch_size))
     if len(per_crop) != num_crops:
         raise ValueError(f"expected {num_crops} crops of {batch_size} rows, got {scores.shape[0]} rows")
-    loss = swapped_prediction_loss(codes, per_crop, temperature=temperature, assignment_crops=assignment_crops)
+    loss = swapped_prediction_loss(
+        codes, per_crop, temperature=temperature, assignment_crops=assignment_crops
+    )
     return StepOutputs(loss=loss, codes=codes, queue_in_use=in_use)

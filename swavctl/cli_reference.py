@@ -59,7 +59,7 @@ def render_settings() -> str:
     values = {}
     for name in names:
         dumped = config.resolve(preset=name).model_dump(mode="json")
-        values[name] = _flatten(dumped)
+        values[name] = config.dotted(dumped)
     lines = [
         "# Settings reference",
         "",
@@ -87,16 +87,6 @@ def _plain(value: object) -> object:
     if hasattr(value, "model_dump"):
         return value.model_dump(mode="json")  # type: ignore[attr-defined]
     return value
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:  # type: ignore[type-arg]
-    flat: dict = {}  # type: ignore[type-arg]
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def main(docs: Path = Path(__file__).resolve().parents[1] / "docs") -> None:

@@ -232,6 +232,17 @@ def iter_fields(model: type[BaseModel] = Settings, prefix: str = "") -> Iterator
             yield key, field.description or "", default
 
 
+def dotted(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as ``{"a.b.c": value}`` (the form ``--set`` and the docs use)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(dotted(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def _valid_keys(model: type[BaseModel], path: Sequence[str]) -> list[str]:
     current: type[BaseModel] = model
     for part in path:

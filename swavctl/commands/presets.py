@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from swavctl.commands.common import JsonOpt, fail, flatten
+from swavctl.commands.common import JsonOpt, fail
 from swavctl.errors import UserError
 
 presets_app = typer.Typer(help="List and show the built-in presets.", no_args_is_help=True)
@@ -36,7 +36,7 @@ def presets_show(
         settings = config.resolve(preset=None if name == "defaults" else name)
     except UserError as exc:
         raise fail(str(exc)) from None
-    values = flatten(settings.model_dump(mode="json"))
+    values = config.dotted(settings.model_dump(mode="json"))
     if as_json:
         print(json.dumps(values))
         return

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from swavctl.config import Settings, from_toml_text
+from swavctl.config import Settings, dotted, from_toml_text
 
 RUNS_ROOT = Path("runs")
 LATEST = "latest"
@@ -28,22 +28,12 @@ INCOMPATIBLE_FIELDS = (
 )
 
 
-def _dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_dotted(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def settings_diff(
     old: Settings, new: Settings, *, ignore: tuple[str, ...] = ("out",)
 ) -> dict[str, tuple[Any, Any]]:
     """Dotted keys whose values differ between two settings trees: {key: (old, new)}."""
-    a = _dotted(old.model_dump(mode="json"))
-    b = _dotted(new.model_dump(mode="json"))
+    a = dotted(old.model_dump(mode="json"))
+    b = dotted(new.model_dump(mode="json"))
     return {
         k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if k not in ignore and a.get(k) != b.get(k)
     }

@@ -14,12 +14,12 @@ nearest valid key.
 from __future__ import annotations
 
 import difflib
+import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import tomli_w
-import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from swavctl.errors import UserError

@@ -14,11 +14,11 @@ import re
 import shutil
 import struct
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
-import tomllib
 import torch
 import torchvision
 from safetensors import safe_open

@@ -16,11 +16,11 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
-import tomllib
 import torch
 import torchvision
 from safetensors import safe_open

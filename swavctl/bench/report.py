@@ -50,7 +50,7 @@ def hardware(device: torch.device | None = None) -> str:
 
 
 def today() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
+    return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d")
 
 
 def command_line() -> str:

@@ -8,8 +8,7 @@ from typing import TypeVar
 
 import torch
 
-from swavctl.config import AugmentSettings, Settings
-from swavctl.data.augment import AugmentSpec, CropSpec, expand_crops
+from swavctl.config import Settings
 
 T = TypeVar("T")
 
@@ -17,29 +16,6 @@ T = TypeVar("T")
 #: 4.1 GMAC per 224-px image, the eight crops are 2 + 6 * (96/224)^2 = 3.1 such images, and
 #: forward + backward is three times the forward: 3 * 2 * 4.1e9 * 3.1 = 76e9.
 RN50_SWAV_FLOP_PER_SAMPLE = 76e9
-
-
-def augment_spec(aug: AugmentSettings) -> AugmentSpec:
-    """The :class:`AugmentSpec` the pretrain loop builds from ``data.augment``."""
-    return AugmentSpec(
-        flip_prob=aug.flip_prob,
-        jitter_prob=aug.jitter_prob,
-        brightness=aug.brightness,
-        contrast=aug.contrast,
-        saturation=aug.saturation,
-        hue=aug.hue,
-        grayscale_prob=aug.grayscale_prob,
-        blur_prob=aug.blur_prob,
-        blur_sigma_min=aug.blur_sigma_min,
-        blur_sigma_max=aug.blur_sigma_max,
-        mean=aug.mean,
-        std=aug.std,
-    )
-
-
-def crop_specs(settings: Settings) -> list[CropSpec]:
-    data = settings.data
-    return expand_crops(data.crop_counts, data.crop_sizes, data.min_scales, data.max_scales)
 
 
 def crops_label(settings: Settings) -> str:

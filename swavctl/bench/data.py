@@ -20,12 +20,13 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from swavctl.bench.common import augment_spec, crop_specs, crops_label, sync
+from swavctl.bench.common import crops_label, sync
 from swavctl.config import Settings
 from swavctl.data.dataset import Batch, pretrain_dataset, pretrain_loader
 from swavctl.data.images import BadImage
 from swavctl.data.sampler import EpochBatchSampler, steps_per_epoch
 from swavctl.errors import UserError
+from swavctl.train.build import augment_spec, crop_specs
 from swavctl.train.loop import QuietReporter, Reporter, _batch_crops, _data_paths, _decode_batch, pick_device
 
 #: Worker counts whose rate is within this fraction of the best count as "enough".

@@ -21,11 +21,13 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from swavctl.bench.common import RN50_SWAV_FLOP_PER_SAMPLE, crop_specs, crops_label, sync
+from swavctl.bench.common import RN50_SWAV_FLOP_PER_SAMPLE, crops_label, sync
 from swavctl.config import Settings
 from swavctl.errors import UserError
 from swavctl.model.swav import SwAV
-from swavctl.train.lars import LARC, parameter_groups
+from swavctl.train.build import build_model as build_swav
+from swavctl.train.build import build_optimizer, crop_specs
+from swavctl.train.lars import LARC
 from swavctl.train.loop import _freeze_prototype_grads, _grads_finite, autocast_dtype, pick_device
 from swavctl.train.step import swav_loss_from_outputs
 
@@ -58,27 +60,12 @@ class StepBenchResult:
 
 def build_model(settings: Settings, device: torch.device) -> tuple[SwAV, nn.Module, LARC, bool]:
     """(model, the module to call, optimizer, channels_last) as the pretrain loop builds them."""
-    torch.manual_seed(settings.train.seed)
-    model = SwAV(
-        settings.model.arch,
-        settings.model.hidden_dim,
-        settings.model.embedding_dim,
-        settings.model.prototypes,
-    )
+    model = build_swav(settings)
     model.to(device)
     channels_last = device.type == "cuda" and settings.train.channels_last
     if channels_last:
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    sgd = torch.optim.SGD(
-        parameter_groups(
-            model,
-            weight_decay=settings.optim.weight_decay,
-            exclude_bias_norm=settings.optim.lars_exclude_bias_norm,
-        ),
-        lr=settings.optim.base_lr,
-        momentum=settings.optim.momentum,
-    )
-    optimizer = LARC(sgd, trust_coefficient=settings.optim.lars_trust, clip=settings.optim.lars_clip)
+    optimizer = build_optimizer(model, settings)
     train_model: nn.Module = model
     if settings.train.compile:
         train_model = torch.compile(model)  # type: ignore[assignment]

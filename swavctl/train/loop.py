@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from swavctl import dist
 from swavctl.config import Settings, to_toml
-from swavctl.data.augment import AugmentSpec, expand_crops
+from swavctl.data.augment import AugmentSpec
 from swavctl.data.dataset import Batch, Skipped, collate, decode_images, pretrain_dataset, sample_seed
 from swavctl.data.demo import resolve_data_path
 from swavctl.data.images import BadImage, list_images, resolve_image_root
@@ -33,8 +33,8 @@ from swavctl.model.swav import SwAV
 from swavctl.queue import EmbeddingQueue
 from swavctl.train import checkpoint as ckpt
 from swavctl.train import rng
+from swavctl.train.build import augment_spec, build_model, build_optimizer, crop_specs
 from swavctl.train.health import CollapseDetector, MetricsLog, code_statistics
-from swavctl.train.lars import LARC, parameter_groups
 from swavctl.train.run_dir import (
     RESOLVED_FILE,
     SUMMARY_FILE,
@@ -330,29 +330,15 @@ def pretrain(
         )
 
     # ----- model and optimizer
-    torch.manual_seed(settings.train.seed)
-    model = SwAV(
-        settings.model.arch,
-        settings.model.hidden_dim,
-        settings.model.embedding_dim,
-        settings.model.prototypes,
-    )
+    model = build_model(settings)
     if world > 1 and settings.dist.sync_batchnorm:
         model = convert_sync_batchnorm(model, device_type=device.type)  # type: ignore[assignment]
     model.to(device)
     channels_last = device.type == "cuda" and settings.train.channels_last
     if channels_last:
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    sgd = torch.optim.SGD(
-        parameter_groups(
-            model,
-            weight_decay=settings.optim.weight_decay,
-            exclude_bias_norm=settings.optim.lars_exclude_bias_norm,
-        ),
-        lr=settings.optim.base_lr,
-        momentum=settings.optim.momentum,
-    )
-    optimizer = LARC(sgd, trust_coefficient=settings.optim.lars_trust, clip=settings.optim.lars_clip)
+    optimizer = build_optimizer(model, settings)
+    sgd = optimizer.optim
     amp_dtype = autocast_dtype(settings, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     queue = (
@@ -448,27 +434,8 @@ def pretrain(
     if settings.train.compile:
         train_model = torch.compile(train_model)  # type: ignore[assignment]
 
-    crops = expand_crops(
-        settings.data.crop_counts,
-        settings.data.crop_sizes,
-        settings.data.min_scales,
-        settings.data.max_scales,
-    )
-    aug = settings.data.augment
-    augment = AugmentSpec(
-        flip_prob=aug.flip_prob,
-        jitter_prob=aug.jitter_prob,
-        brightness=aug.brightness,
-        contrast=aug.contrast,
-        saturation=aug.saturation,
-        hue=aug.hue,
-        grayscale_prob=aug.grayscale_prob,
-        blur_prob=aug.blur_prob,
-        blur_sigma_min=aug.blur_sigma_min,
-        blur_sigma_max=aug.blur_sigma_max,
-        mean=aug.mean,
-        std=aug.std,
-    )
+    crops = crop_specs(settings)
+    augment = augment_spec(settings.data.augment)
     dataset = pretrain_dataset(
         paths,
         seed=settings.train.seed,

@@ -15,7 +15,7 @@ weight decay, as DINO does.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -88,13 +88,18 @@ class LARC:
                 decay = torch.where(active, torch.full_like(local, weight_decay), torch.zeros_like(local))
                 grad.add_(p * decay.to(p.dtype)).mul_(scale)
 
-    def step(self) -> None:
+    def step(self, inner_step: Callable[[], object] | None = None) -> None:
+        """Adapt the gradients, then step the wrapped optimizer with its weight decay at 0.
+
+        ``inner_step`` replaces ``self.optim.step()`` (e.g. ``lambda: scaler.step(sgd)`` with a
+        GradScaler, after ``scaler.unscale_(sgd)``).
+        """
         self.adapt_gradients()
         saved = [group["weight_decay"] for group in self.optim.param_groups]
         for group in self.optim.param_groups:
             group["weight_decay"] = 0.0
         try:
-            self.optim.step()
+            (inner_step or self.optim.step)()
         finally:
             for group, weight_decay in zip(self.optim.param_groups, saved, strict=True):
                 group["weight_decay"] = weight_decay

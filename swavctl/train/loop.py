@@ -626,13 +626,7 @@ def pretrain(
                     )
                 if scaler.is_enabled():
                     scaler.unscale_(sgd)
-                    optimizer.adapt_gradients()
-                    saved_wd = [g["weight_decay"] for g in sgd.param_groups]
-                    for g in sgd.param_groups:
-                        g["weight_decay"] = 0.0
-                    scaler.step(sgd)
-                    for g, wd in zip(sgd.param_groups, saved_wd, strict=True):
-                        g["weight_decay"] = wd
+                    optimizer.step(lambda: scaler.step(sgd))  # skipped by the scaler on inf/NaN
                     scaler.update()
                 else:
                     optimizer.step()

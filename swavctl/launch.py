@@ -1,24 +1,28 @@
-"""Starting ``swavctl pretrain``: one process, N local workers, or one worker of torchrun / SLURM.
+"""Starting ``swavctl pretrain`` and ``swavctl eval-linear``: one process, N local workers, or one
+worker of torchrun / SLURM.
 
-Three ways in, one training loop (:func:`swavctl.train.loop.pretrain`) and one result shape
+A :class:`Job` names what the workers run (pretraining, :func:`swavctl.train.loop.pretrain`, or an
+evaluation, :func:`swavctl.eval.run.run_eval`). Three ways in, one result shape
 (:class:`Outcome`), so the summary and ``--json`` do not depend on how the run was started:
 
 1. **Inside a job** (``torchrun``, ``srun``; see :func:`swavctl.dist.detect_env`): this process is
    one worker. It joins the process group (NCCL on GPUs, gloo on CPUs, timeout
-   ``dist.timeout_s``) and trains; rank 0 prints the summary.
+   ``dist.timeout_s``) and works; rank 0 prints the summary.
 2. **``--gpus N`` (N > 1) or ``--gpus 0 --procs N`` (N > 1)**: this process becomes a
    torch.distributed.elastic agent (:func:`torch.distributed.launcher.api.elastic_launch`) that
    starts N workers on this machine, with a c10d rendezvous on 127.0.0.1 and no restarts (forked
-   for CPU workers, spawned for GPU workers). Each worker gets the settings as JSON and builds its
+   for CPU workers, spawned for GPU workers). Each worker gets the job as JSON and builds its
    own reporter (a console is not picklable); rank 0 draws the progress bar.
    Each worker leaves an :class:`Outcome` file; the agent combines them into one (naming the
    rank that failed first and why) and prints it here.
 3. Otherwise: a plain single process.
 
-Signals: the workers install :class:`~swavctl.train.loop.StopFlag` before anything else, and the
-agent forwards SIGTERM/SIGINT/SIGUSR1 it receives to them, so the run checkpoints at the next step
-boundary and exits 143/130/138. When a worker fails, the agent stops the others (SIGTERM, then
-SIGKILL after 30 s); with gloo the survivors see the broken connection at once.
+Signals: pretraining workers install :class:`~swavctl.train.loop.StopFlag` before anything else,
+and the agent forwards SIGTERM/SIGINT/SIGUSR1 it receives to them, so the run checkpoints at the
+next step boundary and exits 143/130/138. Evaluation workers keep the default handlers: an
+evaluation writes its outputs only at the end, so a signal simply ends it. When a worker fails,
+the agent stops the others (SIGTERM, then SIGKILL after 30 s); with gloo the survivors see the
+broken connection at once.
 """
 
 from __future__ import annotations
@@ -97,18 +101,32 @@ class Outcome:
 # Planning
 
 
-def wants_cuda(settings: Settings) -> bool:
-    """Whether workers train on GPUs: ``--gpus`` > 0, or unset with CUDA available."""
-    if settings.dist.gpus is not None:
-        return settings.dist.gpus > 0
+@dataclass(frozen=True)
+class Job:
+    """What the workers of a launch run: ``kind`` is ``pretrain`` or ``eval``; ``args`` are JSON-able."""
+
+    kind: str
+    args: dict[str, Any]
+    use_cuda: bool
+    timeout_s: float
+
+
+def cuda_by_default(gpus: int | None) -> bool:
+    """Whether workers use GPUs: ``--gpus`` > 0, or unset with CUDA available."""
+    if gpus is not None:
+        return gpus > 0
     import torch
 
     return torch.cuda.is_available()
 
 
-def local_workers(settings: Settings) -> int:
-    """How many worker processes ``swavctl pretrain`` starts on this machine (1 = no launcher)."""
-    gpus, procs = settings.dist.gpus, settings.dist.procs
+def wants_cuda(settings: Settings) -> bool:
+    """Whether pretraining workers train on GPUs (see :func:`cuda_by_default`)."""
+    return cuda_by_default(settings.dist.gpus)
+
+
+def plan_local_workers(gpus: int | None, procs: int) -> int:
+    """How many worker processes to start on this machine for ``--gpus``/``--procs`` (1 = no launcher)."""
     if gpus is not None and gpus > 0:
         if procs > 1:
             raise UserError(
@@ -121,25 +139,69 @@ def local_workers(settings: Settings) -> int:
             if found < gpus:
                 raise UserError(f"--gpus {gpus} asked for, but {found} CUDA device(s) are visible")
         return gpus
-    if gpus is None and procs > 1 and wants_cuda(settings):
+    if gpus is None and procs > 1 and cuda_by_default(gpus):
         raise UserError(f"--procs {procs} is for CPU workers: add --gpus 0 (or use --gpus N on GPUs)")
     return procs
 
 
-def run_pretrain(settings: Settings, *, fresh: bool = False) -> Outcome:
-    """Run pretraining the way the environment and ``settings.dist`` ask for (see module doc).
+def local_workers(settings: Settings) -> int:
+    """How many worker processes ``swavctl pretrain`` starts on this machine (1 = no launcher)."""
+    return plan_local_workers(settings.dist.gpus, settings.dist.procs)
 
-    In a single process, bugs propagate with their traceback; user errors raise :class:`UserError`.
+
+def run_job(job: Job, *, nprocs: int, single: Any) -> Outcome:
+    """Run ``job`` as the environment asks: a job worker, ``nprocs`` local workers, or ``single(stop)``.
+
+    In a single process, bugs propagate with their traceback; user errors become an Outcome.
     """
     env = dist.detect_env()
     if env is not None:
-        return _run_as_job_worker(settings, fresh=fresh, env=env)
-    workers = local_workers(settings)
-    if workers > 1:
-        return launch_local(settings, fresh=fresh, nprocs=workers, use_cuda=wants_cuda(settings))
+        return _run_as_job_worker(job, env=env, launched=nprocs)
+    if nprocs > 1:
+        return launch_local(job, nprocs=nprocs)
+    return _guarded(single, rank=0)
+
+
+def run_pretrain(settings: Settings, *, fresh: bool = False) -> Outcome:
+    """Run pretraining the way the environment and ``settings.dist`` ask for (see module doc)."""
+    job = Job(
+        "pretrain",
+        {"settings": settings.model_dump_json(), "fresh": fresh},
+        use_cuda=wants_cuda(settings),
+        timeout_s=settings.dist.timeout_s,
+    )
+    nprocs = 1 if dist.detect_env() is not None else local_workers(settings)
     from swavctl.train.loop import pretrain
 
-    return _guarded(lambda stop: pretrain(settings, reporter=_reporter(), fresh=fresh, stop=stop), rank=0)
+    return run_job(
+        job,
+        nprocs=nprocs,
+        single=lambda stop: pretrain(settings, reporter=_reporter(), fresh=fresh, stop=stop),
+    )
+
+
+#: Process-group timeout of a multi-process evaluation (seconds), as pretraining's default.
+EVAL_TIMEOUT_S = 1800.0
+
+
+def run_evaluation(options: Any) -> Outcome:
+    """Run ``swavctl eval-linear`` (``options``: :class:`swavctl.eval.run.EvalOptions`) as asked.
+
+    ``--gpus N`` (N > 1) or ``--gpus 0 --procs N`` start N local workers; under torchrun or srun
+    this process is one worker. The summary is rank 0's.
+    """
+    from swavctl.eval.progress import RichReporter
+    from swavctl.eval.run import run_eval
+
+    options.check()
+    job = Job(
+        "eval",
+        {"options": options.to_json()},
+        use_cuda=cuda_by_default(options.gpus),
+        timeout_s=EVAL_TIMEOUT_S,
+    )
+    nprocs = 1 if dist.detect_env() is not None else plan_local_workers(options.gpus, options.procs)
+    return run_job(job, nprocs=nprocs, single=lambda stop: run_eval(options, reporter=RichReporter()))
 
 
 def _reporter() -> Any:
@@ -199,18 +261,34 @@ def _guarded(body: Any, *, rank: int, stop: Any = None, reraise_bugs: bool = Tru
             peer_failure=_is_peer_failure(exc),
             traceback=traceback.format_exc(),
         )
-    return Outcome(OK, 0, "", rank, summary=summary.as_dict())
+    return Outcome(OK, 0, "", rank, summary=summary if isinstance(summary, dict) else summary.as_dict())
 
 
-def _train_as_worker(settings: Settings, *, fresh: bool, env: dist.DistEnv, stop: Any) -> Outcome:
-    """Join the group, train, and report; never raises (a crash becomes an Outcome)."""
-    from swavctl.train.loop import pretrain
+def _job_body(job: Job, env: dist.DistEnv) -> Any:
+    """``body(stop)`` for :func:`_guarded`: join the process group, then run the job's work."""
 
     def body(stop_flag: Any) -> Any:
-        dist.init_process_group(env, use_cuda=wants_cuda(settings), timeout_s=settings.dist.timeout_s)
-        return pretrain(settings, reporter=_reporter(), fresh=fresh, stop=stop_flag)
+        device = dist.init_process_group(env, use_cuda=job.use_cuda, timeout_s=job.timeout_s)
+        if job.kind == "pretrain":
+            from swavctl.train.loop import pretrain
 
-    outcome = _guarded(body, rank=env.rank, stop=stop, reraise_bugs=False)
+            settings = Settings.model_validate_json(job.args["settings"])
+            return pretrain(settings, reporter=_reporter(), fresh=bool(job.args["fresh"]), stop=stop_flag)
+        if job.kind == "eval":
+            from swavctl.eval.progress import RichReporter
+            from swavctl.eval.run import EvalOptions, run_eval
+
+            return run_eval(
+                EvalOptions.from_json(job.args["options"]), reporter=RichReporter(), device=device
+            )
+        raise ValueError(f"unknown job kind {job.kind!r}")
+
+    return body
+
+
+def _work_as_worker(job: Job, *, env: dist.DistEnv, stop: Any) -> Outcome:
+    """Join the group, do the job, and report; never raises (a crash becomes an Outcome)."""
+    outcome = _guarded(_job_body(job, env), rank=env.rank, stop=stop, reraise_bugs=False)
     if outcome.status == CRASH:
         prefix = f"[rank {env.rank}] "
         if outcome.peer_failure:
@@ -220,6 +298,20 @@ def _train_as_worker(settings: Settings, *, fresh: bool, env: dist.DistEnv, stop
     # A worker reports on rank 0, or when it is the one that broke.
     outcome.report = env.rank == 0 or (outcome.status == CRASH and not outcome.peer_failure)
     return outcome
+
+
+def _install_signal_handling(job: Job) -> Any:
+    """Pretraining: a :class:`StopFlag` (checkpoint, then stop). Evaluation: the default handlers."""
+    if job.kind == "pretrain":
+        from swavctl.train.loop import StopFlag
+
+        stop = StopFlag()
+        stop.install()
+        return stop
+    with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            signal.signal(signum, signal.SIG_DFL)
+    return None
 
 
 def group_still_open() -> bool:
@@ -237,20 +329,16 @@ def exit_now(code: int) -> None:
     os._exit(code)
 
 
-def _run_as_job_worker(settings: Settings, *, fresh: bool, env: dist.DistEnv) -> Outcome:
+def _run_as_job_worker(job: Job, *, env: dist.DistEnv, launched: int) -> Outcome:
     """This process is one worker of torchrun or srun."""
-    from swavctl.train.loop import StopFlag
-
-    stop = StopFlag()
-    stop.install()
-    launched = settings.dist.gpus if settings.dist.gpus and settings.dist.gpus > 1 else settings.dist.procs
+    stop = _install_signal_handling(job)
     if env.rank == 0 and launched > 1 and launched != env.local_world_size:
         print(
             f"note: {env.source} started {env.local_world_size} workers on this node; --gpus/--procs "
             f"{launched} only chooses GPU or CPU workers here",
             file=sys.stderr,
         )
-    outcome = _train_as_worker(settings, fresh=fresh, env=env, stop=stop)
+    outcome = _work_as_worker(job, env=env, stop=stop)
     if outcome.exit_code == 0:
         dist.destroy_process_group()
     return outcome
@@ -258,15 +346,12 @@ def _run_as_job_worker(settings: Settings, *, fresh: bool, env: dist.DistEnv) ->
 
 def _elastic_worker(payload: dict[str, Any]) -> dict[str, Any]:
     """Entry point of a worker started by :func:`launch_local` (a forked or spawned process)."""
-    from swavctl.train.loop import StopFlag
-
-    stop = StopFlag()
-    stop.install()  # first: a signal from now on is a checkpoint request, not a kill
+    job = Job(**payload["job"])
+    stop = _install_signal_handling(job)  # first: for pretraining, a signal is now a checkpoint request
     env = dist.detect_env()
     if env is None:  # pragma: no cover - elastic always sets RANK/WORLD_SIZE/LOCAL_RANK
         raise RuntimeError("worker started without RANK/WORLD_SIZE/LOCAL_RANK")
-    settings = Settings.model_validate_json(payload["settings"])
-    outcome = _train_as_worker(settings, fresh=bool(payload["fresh"]), env=env, stop=stop)
+    outcome = _work_as_worker(job, env=env, stop=stop)
     target = Path(payload["outcome_dir"]) / f"rank-{env.rank}.json"
     tmp = target.with_suffix(".tmp")
     tmp.write_text(outcome.to_json())
@@ -296,16 +381,16 @@ def _threads_per_worker(nprocs: int) -> int:
     return max(1, cores // nprocs)
 
 
-def launch_local(settings: Settings, *, fresh: bool, nprocs: int, use_cuda: bool) -> Outcome:
-    """Start ``nprocs`` workers on this machine with torch.distributed.elastic and combine their outcomes."""
+def launch_local(job: Job, *, nprocs: int) -> Outcome:
+    """Start ``nprocs`` workers of ``job`` here (torch.distributed.elastic); combine their outcomes."""
     from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs, SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     _quiet_elastic_logs()
     outcome_dir = Path(tempfile.mkdtemp(prefix="swavctl-launch-"))
-    payload = {"settings": settings.model_dump_json(), "fresh": fresh, "outcome_dir": str(outcome_dir)}
-    start_method = os.environ.get(START_METHOD_ENV) or ("spawn" if use_cuda else "fork")
+    payload = {"job": asdict(job), "outcome_dir": str(outcome_dir)}
+    start_method = os.environ.get(START_METHOD_ENV) or ("spawn" if job.use_cuda else "fork")
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,

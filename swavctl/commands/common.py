@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -31,3 +32,22 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     """Print ``error: message`` on stderr and return the Exit to raise (status 2 by default)."""
     err.print(f"error: {message}", markup=False)
     return typer.Exit(code)
+
+
+def finish(outcome: Any, show: Callable[[dict[str, Any]], None]) -> None:
+    """Render a :class:`swavctl.launch.Outcome` (``show`` prints a summary) and exit with its status."""
+    from swavctl import launch
+
+    code = outcome.exit_code
+    if outcome.report:
+        if outcome.status == launch.OK and outcome.summary is not None:
+            show(outcome.summary)
+        elif outcome.status == launch.INTERRUPTED:
+            err.print(outcome.message, markup=False)
+        elif outcome.status != launch.OK:
+            prefix = f"[rank {outcome.rank}] " if launch.group_still_open() and outcome.rank else ""
+            err.print(f"error: {prefix}{outcome.message}", markup=False)
+    if code and launch.group_still_open():
+        launch.exit_now(code)  # a failed job worker: leave without tearing down the group
+    if code:
+        raise typer.Exit(code)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from swavctl.commands.common import DataOpt, GpusOpt, JsonOpt, OutOpt, SetOpt, err, fail
+from swavctl.commands.common import DataOpt, GpusOpt, JsonOpt, OutOpt, SetOpt, err, fail, finish
 from swavctl.errors import UserError
 
 
@@ -54,19 +54,7 @@ def pretrain_command(
         outcome = launch.run_pretrain(settings, fresh=fresh)
     except UserError as exc:
         raise fail(str(exc)) from None
-    code = outcome.exit_code
-    if outcome.report:
-        if outcome.status == launch.OK and outcome.summary is not None:
-            _print_summary(outcome.summary, as_json=as_json)
-        elif outcome.status == launch.INTERRUPTED:
-            err.print(outcome.message, markup=False)
-        elif outcome.status != launch.OK:
-            prefix = f"[rank {outcome.rank}] " if launch.group_still_open() and outcome.rank else ""
-            err.print(f"error: {prefix}{outcome.message}", markup=False)
-    if code and launch.group_still_open():
-        launch.exit_now(code)  # a failed job worker: leave without tearing down the group
-    if code:
-        raise typer.Exit(code)
+    finish(outcome, lambda summary: _print_summary(summary, as_json=as_json))
 
 
 def _print_summary(result: dict[str, object], *, as_json: bool) -> None:

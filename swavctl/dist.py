@@ -92,6 +92,27 @@ def gather_objects(obj: Any) -> list[Any]:
     return gathered
 
 
+def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of ``tensor`` concatenated in rank order; ``tensor`` itself on one process.
+
+    Ranks may hold different numbers of rows (zero included); the trailing dimensions and dtype
+    must agree. Rows travel padded to the largest count, then the padding is cut off.
+    """
+    if not is_distributed():
+        return tensor
+    world = world_size()
+    count = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=tensor.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    torch_dist.all_gather(counts, count)
+    sizes = [int(c.item()) for c in counts]
+    most = max(sizes)
+    padded = tensor.new_zeros((most, *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    torch_dist.all_gather(parts, padded.contiguous())
+    return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)])
+
+
 # ---------------------------------------------------------------------------------------------
 # Where this process sits: torchrun / elastic or SLURM
 

@@ -10,6 +10,7 @@ construction: every mode must score at least 99% (here: all 32 val images right)
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -132,6 +133,11 @@ def test_planted_backbone_scores_at_least_99_in_every_mode(
     assert all(v >= 0.99 for v in record["per_class_accuracy"].values())
     assert np.trace(np.array(record["confusion"])) == round(summary["top1"] * n_val)
     assert record["model_settings"]["data"]["path"] == str(planted)  # --data came from the model
+    with (out / "predictions.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == n_val and sorted(Path(r["path"]) for r in rows) == list_images(planted / "val")
+    assert all(Path(r["path"]).parent.name == r["label"] for r in rows)
+    assert sum(r["prediction"] == r["label"] for r in rows) == round(summary["top1"] * n_val)
     with Image.open(out / "confusion.png") as picture:
         assert picture.format == "PNG" and picture.size[0] > 100
 
@@ -235,7 +241,9 @@ def test_error_bad_options(planted: Path) -> None:
     model = str(planted / "backbone.safetensors")
     assert "--label-fraction" in _one_line_error(*_invoke(model, "--mode", "finetune"))
     assert "--mode must be one of" in _one_line_error(*_invoke(model, "--mode", "svm"))
-    assert "not yet available" in _one_line_error(*_invoke(model, gpus="2"))
+    assert "64 asked for, but" in _one_line_error(*_invoke(model, gpus="64"))
+    assert "--procs must be at least 1" in _one_line_error(*_invoke(model, "--procs", "0"))
+    assert "--procs 2 is for CPU workers" in _one_line_error(*_invoke(model, "--procs", "2", gpus="1"))
     assert "model not found" in _one_line_error(*_invoke(str(planted / "nothing.pt")))
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from swavctl.commands.common import GpusOpt, JsonOpt, err, fail
+from swavctl.commands.common import GpusOpt, JsonOpt, err, fail, finish
 from swavctl.errors import UserError
 
 
@@ -131,12 +131,17 @@ def eval_linear_command(
         ),
     ] = None,
     gpus: GpusOpt = None,
+    procs: Annotated[
+        int, typer.Option("--procs", metavar="N", help="CPU processes with --gpus 0 (gloo on 127.0.0.1).")
+    ] = 1,
     as_json: JsonOpt = False,
 ) -> None:
     """Evaluate a backbone: fast probe, paper's linear protocol, k-NN, fine-tuning (alias: linear-eval)."""
+    # --gpus N (N > 1) starts N worker processes, --gpus 0 --procs N as many CPU workers; they
+    # share the images and rank 0 reports (swavctl.launch, swavctl.eval.sharding).
+    from swavctl import launch
     from swavctl.eval import fast as fast_mod
-    from swavctl.eval.progress import RichReporter
-    from swavctl.eval.run import EvalOptions, run_eval
+    from swavctl.eval.run import EvalOptions
 
     try:
         options = EvalOptions(
@@ -161,11 +166,16 @@ def eval_linear_command(
             crop_size=crop_size,
             min_scale=min_scale,
             gpus=gpus,
+            procs=procs,
             workers=workers,
         )
-        summary = run_eval(options, reporter=RichReporter())
+        outcome = launch.run_evaluation(options)
     except UserError as exc:
         raise fail(str(exc)) from None
+    finish(outcome, lambda summary: _print_summary(summary, as_json=as_json))
+
+
+def _print_summary(summary: dict[str, Any], *, as_json: bool) -> None:
     if as_json:
         print(json.dumps(summary))
     else:

@@ -9,7 +9,7 @@ do not depend on the number of loader workers.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,23 +117,20 @@ def collate(items: list[tuple[int, torch.Tensor | None]]) -> Batch:
 def make_loader(
     dataset: LabelledImages,
     *,
-    batch_size: int,
-    shuffle: bool,
-    seed: int,
+    batch_sampler: Iterable[list[int]],
     workers: int,
     pin_memory: bool = False,
-    drop_last: bool = False,
 ) -> DataLoader:
-    """A loader of :class:`Batch` es; with ``shuffle`` the order is seeded per epoch by the caller."""
-    generator = torch.Generator().manual_seed(seed)
+    """A loader of :class:`Batch` es over the index lists of ``batch_sampler``.
+
+    The sampler decides the order and this rank's share (see :mod:`swavctl.eval.sharding`); an
+    empty index list gives an empty batch. Small data is cached in memory and read in-process.
+    """
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        generator=generator,
+        batch_sampler=batch_sampler,  # type: ignore[arg-type]
         num_workers=workers if dataset.cache is None else 0,
         collate_fn=collate,
         pin_memory=pin_memory,
-        drop_last=drop_last,
         persistent_workers=False,
     )

@@ -10,8 +10,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from swavctl import dist
 from swavctl.eval.dataset import LabelledImages, make_loader
 from swavctl.eval.progress import QuietReporter, Reporter
+from swavctl.eval.sharding import chunks, gather_in_order, rank_share
 from swavctl.eval.views import Normalizer
 
 
@@ -29,38 +31,38 @@ def extract_features(
     normalize: Normalizer,
     device: torch.device,
     batch_size: int,
+    feature_dim: int,
     workers: int = 0,
     reporter: Reporter | None = None,
     name: str = "features",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features of every readable image of ``dataset``, in dataset order.
+    """Features of every readable image of ``dataset``, in dataset order, on every rank.
 
-    Returns (features (M, d) float32 on ``device``, kept dataset indices (M,) int64 on the CPU);
-    M < len(dataset) only when some files could not be decoded.
+    Under a process group each rank computes the features of its share of the images
+    (:func:`~swavctl.eval.sharding.rank_share`) and the shares are gathered, so every rank returns
+    what a single process would. Returns (features (M, d) float32 on ``device``, kept dataset
+    indices (M,) int64 on the CPU); M < len(dataset) only when some files could not be decoded.
     """
     report: Reporter = reporter or QuietReporter()
     was_training = backbone.training
     backbone.eval()
+    share = rank_share(len(dataset), dist.rank(), dist.world_size())
     loader = make_loader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        seed=0,
-        workers=workers,
-        pin_memory=device.type == "cuda",
+        dataset, batch_sampler=chunks(share, batch_size), workers=workers, pin_memory=device.type == "cuda"
     )
-    chunks: list[torch.Tensor] = []
-    kept: list[torch.Tensor] = []
+    parts: list[torch.Tensor] = [torch.empty(0, feature_dim, device=device)]
+    kept: list[torch.Tensor] = [torch.empty(0, dtype=torch.int64)]
     try:
-        with report.task(name, len(dataset)) as task:
+        with report.task(name, len(share)) as task:
             for batch in loader:
                 if batch.images is not None:
                     images = batch.images.to(device, non_blocking=True)
-                    chunks.append(backbone_features(backbone, images, normalize))
+                    parts.append(backbone_features(backbone, images, normalize))
                     kept.append(batch.indices)
                 task.advance(len(batch.indices))
     finally:
         backbone.train(was_training)
-    if not chunks:
+    features, indices = gather_in_order(torch.cat(parts), torch.cat(kept))
+    if features.shape[0] == 0:
         raise ValueError("no readable images")
-    return torch.cat(chunks), torch.cat(kept)
+    return features, indices

@@ -32,10 +32,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from swavctl import dist
 from swavctl.eval.dataset import LabelledImages, make_loader
 from swavctl.eval.linear import new_classifier
 from swavctl.eval.progress import QuietReporter, Reporter
+from swavctl.eval.sharding import (
+    chunks,
+    data_parallel,
+    gather_in_order,
+    global_count,
+    global_sums,
+    rank_share,
+    this_rank_sampler,
+)
 from swavctl.eval.views import Normalizer
+from swavctl.train.sync_batchnorm import convert_sync_batchnorm
 
 #: The paper's learning rates (trunk, head) per label fraction, for batch 256.
 PAPER_LRS = {0.01: (0.02, 5.0), 0.1: (0.01, 0.2)}
@@ -131,69 +142,81 @@ def finetune(
     ``train`` must yield training views; ``val`` centre views. The caller's backbone is not
     modified. Returns the val scores of the final epoch (model in eval mode) with the indices of
     the val images they belong to, and a history of the training loss per epoch.
+
+    Under a process group every rank trains on its part of each global batch, with the batch
+    norms synchronized over ranks and the model in DDP (see :mod:`swavctl.eval.sharding`), and
+    scores its share of val; every rank returns the same result, equal to a single process's up
+    to the order of float sums.
     """
     report: Reporter = reporter or QuietReporter()
     trunk = copy.deepcopy(backbone).to(device)
     for p in trunk.parameters():
         p.requires_grad_(True)
-    model = Classifier(trunk, new_classifier(feature_dim, num_classes, 0.01, seed).to(device))
+    classifier = Classifier(trunk, new_classifier(feature_dim, num_classes, 0.01, seed).to(device))
+    model: nn.Module = classifier
+    if dist.is_distributed():  # batch statistics over the global batch, as one process has them
+        model = convert_sync_batchnorm(model, device_type=device.type)
+    trained = data_parallel(model, device)
+    world = dist.world_size()
     optimizer = torch.optim.SGD(
         [
-            {"params": model.backbone.parameters(), "lr": recipe.trunk_lr},
-            {"params": model.head.parameters(), "lr": recipe.head_lr},
+            {"params": trunk.parameters(), "lr": recipe.trunk_lr},
+            {"params": classifier.head.parameters(), "lr": recipe.head_lr},
         ],
         momentum=recipe.momentum,
         weight_decay=recipe.weight_decay,
     )
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, recipe.milestone_epochs(), gamma=recipe.gamma)
-    batch_size = min(recipe.batch_size, len(train))
-    # BatchNorm in train mode cannot use a batch of one: drop such a trailing batch.
-    loader = make_loader(
-        train,
-        batch_size=batch_size,
-        shuffle=True,
-        seed=seed,
-        workers=workers,
-        pin_memory=device.type == "cuda",
-        drop_last=len(train) % batch_size == 1,
+    # BatchNorm in train mode cannot use a batch of one: such a trailing batch is dropped.
+    sampler = this_rank_sampler(
+        len(train), batch_size=min(recipe.batch_size, len(train)), seed=seed, drop_single=True
     )
+    loader = make_loader(train, batch_sampler=sampler, workers=workers, pin_memory=device.type == "cuda")
     labels_all = train.labels.to(device)
     history: list[dict[str, float]] = []
-    steps = len(loader)
+    steps = len(sampler)
     with report.task("finetune", recipe.epochs * steps) as task:
         for epoch in range(recipe.epochs):
             train.set_epoch(epoch)
-            model.train()
+            sampler.set_epoch(epoch)
+            trained.train()
             total, seen = 0.0, 0
             for batch in loader:
-                if batch.images is not None and batch.images.shape[0] > 1:
-                    targets = labels_all[batch.indices.to(device)]
-                    loss = F.cross_entropy(
-                        model(normalize(batch.images.to(device, non_blocking=True))), targets
-                    )
+                if batch.images is not None:
+                    inputs = normalize(batch.images.to(device, non_blocking=True))
+                else:  # nothing readable here (or nothing for this rank): still join the step
+                    inputs = torch.zeros(0, 3, train.geometry.crop, train.geometry.crop, device=device)
+                targets = labels_all[batch.indices.to(device)]
+                count = global_count(targets.numel(), device)
+                if count > 1:
+                    # Mean over the global batch: DDP averages over ranks, hence the * world.
+                    loss_sum = F.cross_entropy(trained(inputs), targets, reduction="sum")
                     optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
+                    (loss_sum * (world / count)).backward()
                     optimizer.step()
-                    total += float(loss.detach()) * targets.numel()
+                    total += float(loss_sum.detach())
                     seen += targets.numel()
                 task.advance(1, f"epoch {epoch + 1}/{recipe.epochs} loss {total / max(1, seen):.3f}")
+            total, seen_all = global_sums([total, float(seen)], device)
             if not math.isfinite(total):
                 raise FloatingPointError(f"fine-tuning diverged at epoch {epoch + 1} (loss {total})")
             history.append(
                 {
                     "epoch": epoch + 1,
                     "trunk_lr": optimizer.param_groups[0]["lr"],
-                    "train_loss": total / max(1, seen),
+                    "train_loss": total / max(1.0, seen_all),
                 }
             )
             scheduler.step()
     model.eval()
-    scores: list[torch.Tensor] = []
-    order: list[torch.Tensor] = []
-    val_loader = make_loader(val, batch_size=256, shuffle=False, seed=0, workers=workers)
+    scores: list[torch.Tensor] = [torch.empty(0, num_classes, device=device)]
+    order: list[torch.Tensor] = [torch.empty(0, dtype=torch.int64)]
+    share = rank_share(len(val), dist.rank(), world)
+    val_loader = make_loader(val, batch_sampler=chunks(share, 256), workers=workers)
     with torch.no_grad():
         for batch in val_loader:
             if batch.images is not None:
                 scores.append(model(normalize(batch.images.to(device))).float())
                 order.append(batch.indices)
-    return FinetuneResult(val_scores=torch.cat(scores), val_indices=torch.cat(order), history=history)
+    val_scores, val_indices = gather_in_order(torch.cat(scores), torch.cat(order))
+    return FinetuneResult(val_scores=val_scores, val_indices=val_indices, history=history)

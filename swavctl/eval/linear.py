@@ -17,17 +17,18 @@ and every epoch's classifier is scored on them.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from swavctl import dist
 from swavctl.eval.dataset import LabelledImages, make_loader
 from swavctl.eval.features import backbone_features
 from swavctl.eval.metrics import topk_correct
 from swavctl.eval.progress import QuietReporter, Reporter
+from swavctl.eval.sharding import data_parallel, global_count, global_sums, this_rank_sampler
 from swavctl.eval.views import Normalizer
 
 
@@ -82,32 +83,33 @@ def linear_protocol(
     ``train`` must yield training views (``augment=True``); ``val_features`` are the frozen
     backbone's centre-view features of val. Returns the final epoch's val scores and a history of
     (epoch, lr, train loss, val top-1, val top-5) per epoch.
+
+    Under a process group every rank trains on its part of each global batch and the classifier
+    is wrapped in DDP (see :mod:`swavctl.eval.sharding`); every rank returns the same result,
+    equal to a single process's up to the order of float sums.
     """
     report: Reporter = reporter or QuietReporter()
     backbone.eval()
     for p in backbone.parameters():
         p.requires_grad_(False)
     classifier = new_classifier(feature_dim, num_classes, recipe.init_std, seed).to(device)
+    trained = data_parallel(classifier, device)  # DDP under a process group
+    world = dist.world_size()
     optimizer = torch.optim.SGD(
         classifier.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
     )
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, recipe.epochs, eta_min=0)
-    loader = make_loader(
-        train,
-        batch_size=recipe.batch_size,
-        shuffle=True,
-        seed=seed,
-        workers=workers,
-        pin_memory=device.type == "cuda",
-    )
+    sampler = this_rank_sampler(len(train), batch_size=recipe.batch_size, seed=seed)
+    loader = make_loader(train, batch_sampler=sampler, workers=workers, pin_memory=device.type == "cuda")
     labels_all = train.labels.to(device)
     val_labels = val_labels.to(device)
     history: list[dict[str, float]] = []
-    steps = math.ceil(len(train) / recipe.batch_size)
+    steps = len(sampler)
     with report.task("linear", recipe.epochs * steps) as task:
         for epoch in range(recipe.epochs):
             train.set_epoch(epoch)
-            classifier.train()
+            sampler.set_epoch(epoch)
+            trained.train()
             total_loss, seen = 0.0, 0
             lr_now = optimizer.param_groups[0]["lr"]
             for batch in loader:
@@ -115,15 +117,21 @@ def linear_protocol(
                     features = backbone_features(
                         backbone, batch.images.to(device, non_blocking=True), normalize
                     )
-                    targets = labels_all[batch.indices.to(device)]
-                    loss = F.cross_entropy(classifier(features), targets)
+                else:  # nothing readable here (or nothing for this rank): still join the step
+                    features = torch.zeros(0, feature_dim, device=device)
+                targets = labels_all[batch.indices.to(device)]
+                count = global_count(targets.numel(), device)
+                if count > 0:
+                    # Mean over the global batch: DDP averages over ranks, hence the * world.
+                    loss_sum = F.cross_entropy(trained(features), targets, reduction="sum")
                     optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
+                    (loss_sum * (world / count)).backward()
                     optimizer.step()
-                    total_loss += float(loss.detach()) * targets.numel()
+                    total_loss += float(loss_sum.detach())
                     seen += targets.numel()
                 task.advance(1, f"epoch {epoch + 1}/{recipe.epochs} loss {total_loss / max(1, seen):.3f}")
             scheduler.step()
+            total_loss, seen_all = global_sums([total_loss, float(seen)], device)
             classifier.eval()
             with torch.no_grad():
                 scores = classifier(val_features)
@@ -131,7 +139,7 @@ def linear_protocol(
                 {
                     "epoch": epoch + 1,
                     "lr": lr_now,
-                    "train_loss": total_loss / max(1, seen),
+                    "train_loss": total_loss / max(1.0, seen_all),
                     "val_top1": float(topk_correct(scores, val_labels, 1).float().mean()),
                     "val_top5": float(topk_correct(scores, val_labels, 5).float().mean()),
                 }

@@ -1,7 +1,9 @@
-"""What an evaluation writes: ``eval.json`` and a confusion-matrix picture (drawn with Pillow)."""
+"""What an evaluation writes: ``eval.json``, a confusion-matrix picture (drawn with Pillow) and the
+per-image predictions (``predictions.csv``)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import tempfile
@@ -13,6 +15,7 @@ import torch
 
 EVAL_JSON = "eval.json"
 CONFUSION_PNG = "confusion.png"
+PREDICTIONS_CSV = "predictions.csv"
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
@@ -22,6 +25,30 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
         with os.fdopen(fd, "w") as handle:
             json.dump(data, handle, indent=1)
             handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_predictions_csv(
+    path: Path, files: Sequence[Path], labels: Sequence[str], scores: torch.Tensor, classes: Sequence[str]
+) -> None:
+    """One row per scored val image: ``path,label,prediction,top_score`` (written atomically).
+
+    ``top_score`` is the predicted class's score: a logit (linear, fast, finetune) or a k-NN vote
+    weight (knn).
+    """
+    top_score, predicted = scores.float().max(dim=1)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["path", "label", "prediction", "top_score"])
+            for file, label, pred, score in zip(
+                files, labels, predicted.tolist(), top_score.tolist(), strict=True
+            ):
+                writer.writerow([str(file), label, classes[pred], f"{score:.6g}"])
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

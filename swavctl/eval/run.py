@@ -14,6 +14,7 @@ Writes ``OUT/eval.json`` and ``OUT/confusion.png`` and returns a short summary.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 
 import torch
 
+from swavctl import dist
 from swavctl.data.demo import DEMO_NAME, resolve_data_path
 from swavctl.errors import UserError
 from swavctl.eval import fast as fast_mod
@@ -31,7 +33,14 @@ from swavctl.eval.knn import knn_scores
 from swavctl.eval.linear import LinearRecipe, linear_protocol
 from swavctl.eval.metrics import accuracy
 from swavctl.eval.progress import QuietReporter, Reporter
-from swavctl.eval.report import CONFUSION_PNG, EVAL_JSON, write_confusion_png, write_json_atomic
+from swavctl.eval.report import (
+    CONFUSION_PNG,
+    EVAL_JSON,
+    PREDICTIONS_CSV,
+    write_confusion_png,
+    write_json_atomic,
+    write_predictions_csv,
+)
 from swavctl.eval.splits import EvalSplit, discover, holdout_split, label_subset
 from swavctl.eval.views import Normalizer, geometry_for
 from swavctl.model_io import LoadedModel, load_model
@@ -66,7 +75,20 @@ class EvalOptions:
     crop_size: int | None = None
     min_scale: float | None = None
     gpus: int | None = None
+    procs: int = 1
     workers: int | None = None
+
+    def to_json(self) -> str:
+        """The options as JSON (for the worker processes of a multi-process evaluation)."""
+        return json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()})
+
+    @classmethod
+    def from_json(cls, text: str) -> EvalOptions:
+        raw = json.loads(text)
+        raw["model"] = Path(raw["model"])
+        raw["out"] = None if raw["out"] is None else Path(raw["out"])
+        raw["fast_lrs"], raw["fast_wds"] = tuple(raw["fast_lrs"]), tuple(raw["fast_wds"])
+        return cls(**raw)
 
     def check(self) -> None:
         """Raise :class:`UserError` for values no mode accepts."""
@@ -96,13 +118,10 @@ class EvalOptions:
             raise UserError(f"--min-scale must be in (0, 1], got {self.min_scale}")
         if not self.fast_lrs or not self.fast_wds or min(self.fast_lrs) <= 0 or min(self.fast_wds) < 0:
             raise UserError("the fast grid needs positive learning rates and non-negative weight decays")
-        if self.gpus is not None and self.gpus > 1:
-            raise UserError(
-                f"--gpus {self.gpus}: multi-GPU evaluation is not yet available in this version "
-                "(use --gpus 1)"
-            )
         if self.gpus is not None and self.gpus < 0:
             raise UserError("--gpus must be 0 or more")
+        if self.procs < 1:
+            raise UserError("--procs must be at least 1")
 
     @property
     def resolved_epochs(self) -> int | None:
@@ -139,6 +158,7 @@ class _Context:
                 normalize=self.normalize,
                 device=self.device,
                 batch_size=self.options.batch_size,
+                feature_dim=self.loaded.model.feature_dim,
                 workers=self.workers,
                 reporter=self.reporter,
                 name=name,
@@ -186,12 +206,21 @@ def data_root(options: EvalOptions, loaded: LoadedModel, reporter: Reporter) -> 
     return root
 
 
-def run_eval(options: EvalOptions, reporter: Reporter | None = None) -> dict[str, Any]:
-    """Run one evaluation; returns the summary (the full record is in ``OUT/eval.json``)."""
-    report: Reporter = reporter or QuietReporter()
+def run_eval(
+    options: EvalOptions, reporter: Reporter | None = None, *, device: torch.device | None = None
+) -> dict[str, Any]:
+    """Run one evaluation in this process; returns the summary (the full record is in ``OUT/eval.json``).
+
+    Under a process group (a worker of ``--gpus N`` / ``--procs N``, torchrun or srun) the ranks
+    share the work (:mod:`swavctl.eval.sharding`) on ``device``; rank 0 writes the outputs and
+    returns the summary, the other ranks return an empty dict. Multi-process evaluations are
+    started by :func:`swavctl.launch.run_evaluation`.
+    """
+    main = dist.is_main()
+    report: Reporter = (reporter or QuietReporter()) if main else QuietReporter()
     options.check()
     started = time.perf_counter()
-    device = pick_device(options.gpus)
+    device = device or pick_device(options.gpus)
     torch.manual_seed(options.seed)
     model_path = options.model.expanduser()
     if not model_path.exists():
@@ -229,7 +258,10 @@ def run_eval(options: EvalOptions, reporter: Reporter | None = None) -> dict[str
     runner = {"fast": _run_fast, "linear": _run_linear, "knn": _run_knn, "finetune": _run_finetune}[
         options.mode
     ]
-    scores, val_labels, n_train, extra = runner(ctx, out)
+    result = runner(ctx, out)
+    if result is None or not main:
+        return {}
+    scores, val_labels, val_indices, n_train, extra = result
     extra_summary = extra.pop("summary", {})
     acc = accuracy(scores, val_labels, split.num_classes)
     total = time.perf_counter() - started
@@ -238,6 +270,13 @@ def run_eval(options: EvalOptions, reporter: Reporter | None = None) -> dict[str
     per_class = {name: acc.per_class[i] for i, name in enumerate(split.classes)}
     title = f"{options.mode}: top-1 {100 * acc.top1:.2f}% on {acc.n} val images ({loaded.source.name})"
     write_confusion_png(out / CONFUSION_PNG, acc.confusion, split.classes, title)
+    write_predictions_csv(
+        out / PREDICTIONS_CSV,
+        [split.val[int(i)].path for i in val_indices],
+        [split.classes[int(y)] for y in val_labels.cpu()],
+        scores.cpu(),
+        split.classes,
+    )
     record: dict[str, Any] = {
         "mode": options.mode,
         "top1": acc.top1,
@@ -271,6 +310,7 @@ def run_eval(options: EvalOptions, reporter: Reporter | None = None) -> dict[str
             "geometry": geometry.as_dict(),
             "normalize": {"mean": list(ctx.normalize.mean), "std": list(ctx.normalize.std)},
             "device": str(device),
+            "world_size": dist.world_size(),
             "workers": ctx.workers,
         },
         "model_settings": loaded.settings.model_dump(mode="json"),
@@ -278,6 +318,7 @@ def run_eval(options: EvalOptions, reporter: Reporter | None = None) -> dict[str
         "out": str(out),
         "eval_json": str(out / EVAL_JSON),
         "confusion_png": str(out / CONFUSION_PNG),
+        "predictions_csv": str(out / PREDICTIONS_CSV),
         **extra,
     }
     write_json_atomic(out / EVAL_JSON, record)
@@ -302,15 +343,19 @@ def run_eval(options: EvalOptions, reporter: Reporter | None = None) -> dict[str
 
 
 # ---------------------------------------------------------------------------------------------
-# Modes: each returns (val scores (N, C), val labels (N,), train images used, extra record fields)
+# Modes: each returns (val scores (N, C), val labels (N,), val indices (N,), train images used,
+# extra record fields)
+# on rank 0; knn and fast return None on the other ranks once the features are gathered.
 
-_ModeResult = tuple[torch.Tensor, torch.Tensor, int, dict[str, Any]]
+_ModeResult = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, dict[str, Any]]
 
 
-def _run_knn(ctx: _Context, out: Path) -> _ModeResult:
+def _run_knn(ctx: _Context, out: Path) -> _ModeResult | None:
     o = ctx.options
     train_f, train_y, _ = ctx.features(ctx.images("train", augment=False), "train features")
-    val_f, val_y, _ = ctx.features(ctx.images("val", augment=False), "val features")
+    val_f, val_y, val_idx = ctx.features(ctx.images("val", augment=False), "val features")
+    if not dist.is_main():
+        return None
     start = time.perf_counter()
     scores = knn_scores(
         train_f, train_y, val_f, num_classes=ctx.split.num_classes, k=o.k, temperature=o.temperature
@@ -318,10 +363,10 @@ def _run_knn(ctx: _Context, out: Path) -> _ModeResult:
     ctx.timings["classifier"] = time.perf_counter() - start
     k = min(o.k, train_f.shape[0])
     extra = {"knn": {"k": k, "temperature": o.temperature}, "summary": {"k": k}}
-    return scores, val_y, int(train_f.shape[0]), extra
+    return scores, val_y, val_idx, int(train_f.shape[0]), extra
 
 
-def _run_fast(ctx: _Context, out: Path) -> _ModeResult:
+def _run_fast(ctx: _Context, out: Path) -> _ModeResult | None:
     o = ctx.options
     c = ctx.split.num_classes
     views = [("train features", ctx.images("train", augment=False))]
@@ -335,7 +380,9 @@ def _run_fast(ctx: _Context, out: Path) -> _ModeResult:
         feats.append(f)
         labels.append(y)
         indices.append(kept)
-    val_f, val_y, _ = ctx.features(ctx.images("val", augment=False), "val features")
+    val_f, val_y, val_idx = ctx.features(ctx.images("val", augment=False), "val features")
+    if not dist.is_main():
+        return None
     start = time.perf_counter()
     # Hold out a class-stratified part of the train images (by image, so none of the augmented
     # views of a held-out image is fitted on); only their centre views are scored.
@@ -404,7 +451,7 @@ def _run_fast(ctx: _Context, out: Path) -> _ModeResult:
         },
         "summary": {"chosen": chosen},
     }
-    return scores, val_y, int(feats[0].shape[0]), extra
+    return scores, val_y, val_idx, int(feats[0].shape[0]), extra
 
 
 def _run_linear(ctx: _Context, out: Path) -> _ModeResult:
@@ -416,7 +463,7 @@ def _run_linear(ctx: _Context, out: Path) -> _ModeResult:
         weight_decay=o.weight_decay if o.weight_decay is not None else defaults.weight_decay,
         batch_size=o.batch_size,
     )
-    val_f, val_y, _ = ctx.features(ctx.images("val", augment=False), "val features")
+    val_f, val_y, val_idx = ctx.features(ctx.images("val", augment=False), "val features")
     start = time.perf_counter()
     train = ctx.images("train", augment=True)
     result = linear_protocol(
@@ -450,7 +497,7 @@ def _run_linear(ctx: _Context, out: Path) -> _ModeResult:
         },
         "summary": {"best_epoch_selected_on_val": {"epoch": best_epoch["epoch"], "top1": best_epoch["top1"]}},
     }
-    return result.val_scores, val_y, len(train), extra
+    return result.val_scores, val_y, val_idx, len(train), extra
 
 
 def _run_finetune(ctx: _Context, out: Path) -> _ModeResult:
@@ -461,8 +508,9 @@ def _run_finetune(ctx: _Context, out: Path) -> _ModeResult:
     for note in notes:
         ctx.reporter.warn(note)
     subset_file = out / "subset.txt"
-    lines = [f"{ctx.split.train[int(i)].path}\t{ctx.split.classes[labels[int(i)]]}" for i in subset]
-    subset_file.write_text("".join(f"{line}\n" for line in lines))
+    if dist.is_main():
+        lines = [f"{ctx.split.train[int(i)].path}\t{ctx.split.classes[labels[int(i)]]}" for i in subset]
+        subset_file.write_text("".join(f"{line}\n" for line in lines))
     recipe = paper_recipe(
         o.label_fraction,
         subset_size=len(subset),
@@ -506,4 +554,4 @@ def _run_finetune(ctx: _Context, out: Path) -> _ModeResult:
         },
         "summary": {"label_fraction": o.label_fraction, "subset_size": len(subset)},
     }
-    return result.val_scores, val_y, len(subset), extra
+    return result.val_scores, val_y, result.val_indices.cpu(), len(subset), extra

@@ -288,7 +288,7 @@ def _correctness(tiny: bool, device: Any) -> list[dict[str, Any]]:
     checks.append(
         _check(
             "batched augmentation, CUDA vs CPU (same parameters)",
-            diff < 1e-3 and all(y.device == cuda for y in b),
+            diff < 1e-3 and all(y.device.type == cuda.type for y in b),
             mean_abs_diff=diff,
         )
     )
@@ -305,14 +305,23 @@ def _correctness(tiny: bool, device: Any) -> list[dict[str, Any]]:
     gpu_images, failures = decode_images(encoded, cuda)
     cpu_images = [decode_file(p) for p in paths]
     diffs = [(x.cpu().float() - y.float()).abs() for x, y in zip(gpu_images, cpu_images, strict=True)]
-    on_gpu = all(im.device == cuda for im in gpu_images)
+    # Decoders may upsample the 4:2:0 chroma differently (libjpeg-turbo's "fancy" upsampling vs
+    # nvjpeg's), which moves R, G and B by several levels on these noisy synthetic images; luma is
+    # stored at full resolution, so it must agree to about a level (IDCT rounding).
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
+    luma_diffs = [
+        ((x.cpu().float() * luma).sum(0) - (y.float() * luma).sum(0)).abs()
+        for x, y in zip(gpu_images, cpu_images, strict=True)
+    ]
+    on_gpu = all(im.device.type == cuda.type for im in gpu_images)
     checks.append(
         _check(
-            "JPEG decode, nvjpeg vs CPU (uint8 levels)",
-            not failures and on_gpu and max(float(d.mean()) for d in diffs) < 2.0,
+            "JPEG decode, nvjpeg vs CPU (luma, uint8 levels)",
+            not failures and on_gpu and max(float(d.mean()) for d in luma_diffs) < 1.5,
             decoded_on_gpu=on_gpu,
-            mean_abs_diff=max(float(d.mean()) for d in diffs),
-            max_abs_diff=max(float(d.max()) for d in diffs),
+            luma_mean_abs_diff=max(float(d.mean()) for d in luma_diffs),
+            rgb_mean_abs_diff=max(float(d.mean()) for d in diffs),
+            rgb_max_abs_diff=max(float(d.max()) for d in diffs),
         )
     )
     batch = Batch(crops=None, images=[*encoded[:2], cpu_images[2]], indices=[0, 1, 2])
@@ -324,7 +333,7 @@ def _correctness(tiny: bool, device: Any) -> list[dict[str, Any]]:
         _check(
             "loop hand-over: JPEG bytes + decoded image -> crops on the GPU",
             shapes == [(3, 3, 224, 224), (3, 3, 96, 96)]
-            and all(o.device == cuda and torch.isfinite(o).all() for o in out),
+            and all(o.device.type == cuda.type and torch.isfinite(o).all() for o in out),
             shapes=shapes,
         )
     )
@@ -358,7 +367,9 @@ def phase_core(out: Path, tiny: bool) -> dict[str, Any]:
     result: dict[str, Any] = {"environment": _environment()}
     write_json(out / "phases" / "core.json", result)
     if torch.cuda.is_available():
-        device = torch.device("cuda")
+        # With its index: tensors report cuda:0, and torch.device("cuda") != torch.device("cuda:0")
+        # (the reason three checks of the first H200 run read FAILED with correct results).
+        device = torch.device("cuda", torch.cuda.current_device())
     elif tiny:
         log("no CUDA device: running the checks and timings on the CPU (a check of this script only)")
         device = torch.device("cpu")

@@ -348,6 +348,7 @@ def _elastic_worker(payload: dict[str, Any]) -> dict[str, Any]:
     """Entry point of a worker started by :func:`launch_local` (a forked or spawned process)."""
     job = Job(**payload["job"])
     stop = _install_signal_handling(job)  # first: for pretraining, a signal is now a checkpoint request
+    _apply_thread_count()
     env = dist.detect_env()
     if env is None:  # pragma: no cover - elastic always sets RANK/WORLD_SIZE/LOCAL_RANK
         raise RuntimeError("worker started without RANK/WORLD_SIZE/LOCAL_RANK")
@@ -371,6 +372,20 @@ def _quiet_elastic_logs() -> None:
     for name in list(logging.root.manager.loggerDict):
         if name.startswith("torch.distributed"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def _apply_thread_count() -> None:
+    """Use ``OMP_NUM_THREADS`` threads in this worker.
+
+    A forked worker inherits the parent's torch, whose thread pool size was fixed before the
+    launcher set the variable; without this, N workers each ran the parent's thread count and
+    spin-waited on each other (2 CPU workers on 2 cores were 2x slower than one process).
+    """
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0:
+        import torch
+
+        torch.set_num_threads(int(threads))
 
 
 def _threads_per_worker(nprocs: int) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -286,3 +287,21 @@ def test_under_torchrun_each_process_is_one_rank(data: Path, tmp_path: Path) -> 
     record = json.loads((tmp_path / "two" / "eval.json").read_text())
     assert record["settings"]["world_size"] == 2
     _same_predictions(tmp_path / "one", tmp_path / "two")
+
+
+def test_launched_cpu_workers_use_their_share_of_the_cores(data: Path, tmp_path: Path) -> None:
+    """Without OMP_NUM_THREADS, each of N forked workers gets cores // N threads (not the parent's
+    count: oversubscribed workers spin-wait on each other)."""
+    env = {k: v for k, v in cli_env().items() if k != "OMP_NUM_THREADS"}
+    command = [sys.executable, "-m", "swavctl", "eval-linear", str(data / "backbone.safetensors")]
+    done = subprocess.run(
+        [*command, "--mode", "knn", "--gpus", "0", "--procs", "2", "--out", str(tmp_path / "two")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    record = json.loads((tmp_path / "two" / "eval.json").read_text())
+    assert record["settings"]["threads_per_process"] == max(1, len(os.sched_getaffinity(0)) // 2)

@@ -311,6 +311,7 @@ def run_eval(
             "normalize": {"mean": list(ctx.normalize.mean), "std": list(ctx.normalize.std)},
             "device": str(device),
             "world_size": dist.world_size(),
+            "threads_per_process": torch.get_num_threads(),
             "workers": ctx.workers,
         },
         "model_settings": loaded.settings.model_dump(mode="json"),

@@ -57,6 +57,7 @@ FULL: dict[str, Any] = {
     "step_steps": 20,
     "e2e_steps": 60,  # within the first epoch (64 steps): no loader restart, no epoch checkpoint
     "e2e_warmup": 10,
+    "profile_steps": 5,  # steps 4-8 of the eager e2e runs (inside the warm-up left out of samples/s)
     "check_arch": "resnet50",
 }
 TINY: dict[str, Any] = {
@@ -75,6 +76,7 @@ TINY: dict[str, Any] = {
     "step_steps": 3,
     "e2e_steps": 6,
     "e2e_warmup": 2,
+    "profile_steps": 2,
     "check_arch": "convnet-tiny",
 }
 
@@ -503,6 +505,8 @@ def e2e(out: Path, tiny: bool, *, augment_on: str, compile_model: bool, limit: f
         "--set",
         f"train.max_seconds={max(10.0, limit - 25)}",
     ]
+    if not compile_model:  # where a step's time goes (train.profile_steps: OUT/profile/phases.txt)
+        args += ["--set", f"train.profile_steps={cfg['profile_steps']}"]
     for o in cfg["overrides"]:
         args += ["--set", o]
     log(f"{name}: {' '.join(args[2:])}")
@@ -528,6 +532,12 @@ def e2e(out: Path, tiny: bool, *, augment_on: str, compile_model: bool, limit: f
         result["stderr_tail"] = stderr[-3000:]
     elif stdout.strip():
         result["summary"] = json.loads(stdout.strip().splitlines()[-1])
+    for kind in ("phases", "ops"):
+        profiled = run / "profile" / f"{kind}.txt"
+        if profiled.exists():
+            shutil.copy(profiled, out / f"{name}.{kind}.txt")
+            if kind == "phases":
+                result["profile_phases"] = profiled.read_text()
     metrics = run / "metrics.jsonl"
     if metrics.exists():
         shutil.copy(metrics, out / f"{name}.metrics.jsonl")
@@ -698,6 +708,15 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {label} | {figure['samples_per_s']:.0f} | | | {note} |")
         else:
             lines.append(f"| {label} | not measured | | | {loader.get('skipped', '')} |")
+    profiled = [(key, phases.get(key, {}).get("profile_phases")) for key in ("e2e_device", "e2e_workers")]
+    if any(text for _, text in profiled):
+        lines += [
+            "",
+            "Where an end-to-end step's time goes (`train.profile_steps`, torch.profiler; ms per step):",
+        ]
+        for key, text in profiled:
+            if text:
+                lines += ["", f"{key}:", "", "```", text.rstrip(), "```"]
     eager = core.get("step", {}).get("first_loss")
     compiled = phases.get("step_compile", {}).get("step", {}).get("first_loss")
     if eager is not None and compiled is not None:

@@ -160,6 +160,12 @@ class TrainSettings(_Strict):
     channels_last: bool = Field(True, description="Use channels_last memory format on GPU.")
     compile: bool = Field(False, description="torch.compile the model (GPU).")
     log_every: int = Field(1, ge=1, description="Steps between metrics lines.")
+    profile_steps: int = Field(
+        0,
+        ge=0,
+        description="Profile this many steps (after 3 warm-up steps) with torch.profiler into OUT/profile/ "
+        "(phases.txt, ops.txt, trace.json); 0 = off.",
+    )
 
 
 class CheckpointSettings(_Strict):

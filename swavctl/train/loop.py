@@ -35,6 +35,7 @@ from swavctl.train import checkpoint as ckpt
 from swavctl.train import rng
 from swavctl.train.build import augment_spec, build_model, build_optimizer, crop_specs
 from swavctl.train.health import CollapseDetector, MetricsLog, code_statistics
+from swavctl.train.profiling import WARMUP_STEPS, maybe_profiler, phase
 from swavctl.train.run_dir import (
     RESOLVED_FILE,
     SUMMARY_FILE,
@@ -514,6 +515,9 @@ def pretrain(
     stop_flag = stop or StopFlag()
     if owns_stop:
         stop_flag.install()
+    profiler = maybe_profiler(
+        run_dir / "profile", steps=settings.train.profile_steps, device_type=device.type, main=dist.is_main()
+    )
     try:
         while step < total_steps:
             epoch, batch_in_epoch = divmod(step, steps_epoch)
@@ -539,14 +543,15 @@ def pretrain(
             wait_start = time.perf_counter()
             iterator = iter(loader)
             while step < total_steps:
-                try:
-                    batch: Batch = next(iterator)
-                except StopIteration:
-                    break
-                except BadImage as exc:
-                    raise UserError(f"unreadable image (data.on_bad_image=error): {exc}") from None
-                if batch.images is not None:
-                    batch = _decode_batch(batch, dataset.paths, device)
+                with phase("data_wait"):
+                    try:
+                        batch: Batch = next(iterator)
+                    except StopIteration:
+                        break
+                    except BadImage as exc:
+                        raise UserError(f"unreadable image (data.on_bad_image=error): {exc}") from None
+                    if batch.images is not None:
+                        batch = _decode_batch(batch, dataset.paths, device)
                 data_wait = time.perf_counter() - wait_start
                 step_start = time.perf_counter()
                 for bad in batch.skipped:
@@ -569,9 +574,12 @@ def pretrain(
                     continue
                 if hook_raise is not None and hook_raise == (rank, step + 1):
                     raise RuntimeError(f"injected failure on rank {rank} at step {step + 1} ({HOOK_RAISE})")
-                crops_t = _batch_crops(batch, crops, augment, device, settings.train.seed, epoch, step, rank)
-                if channels_last:
-                    crops_t = [c.contiguous(memory_format=torch.channels_last) for c in crops_t]
+                with phase("augment"):
+                    crops_t = _batch_crops(
+                        batch, crops, augment, device, settings.train.seed, epoch, step, rank
+                    )
+                    if channels_last:
+                        crops_t = [c.contiguous(memory_format=torch.channels_last) for c in crops_t]
                 lr = learning_rate(
                     step,
                     steps_per_epoch=steps_epoch,
@@ -583,36 +591,40 @@ def pretrain(
                 )
                 for group in sgd.param_groups:
                     group["lr"] = lr
-                model.normalize_prototypes()
-                with torch.autocast(
-                    device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
-                ):
-                    embeddings, scores = train_model(crops_t)
-                out = swav_loss_from_outputs(
-                    embeddings.float(),
-                    scores.float(),
-                    batch_size=batch.size,
-                    num_crops=num_crops,
-                    assignment_crops=settings.swav.assignment_crops,
-                    prototypes=model.prototypes.weight,
-                    temperature=settings.swav.temperature,
-                    epsilon=settings.swav.epsilon,
-                    sinkhorn_iterations=settings.swav.sinkhorn_iterations,
-                    queue=active_queue,
-                )
+                with phase("forward"):
+                    model.normalize_prototypes()
+                    with torch.autocast(
+                        device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+                    ):
+                        embeddings, scores = train_model(crops_t)
+                with phase("loss"):
+                    out = swav_loss_from_outputs(
+                        embeddings.float(),
+                        scores.float(),
+                        batch_size=batch.size,
+                        num_crops=num_crops,
+                        assignment_crops=settings.swav.assignment_crops,
+                        prototypes=model.prototypes.weight,
+                        temperature=settings.swav.temperature,
+                        epsilon=settings.swav.epsilon,
+                        sinkhorn_iterations=settings.swav.sinkhorn_iterations,
+                        queue=active_queue,
+                    )
                 loss = out.loss
                 if hook_nan is not None and hook_nan == (rank, step + 1):
                     loss = loss * float("nan")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if step < settings.swav.freeze_prototypes_steps:
-                    _freeze_prototype_grads(model)
-                # Checked on every rank with one collective, before the optimizer touches anything.
-                loss_ok = bool(torch.isfinite(loss.detach()))
-                grads_ok = scaler.is_enabled() or bool(_grads_finite(model))
-                bad_loss, bad_grads, mean_loss = _check_step(
-                    not loss_ok, not grads_ok, float(out.loss.detach()), device
-                )
+                with phase("backward"):
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    if step < settings.swav.freeze_prototypes_steps:
+                        _freeze_prototype_grads(model)
+                with phase("checks"):
+                    # Checked on every rank with one collective, before the optimizer touches anything.
+                    loss_ok = bool(torch.isfinite(loss.detach()))
+                    grads_ok = scaler.is_enabled() or bool(_grads_finite(model))
+                    bad_loss, bad_grads, mean_loss = _check_step(
+                        not loss_ok, not grads_ok, float(out.loss.detach()), device
+                    )
                 if bad_loss or bad_grads:
                     what = (
                         f"non-finite loss on rank {_ranks_text(bad_loss)}"
@@ -624,51 +636,68 @@ def pretrain(
                         f"the last good checkpoint is {last_checkpoint or 'none'} "
                         "(try a lower optim.base_lr, or train.precision=fp32)"
                     )
-                if scaler.is_enabled():
-                    scaler.unscale_(sgd)
-                    optimizer.step(lambda: scaler.step(sgd))  # skipped by the scaler on inf/NaN
-                    scaler.update()
-                else:
-                    optimizer.step()
+                with phase("optimizer"):
+                    if scaler.is_enabled():
+                        scaler.unscale_(sgd)
+                        optimizer.step(lambda: scaler.step(sgd))  # skipped by the scaler on inf/NaN
+                        scaler.update()
+                    else:
+                        optimizer.step()
                 step += 1
                 samples_seen += batch.size * world
                 loss_value = mean_loss  # over all ranks, as one process on the global batch
                 last_loss = loss_value
                 step_time = time.perf_counter() - step_start
-                entropy, used = code_statistics(out.codes[0])
-                record = {
-                    "step": step,
-                    "epoch": epoch,
-                    "loss": loss_value,
-                    "loss_over_lnk": loss_value / math.log(settings.model.prototypes),
-                    "lr": lr,
-                    "samples_per_s": batch.size * world / max(step_time + data_wait, 1e-9),
-                    "data_wait_fraction": data_wait / max(step_time + data_wait, 1e-9),
-                    "code_entropy": entropy,
-                    "prototypes_used": used,
-                    "queue_in_use": out.queue_in_use,
-                    "skipped_images": skipped_total,
-                }
-                if dist.is_main() and (step % settings.train.log_every == 0 or step == total_steps):
-                    metrics.append(record)
-                reporter.step(record)
-                warning = health.update(step, loss_value)
-                if warning:
-                    warn_all(warning)
-                if on_step is not None:
-                    on_step(step)
-                if step % steps_epoch == 0 or step % settings.checkpoint.every_steps == 0:
-                    save(step // steps_epoch, "periodic")
-                if settings.train.max_seconds and time.perf_counter() - started > settings.train.max_seconds:
-                    reporter.info(f"train.max_seconds reached at step {step}")
-                    total_steps = step
+                with phase("bookkeeping"):
+                    entropy, used = code_statistics(out.codes[0])
+                    record = {
+                        "step": step,
+                        "epoch": epoch,
+                        "loss": loss_value,
+                        "loss_over_lnk": loss_value / math.log(settings.model.prototypes),
+                        "lr": lr,
+                        "samples_per_s": batch.size * world / max(step_time + data_wait, 1e-9),
+                        "data_wait_fraction": data_wait / max(step_time + data_wait, 1e-9),
+                        "code_entropy": entropy,
+                        "prototypes_used": used,
+                        "queue_in_use": out.queue_in_use,
+                        "skipped_images": skipped_total,
+                    }
+                    if dist.is_main() and (step % settings.train.log_every == 0 or step == total_steps):
+                        metrics.append(record)
+                    reporter.step(record)
+                    warning = health.update(step, loss_value)
+                    if warning:
+                        warn_all(warning)
+                    if on_step is not None:
+                        on_step(step)
+                    if step % steps_epoch == 0 or step % settings.checkpoint.every_steps == 0:
+                        save(step // steps_epoch, "periodic")
+                    if (
+                        settings.train.max_seconds
+                        and time.perf_counter() - started > settings.train.max_seconds
+                    ):
+                        reporter.info(f"train.max_seconds reached at step {step}")
+                        total_steps = step
+                if profiler is not None:
+                    profiler.step()
                 if hook_sleep:
                     time.sleep(hook_sleep)
                 wait_start = time.perf_counter()
             del iterator, loader
     finally:
+        if profiler is not None:
+            profiler.close()
         if owns_stop:
             stop_flag.restore()
+    if profiler is not None:
+        if profiler.written:
+            reporter.info(f"profile of {profiler.steps} steps: {profiler.out_dir}/phases.txt")
+        else:
+            reporter.warn(
+                f"train.profile_steps={profiler.steps}: the run ended before step "
+                f"{WARMUP_STEPS + profiler.steps} of this process, so no profile was written"
+            )
     final_ckpt = save(step // steps_epoch, "final")
     elapsed = time.perf_counter() - started
     backbone_path = run_dir / "backbone.safetensors"

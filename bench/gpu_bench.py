@@ -391,6 +391,11 @@ def phase_core(out: Path, tiny: bool) -> dict[str, Any]:
     result["sinkhorn_gpu"] = bench_sinkhorn(b, k, device=device, repeats=10).as_dict()
     result["sinkhorn_cpu"] = bench_sinkhorn(b, k, device=torch.device("cpu"), repeats=3).as_dict()
     log(f"sinkhorn GPU: {result['sinkhorn_gpu']}")
+    from swavctl.bench.larc import bench_larc
+
+    preset = "smoke" if tiny else "swav-rn50-800ep"
+    result["larc_gpu"] = bench_larc(device=device, preset=preset, repeats=5 if tiny else 20).as_dict()
+    log(f"larc GPU: {result['larc_gpu']}")
     return result
 
 
@@ -733,6 +738,15 @@ def markdown(results: dict[str, Any]) -> str:
             f"Sinkhorn B={sg['batch']}, K={sg['prototypes']} fp32 on the GPU: ours {sg['ours_ms']:.2f} ms, "
             f"official formula {sg['official_ms']:.2f} ms (ratio {sg['speedup']:.2f}x); on the CPU "
             f"({sc['threads']} threads): ours {sc['ours_ms']:.0f} ms, official {sc['official_ms']:.0f} ms.",
+        ]
+    lg = core.get("larc_gpu")
+    if lg:
+        lines += [
+            "",
+            f"LARC rescaling on the GPU ({lg['preset']}, {lg['parameters']} parameters): per parameter "
+            f"{lg['baseline_ms']:.2f} ms ({lg['baseline_ops']} operators), fused {lg['ours_ms']:.2f} ms "
+            f"({lg['ours_ops']} operators): {lg['speedup']:.1f}x; "
+            f"max abs difference {lg['max_abs_diff']:.1e}.",
         ]
     checks = core.get("checks")
     if checks:

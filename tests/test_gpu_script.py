@@ -39,6 +39,8 @@ def test_gpu_script_tiny_run(tmp_path: Path) -> None:
         assert phases[name]["profile_phases"].startswith("profiled steps: 2")
         assert (out / f"{name}.ops.txt").is_file()
     assert phases["loader"]["workers"]["figures"][0]["samples_per_s"] > 0
+    larc = phases["core"]["larc_gpu"]
+    assert larc["ours_ops"] < larc["baseline_ops"] and larc["max_abs_diff"] < 1e-6
     report = (out / "gpu_bench.md").read_text()
     assert "TINY sizes" in report and "FAILED" not in report
     assert os.path.getsize(out / "gpu.log") > 0

@@ -68,25 +68,35 @@ class LARC:
 
     @torch.no_grad()
     def adapt_gradients(self) -> None:
-        """Apply the LARC rescaling (and weight decay) to the gradients in place."""
+        """Apply the LARC rescaling (and weight decay) to the gradients in place.
+
+        All parameters of a group (per device and dtype) are handled together with ``torch._foreach``
+        ops: two fused norms, the trust ratios as one vector, then one fused multiply and one
+        multiply-add over the gradients, a dozen kernels instead of a dozen per parameter (ResNet-50 has
+        161 parameters; on a GPU the per-parameter loop was launch-bound).
+        """
         for group in self.optim.param_groups:
             if group.get("lars_exclude", False):
                 continue
-            weight_decay = group["weight_decay"]
-            for p in _with_grad(group["params"]):
-                grad = p.grad
-                assert grad is not None
-                param_norm = torch.linalg.vector_norm(p.float())
-                grad_norm = torch.linalg.vector_norm(grad.float())
-                local = (
-                    self.trust_coefficient * param_norm / (grad_norm + param_norm * weight_decay + self.eps)
-                )
-                if self.clip:
-                    local = torch.clamp(local / group["lr"], max=1.0)
-                active = (param_norm != 0) & (grad_norm != 0)
-                scale = torch.where(active, local, torch.ones_like(local)).to(grad.dtype)
-                decay = torch.where(active, torch.full_like(local, weight_decay), torch.zeros_like(local))
-                grad.add_(p * decay.to(p.dtype)).mul_(scale)
+            for params in _by_device_and_dtype(_with_grad(group["params"])):
+                self._adapt(params, weight_decay=group["weight_decay"], lr=group["lr"])
+
+    def _adapt(self, params: list[torch.Tensor], *, weight_decay: float, lr: float) -> None:
+        grads = [p.grad for p in params]
+        assert all(g is not None for g in grads)
+        param_norm = torch.stack(torch._foreach_norm(params)).float()
+        grad_norm = torch.stack(torch._foreach_norm(grads)).float()  # type: ignore[arg-type]
+        local = self.trust_coefficient * param_norm / (grad_norm + param_norm * weight_decay + self.eps)
+        if self.clip:
+            local = torch.clamp(local / lr, max=1.0)
+        active = (param_norm != 0) & (grad_norm != 0)
+        dtype = params[0].dtype
+        scale = torch.where(active, local, torch.ones_like(local)).to(dtype)
+        decay = torch.where(active, torch.full_like(local, weight_decay), torch.zeros_like(local)).to(dtype)
+        # g <- (g + decay * p) * scale = g * scale + p * (decay * scale), per parameter (decay and
+        # scale are 0 and 1 when inactive), in place and without a temporary copy of the weights.
+        torch._foreach_mul_(grads, list(scale.unbind()))  # type: ignore[arg-type]
+        torch._foreach_addcmul_(grads, params, list((decay * scale).unbind()))  # type: ignore[arg-type]
 
     def step(self, inner_step: Callable[[], object] | None = None) -> None:
         """Adapt the gradients, then step the wrapped optimizer with its weight decay at 0.
@@ -107,3 +117,11 @@ class LARC:
 
 def _with_grad(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     return [p for p in params if p.grad is not None]
+
+
+def _by_device_and_dtype(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """``params`` split into lists of one device and dtype each (foreach ops need that)."""
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for p in params:
+        groups.setdefault((p.device, p.dtype), []).append(p)
+    return list(groups.values())

@@ -144,19 +144,16 @@ def plan_local_workers(gpus: int | None, procs: int) -> int:
     return procs
 
 
-def local_workers(settings: Settings) -> int:
-    """How many worker processes ``swavctl pretrain`` starts on this machine (1 = no launcher)."""
-    return plan_local_workers(settings.dist.gpus, settings.dist.procs)
-
-
-def run_job(job: Job, *, nprocs: int, single: Any) -> Outcome:
-    """Run ``job`` as the environment asks: a job worker, ``nprocs`` local workers, or ``single(stop)``.
+def run_job(job: Job, *, gpus: int | None, procs: int, single: Any) -> Outcome:
+    """Run ``job`` as the environment and ``--gpus``/``--procs`` ask: a job worker, local workers
+    (:func:`plan_local_workers`), or ``single(stop)`` in this process.
 
     In a single process, bugs propagate with their traceback; user errors become an Outcome.
     """
     env = dist.detect_env()
     if env is not None:
-        return _run_as_job_worker(job, env=env, launched=nprocs)
+        return _run_as_job_worker(job, env=env, launched=gpus if gpus and gpus > 1 else procs)
+    nprocs = plan_local_workers(gpus, procs)
     if nprocs > 1:
         return launch_local(job, nprocs=nprocs)
     return _guarded(single, rank=0)
@@ -170,12 +167,12 @@ def run_pretrain(settings: Settings, *, fresh: bool = False) -> Outcome:
         use_cuda=wants_cuda(settings),
         timeout_s=settings.dist.timeout_s,
     )
-    nprocs = 1 if dist.detect_env() is not None else local_workers(settings)
     from swavctl.train.loop import pretrain
 
     return run_job(
         job,
-        nprocs=nprocs,
+        gpus=settings.dist.gpus,
+        procs=settings.dist.procs,
         single=lambda stop: pretrain(settings, reporter=_reporter(), fresh=fresh, stop=stop),
     )
 
@@ -200,8 +197,12 @@ def run_evaluation(options: Any) -> Outcome:
         use_cuda=cuda_by_default(options.gpus),
         timeout_s=EVAL_TIMEOUT_S,
     )
-    nprocs = 1 if dist.detect_env() is not None else plan_local_workers(options.gpus, options.procs)
-    return run_job(job, nprocs=nprocs, single=lambda stop: run_eval(options, reporter=RichReporter()))
+    return run_job(
+        job,
+        gpus=options.gpus,
+        procs=options.procs,
+        single=lambda stop: run_eval(options, reporter=RichReporter()),
+    )
 
 
 def _reporter() -> Any:

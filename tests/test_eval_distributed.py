@@ -274,7 +274,7 @@ def test_under_torchrun_each_process_is_one_rank(data: Path, tmp_path: Path) -> 
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     done = subprocess.run(
         [*torchrun, "-m", "swavctl", "eval-linear", str(data / "backbone.safetensors"), "--mode", "knn"]
-        + [*MODES["knn"], "--gpus", "0", "--out", str(tmp_path / "two"), "--json"],
+        + [*MODES["knn"], "--gpus", "0", "--procs", "3", "--out", str(tmp_path / "two"), "--json"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -284,6 +284,8 @@ def test_under_torchrun_each_process_is_one_rank(data: Path, tmp_path: Path) -> 
     assert done.returncode == 0, done.stderr
     summaries = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert len(summaries) == 1 and summaries[0]["top1"] == one["top1"]
+    # torchrun decides the number of ranks; --procs only says "CPU workers" here, and rank 0 says so.
+    assert "torchrun started 2 workers on this node; --gpus/--procs 3 only chooses" in done.stderr
     record = json.loads((tmp_path / "two" / "eval.json").read_text())
     assert record["settings"]["world_size"] == 2
     _same_predictions(tmp_path / "one", tmp_path / "two")

@@ -29,7 +29,6 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from swavctl import dist
@@ -38,9 +37,9 @@ from swavctl.eval.linear import new_classifier
 from swavctl.eval.progress import QuietReporter, Reporter
 from swavctl.eval.sharding import (
     chunks,
+    cross_entropy_step,
     data_parallel,
     gather_in_order,
-    global_count,
     global_sums,
     rank_share,
     this_rank_sampler,
@@ -157,7 +156,6 @@ def finetune(
     if dist.is_distributed():  # batch statistics over the global batch, as one process has them
         model = convert_sync_batchnorm(model, device_type=device.type)
     trained = data_parallel(model, device)
-    world = dist.world_size()
     optimizer = torch.optim.SGD(
         [
             {"params": trunk.parameters(), "lr": recipe.trunk_lr},
@@ -187,14 +185,10 @@ def finetune(
                 else:  # nothing readable here (or nothing for this rank): still join the step
                     inputs = torch.zeros(0, 3, train.geometry.crop, train.geometry.crop, device=device)
                 targets = labels_all[batch.indices.to(device)]
-                count = global_count(targets.numel(), device)
-                if count > 1:
-                    # Mean over the global batch: DDP averages over ranks, hence the * world.
-                    loss_sum = F.cross_entropy(trained(inputs), targets, reduction="sum")
-                    optimizer.zero_grad(set_to_none=True)
-                    (loss_sum * (world / count)).backward()
-                    optimizer.step()
-                    total += float(loss_sum.detach())
+                # BatchNorm in train mode needs 2 images: a global batch of 1 is skipped.
+                loss_sum = cross_entropy_step(trained, inputs, targets, optimizer, min_count=2)
+                if loss_sum is not None:
+                    total += loss_sum
                     seen += targets.numel()
                 task.advance(1, f"epoch {epoch + 1}/{recipe.epochs} loss {total / max(1, seen):.3f}")
             total, seen_all = global_sums([total, float(seen)], device)
@@ -211,7 +205,7 @@ def finetune(
     model.eval()
     scores: list[torch.Tensor] = [torch.empty(0, num_classes, device=device)]
     order: list[torch.Tensor] = [torch.empty(0, dtype=torch.int64)]
-    share = rank_share(len(val), dist.rank(), world)
+    share = rank_share(len(val), dist.rank(), dist.world_size())
     val_loader = make_loader(val, batch_sampler=chunks(share, 256), workers=workers)
     with torch.no_grad():
         for batch in val_loader:

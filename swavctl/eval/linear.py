@@ -20,15 +20,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from swavctl import dist
 from swavctl.eval.dataset import LabelledImages, make_loader
 from swavctl.eval.features import backbone_features
 from swavctl.eval.metrics import topk_correct
 from swavctl.eval.progress import QuietReporter, Reporter
-from swavctl.eval.sharding import data_parallel, global_count, global_sums, this_rank_sampler
+from swavctl.eval.sharding import cross_entropy_step, data_parallel, global_sums, this_rank_sampler
 from swavctl.eval.views import Normalizer
 
 
@@ -94,7 +92,6 @@ def linear_protocol(
         p.requires_grad_(False)
     classifier = new_classifier(feature_dim, num_classes, recipe.init_std, seed).to(device)
     trained = data_parallel(classifier, device)  # DDP under a process group
-    world = dist.world_size()
     optimizer = torch.optim.SGD(
         classifier.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
     )
@@ -120,14 +117,9 @@ def linear_protocol(
                 else:  # nothing readable here (or nothing for this rank): still join the step
                     features = torch.zeros(0, feature_dim, device=device)
                 targets = labels_all[batch.indices.to(device)]
-                count = global_count(targets.numel(), device)
-                if count > 0:
-                    # Mean over the global batch: DDP averages over ranks, hence the * world.
-                    loss_sum = F.cross_entropy(trained(features), targets, reduction="sum")
-                    optimizer.zero_grad(set_to_none=True)
-                    (loss_sum * (world / count)).backward()
-                    optimizer.step()
-                    total_loss += float(loss_sum.detach())
+                loss_sum = cross_entropy_step(trained, features, targets, optimizer)
+                if loss_sum is not None:
+                    total_loss += loss_sum
                     seen += targets.numel()
                 task.advance(1, f"epoch {epoch + 1}/{recipe.epochs} loss {total_loss / max(1, seen):.3f}")
             scheduler.step()

@@ -8,7 +8,7 @@
 - **Training** (linear, finetune): every epoch has one global order of the images, cut into
   global batches of ``batch_size`` as a single process would; rank ``r`` takes the images
   ``r, r + N, ...`` of each global batch (:class:`GlobalBatchSampler`). With the loss summed
-  locally and divided by the global count (:func:`global_count`), DDP's gradient average is the
+  locally and divided by the global count (:func:`cross_entropy_step`), DDP's gradient average is the
   single process's mean gradient over the same global batch, whatever the split.
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from swavctl import dist
@@ -118,6 +119,32 @@ def global_sums(values: list[float], device: torch.device) -> list[float]:
         return values
     total = torch.tensor(values, dtype=torch.float64, device=device)
     return [float(v) for v in dist.all_reduce_sum(total).tolist()]
+
+
+def cross_entropy_step(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    *,
+    min_count: int = 1,
+) -> float | None:
+    """One SGD step on the mean cross-entropy of the global batch (this rank holds a part of it).
+
+    The loss this rank backpropagates is its summed loss divided by the global batch's size and
+    multiplied by the world size, so DDP's average of the ranks' gradients is exactly the mean
+    gradient one process would compute on the whole batch, however unevenly it is split (an
+    empty part still joins the step). Every rank skips the step when the global batch has fewer
+    than ``min_count`` images. Returns this rank's summed loss, or None when skipped.
+    """
+    count = global_count(targets.numel(), targets.device)
+    if count < min_count:
+        return None
+    loss_sum = F.cross_entropy(model(inputs), targets, reduction="sum")
+    optimizer.zero_grad(set_to_none=True)
+    (loss_sum * (dist.world_size() / count)).backward()
+    optimizer.step()
+    return float(loss_sum.detach())
 
 
 def gather_in_order(rows: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

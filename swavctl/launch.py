@@ -187,8 +187,8 @@ def run_evaluation(options: Any) -> Outcome:
     ``--gpus N`` (N > 1) or ``--gpus 0 --procs N`` start N local workers; under torchrun or srun
     this process is one worker. The summary is rank 0's.
     """
-    from swavctl.eval.progress import RichReporter
     from swavctl.eval.run import run_eval
+    from swavctl.stages import StageProgress
 
     options.check()
     job = Job(
@@ -201,7 +201,7 @@ def run_evaluation(options: Any) -> Outcome:
         job,
         gpus=options.gpus,
         procs=options.procs,
-        single=lambda stop: run_eval(options, reporter=RichReporter()),
+        single=lambda stop: run_eval(options, reporter=StageProgress()),
     )
 
 
@@ -276,11 +276,11 @@ def _job_body(job: Job, env: dist.DistEnv) -> Any:
             settings = Settings.model_validate_json(job.args["settings"])
             return pretrain(settings, reporter=_reporter(), fresh=bool(job.args["fresh"]), stop=stop_flag)
         if job.kind == "eval":
-            from swavctl.eval.progress import RichReporter
             from swavctl.eval.run import EvalOptions, run_eval
+            from swavctl.stages import StageProgress
 
             return run_eval(
-                EvalOptions.from_json(job.args["options"]), reporter=RichReporter(), device=device
+                EvalOptions.from_json(job.args["options"]), reporter=StageProgress(), device=device
             )
         raise ValueError(f"unknown job kind {job.kind!r}")
 

@@ -129,8 +129,8 @@ def inspect_clusters_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Prototype assignments, cluster health and browsable pictures (alias: cluster-inspect)."""
-    from swavctl.inspect.progress import StageProgress
     from swavctl.inspect.run import InspectOptions, inspect_clusters
+    from swavctl.stages import StageProgress
 
     if copy and sort_into is None:
         raise fail("--copy needs --sort-into DIR")

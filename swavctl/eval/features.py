@@ -12,9 +12,9 @@ from torch import nn
 
 from swavctl import dist
 from swavctl.eval.dataset import LabelledImages, make_loader
-from swavctl.eval.progress import QuietReporter, Reporter
 from swavctl.eval.sharding import chunks, gather_in_order, rank_share
 from swavctl.eval.views import Normalizer
+from swavctl.stages import QuietStages, StageReporter
 
 
 @torch.no_grad()
@@ -33,7 +33,7 @@ def extract_features(
     batch_size: int,
     feature_dim: int,
     workers: int = 0,
-    reporter: Reporter | None = None,
+    reporter: StageReporter | None = None,
     name: str = "features",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Features of every readable image of ``dataset``, in dataset order, on every rank.
@@ -43,7 +43,7 @@ def extract_features(
     what a single process would. Returns (features (M, d) float32 on ``device``, kept dataset
     indices (M,) int64 on the CPU); M < len(dataset) only when some files could not be decoded.
     """
-    report: Reporter = reporter or QuietReporter()
+    report: StageReporter = reporter or QuietStages()
     was_training = backbone.training
     backbone.eval()
     share = rank_share(len(dataset), dist.rank(), dist.world_size())
@@ -53,13 +53,13 @@ def extract_features(
     parts: list[torch.Tensor] = [torch.empty(0, feature_dim, device=device)]
     kept: list[torch.Tensor] = [torch.empty(0, dtype=torch.int64)]
     try:
-        with report.task(name, len(share)) as task:
+        with report.stage(name, len(share), "images") as advance:
             for batch in loader:
                 if batch.images is not None:
                     images = batch.images.to(device, non_blocking=True)
                     parts.append(backbone_features(backbone, images, normalize))
                     kept.append(batch.indices)
-                task.advance(len(batch.indices))
+                advance(len(batch.indices))
     finally:
         backbone.train(was_training)
     features, indices = gather_in_order(torch.cat(parts), torch.cat(kept))

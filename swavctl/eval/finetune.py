@@ -34,7 +34,6 @@ from torch import nn
 from swavctl import dist
 from swavctl.eval.dataset import LabelledImages, make_loader
 from swavctl.eval.linear import new_classifier
-from swavctl.eval.progress import QuietReporter, Reporter
 from swavctl.eval.sharding import (
     chunks,
     cross_entropy_step,
@@ -45,6 +44,7 @@ from swavctl.eval.sharding import (
     this_rank_sampler,
 )
 from swavctl.eval.views import Normalizer
+from swavctl.stages import QuietStages, StageReporter
 from swavctl.train.sync_batchnorm import convert_sync_batchnorm
 
 #: The paper's learning rates (trunk, head) per label fraction, for batch 256.
@@ -134,7 +134,7 @@ def finetune(
     device: torch.device,
     seed: int,
     workers: int = 0,
-    reporter: Reporter | None = None,
+    reporter: StageReporter | None = None,
 ) -> FinetuneResult:
     """Fine-tune a copy of ``backbone`` with a new head on ``train`` (the label subset); score val.
 
@@ -147,7 +147,7 @@ def finetune(
     scores its share of val; every rank returns the same result, equal to a single process's up
     to the order of float sums.
     """
-    report: Reporter = reporter or QuietReporter()
+    report: StageReporter = reporter or QuietStages()
     trunk = copy.deepcopy(backbone).to(device)
     for p in trunk.parameters():
         p.requires_grad_(True)
@@ -173,7 +173,7 @@ def finetune(
     labels_all = train.labels.to(device)
     history: list[dict[str, float]] = []
     steps = len(sampler)
-    with report.task("finetune", recipe.epochs * steps) as task:
+    with report.stage("finetune", recipe.epochs * steps) as advance:
         for epoch in range(recipe.epochs):
             train.set_epoch(epoch)
             sampler.set_epoch(epoch)
@@ -190,7 +190,7 @@ def finetune(
                 if loss_sum is not None:
                     total += loss_sum
                     seen += targets.numel()
-                task.advance(1, f"epoch {epoch + 1}/{recipe.epochs} loss {total / max(1, seen):.3f}")
+                advance(1, f"epoch {epoch + 1}/{recipe.epochs} loss {total / max(1, seen):.3f}")
             total, seen_all = global_sums([total, float(seen)], device)
             if not math.isfinite(total):
                 raise FloatingPointError(f"fine-tuning diverged at epoch {epoch + 1} (loss {total})")

@@ -25,9 +25,9 @@ from torch import nn
 from swavctl.eval.dataset import LabelledImages, make_loader
 from swavctl.eval.features import backbone_features
 from swavctl.eval.metrics import topk_correct
-from swavctl.eval.progress import QuietReporter, Reporter
 from swavctl.eval.sharding import cross_entropy_step, data_parallel, global_sums, this_rank_sampler
 from swavctl.eval.views import Normalizer
+from swavctl.stages import QuietStages, StageReporter
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ def linear_protocol(
     device: torch.device,
     seed: int,
     workers: int = 0,
-    reporter: Reporter | None = None,
+    reporter: StageReporter | None = None,
 ) -> LinearResult:
     """Train the linear classifier on fresh training views of ``train`` for ``recipe.epochs`` epochs.
 
@@ -86,7 +86,7 @@ def linear_protocol(
     is wrapped in DDP (see :mod:`swavctl.eval.sharding`); every rank returns the same result,
     equal to a single process's up to the order of float sums.
     """
-    report: Reporter = reporter or QuietReporter()
+    report: StageReporter = reporter or QuietStages()
     backbone.eval()
     for p in backbone.parameters():
         p.requires_grad_(False)
@@ -102,7 +102,7 @@ def linear_protocol(
     val_labels = val_labels.to(device)
     history: list[dict[str, float]] = []
     steps = len(sampler)
-    with report.task("linear", recipe.epochs * steps) as task:
+    with report.stage("linear", recipe.epochs * steps) as advance:
         for epoch in range(recipe.epochs):
             train.set_epoch(epoch)
             sampler.set_epoch(epoch)
@@ -121,7 +121,7 @@ def linear_protocol(
                 if loss_sum is not None:
                     total_loss += loss_sum
                     seen += targets.numel()
-                task.advance(1, f"epoch {epoch + 1}/{recipe.epochs} loss {total_loss / max(1, seen):.3f}")
+                advance(1, f"epoch {epoch + 1}/{recipe.epochs} loss {total_loss / max(1, seen):.3f}")
             scheduler.step()
             total_loss, seen_all = global_sums([total_loss, float(seen)], device)
             classifier.eval()

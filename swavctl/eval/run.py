@@ -32,7 +32,6 @@ from swavctl.eval.finetune import finetune, paper_recipe
 from swavctl.eval.knn import knn_scores
 from swavctl.eval.linear import LinearRecipe, linear_protocol
 from swavctl.eval.metrics import accuracy
-from swavctl.eval.progress import QuietReporter, Reporter
 from swavctl.eval.report import (
     CONFUSION_PNG,
     EVAL_JSON,
@@ -45,6 +44,7 @@ from swavctl.eval.splits import EvalSplit, discover, holdout_split, label_subset
 from swavctl.eval.views import Normalizer, geometry_for
 from swavctl.model_io import LoadedModel, load_model
 from swavctl.safe_io import file_sha256
+from swavctl.stages import QuietStages, StageReporter
 
 MODES = ("fast", "linear", "knn", "finetune")
 DEFAULT_EPOCHS = {"linear": 100, "fast": 100}  # finetune: see finetune.paper_recipe
@@ -137,7 +137,7 @@ class _Context:
     device: torch.device
     normalize: Normalizer
     workers: int
-    reporter: Reporter
+    reporter: StageReporter
     cache: ImageCache | None
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -189,7 +189,7 @@ def run_folder(loaded: LoadedModel, model_arg: Path) -> Path:
     return loaded.source.parent
 
 
-def data_root(options: EvalOptions, loaded: LoadedModel, reporter: Reporter) -> Path:
+def data_root(options: EvalOptions, loaded: LoadedModel, reporter: StageReporter) -> Path:
     """``--data``, else the dataset recorded in the model's settings, else the demo digits."""
     if options.data is not None:
         return resolve_data_path(options.data)
@@ -207,7 +207,7 @@ def data_root(options: EvalOptions, loaded: LoadedModel, reporter: Reporter) -> 
 
 
 def run_eval(
-    options: EvalOptions, reporter: Reporter | None = None, *, device: torch.device | None = None
+    options: EvalOptions, reporter: StageReporter | None = None, *, device: torch.device | None = None
 ) -> dict[str, Any]:
     """Run one evaluation in this process; returns the summary (the full record is in ``OUT/eval.json``).
 
@@ -217,7 +217,7 @@ def run_eval(
     started by :func:`swavctl.launch.run_evaluation`.
     """
     main = dist.is_main()
-    report: Reporter = (reporter or QuietReporter()) if main else QuietReporter()
+    report: StageReporter = (reporter or QuietStages()) if main else QuietStages()
     options.check()
     started = time.perf_counter()
     device = device or pick_device(options.gpus)
@@ -401,7 +401,7 @@ def _run_fast(ctx: _Context, out: Path) -> _ModeResult | None:
     if o.standardize:
         std_fit, std_all = fast_mod.Standardizer.fit(fit_f), fast_mod.Standardizer.fit(all_f)
         fit_f, held_f, all_f, val_f = std_fit(fit_f), std_fit(held_f), std_all(all_f), std_all(val_f)
-    with ctx.reporter.task(f"fast grid ({lrs.numel()} probes)", 2) as task:
+    with ctx.reporter.stage(f"fast grid ({lrs.numel()} probes)", 2, "fits") as advance:
         grid = fast_mod.train_linear_grid(
             fit_f,
             fit_y,
@@ -415,7 +415,7 @@ def _run_fast(ctx: _Context, out: Path) -> _ModeResult | None:
         choice = fast_mod.choose_member(grid, held_f, held_y)
         if choice.holdout_top1[choice.chosen] < 0:
             raise UserError("every probe of the fast grid diverged; try smaller --fast-lrs or --standardize")
-        task.advance(1, f"chosen lr {choice.lr:g} wd {choice.wd:g}")
+        advance(1, f"chosen lr {choice.lr:g} wd {choice.wd:g}")
         final = fast_mod.train_linear_grid(
             all_f,
             all_y,
@@ -426,7 +426,7 @@ def _run_fast(ctx: _Context, out: Path) -> _ModeResult | None:
             batch_size=o.batch_size,
             seed=o.seed,
         )
-        task.advance(1)
+        advance(1)
     refit = bool(torch.isfinite(final.weight).all() and torch.isfinite(final.bias).all())
     if refit:
         scores = final.logits(val_f)[:, 0]

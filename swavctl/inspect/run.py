@@ -32,10 +32,10 @@ from swavctl.errors import UserError
 from swavctl.inspect import assign, grids, metrics, report, stats
 from swavctl.inspect.embeddings import EmbeddingStore
 from swavctl.inspect.extract import Embedder, EvalView, iter_embeddings, pick_devices
-from swavctl.inspect.progress import StageProgress
 from swavctl.inspect.sort_into import Sorter, folder_name
 from swavctl.inspect.sources import DEFAULT_MODEL, default_out, prepare_out, resolve_images
 from swavctl.inspect.topn import Reservoir, TopN
+from swavctl.stages import QuietStages, StageReporter
 
 ASSIGNMENTS = ("argmax", "balanced")
 
@@ -130,13 +130,13 @@ def _check_options(options: InspectOptions) -> None:
             raise UserError(message)
 
 
-def inspect_clusters(options: InspectOptions, progress: StageProgress | None = None) -> dict[str, Any]:
+def inspect_clusters(options: InspectOptions, progress: StageReporter | None = None) -> dict[str, Any]:
     """Run the inspection; returns the summary (also written to ``OUT/summary.json``)."""
     from swavctl.model_io import load_model
 
     started = time.perf_counter()
     _check_options(options)
-    progress = progress or StageProgress(quiet=True)
+    progress = progress or QuietStages()
     loaded = load_model(options.model or DEFAULT_MODEL)
     if not loaded.has_head:
         raise UserError(
@@ -167,32 +167,29 @@ def inspect_clusters(options: InspectOptions, progress: StageProgress | None = N
 
     store = EmbeddingStore(out / f".embeddings-{time.time_ns()}.f32", settings.model.embedding_dim)
     try:
-        with progress:
-            kept, skipped = _extract(
-                loaded.model, images.paths, view, devices, options, workers, store, progress
+        kept, skipped = _extract(loaded.model, images.paths, view, devices, options, workers, store, progress)
+        weight = torch.nn.functional.normalize(prototypes, dim=1).to(devices[0])
+        chunk_rows = max(256, min(65536, 2**22 // k))
+
+        def score_chunks() -> Iterator[torch.Tensor]:
+            for _, z in store.chunks(chunk_rows):
+                yield assign.prototype_scores(z.to(devices[0]), weight)
+
+        with progress.stage("balance", options.sinkhorn_iterations, "Sinkhorn passes") as advance:
+
+            def on_pass(n: int, error: float | None) -> None:
+                advance(1, "" if error is None else f"mass error {error:.2e}")
+
+            scaling = assign.balance(
+                score_chunks,
+                epsilon=epsilon,
+                iterations=options.sinkhorn_iterations,
+                tolerance=options.sinkhorn_tolerance,
+                on_pass=on_pass,
             )
-            weight = torch.nn.functional.normalize(prototypes, dim=1).to(devices[0])
-            chunk_rows = max(256, min(65536, 2**22 // k))
-
-            def score_chunks() -> Iterator[torch.Tensor]:
-                for _, z in store.chunks(chunk_rows):
-                    yield assign.prototype_scores(z.to(devices[0]), weight)
-
-            with progress.stage("balance", options.sinkhorn_iterations, "Sinkhorn passes") as advance:
-
-                def on_pass(n: int, error: float | None) -> None:
-                    advance(1, "" if error is None else f"mass error {error:.2e}")
-
-                scaling = assign.balance(
-                    score_chunks,
-                    epsilon=epsilon,
-                    iterations=options.sinkhorn_iterations,
-                    tolerance=options.sinkhorn_tolerance,
-                    on_pass=on_pass,
-                )
-            result = _assign_pass(
-                store, kept, images, weight, scaling, temperature, options, out, chunk_rows, sorter, progress
-            )
+        result = _assign_pass(
+            store, kept, images, weight, scaling, temperature, options, out, chunk_rows, sorter, progress
+        )
     finally:
         store.remove()
 
@@ -210,7 +207,7 @@ def _extract(
     options: InspectOptions,
     workers: int,
     store: EmbeddingStore,
-    progress: StageProgress,
+    progress: StageReporter,
 ) -> tuple[np.ndarray, list[tuple[str, str]]]:
     """Embed every image into ``store``; returns the kept path indices and the skipped (path, reason)."""
     embedder = Embedder(model, devices)  # type: ignore[arg-type]
@@ -256,7 +253,7 @@ def _assign_pass(
     out: Path,
     chunk_rows: int,
     sorter: Sorter | None,
-    progress: StageProgress,
+    progress: StageReporter,
 ) -> _PassResult:
     k = weight.shape[0]
     num_labels = len(images.label_names) if images.label_names else 0
@@ -324,7 +321,7 @@ def _write_outputs(
     temperature: float,
     skipped: list[tuple[str, str]],
     started: float,
-    progress: StageProgress,
+    progress: StageReporter,
 ) -> dict[str, Any]:
     primary = options.assignment
     other = "balanced" if primary == "argmax" else "argmax"

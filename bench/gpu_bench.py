@@ -295,6 +295,32 @@ def _correctness(tiny: bool, device: Any) -> list[dict[str, Any]]:
         )
     )
 
+    # The augmentation only queues work: no host-device synchronisation (tests/test_host_reads.py
+    # checks the transfers on the CPU; CUDA's sync detector checks them here).
+    (h, w), (large, small) = ((75, 100), (32, 16)) if tiny else ((375, 500), (224, 96))
+    big = [(torch.rand(3, h + i % 3, w, generator=g) * 255).to(torch.uint8).to(cuda) for i in range(8)]
+    paper = [CropSpec(large, 0.14, 1.0)] * 2 + [CropSpec(small, 0.05, 0.14)] * 6
+    batch_multicrop(big, paper, AugmentSpec(), generator=torch.Generator().manual_seed(4))  # warm-up
+    sync_error = None
+    if on_gpu_device:
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        batch_multicrop(big, paper, AugmentSpec(), generator=torch.Generator().manual_seed(5))
+    except RuntimeError as exc:
+        sync_error = str(exc)[:300]
+    finally:
+        if on_gpu_device:
+            torch.cuda.set_sync_debug_mode("default")
+    checks.append(
+        _check(
+            f"batched augmentation queues without a host sync (2x{large} + 6x{small}, 8 images)",
+            sync_error is None,
+            error=sync_error,
+            checked_with="torch.cuda.set_sync_debug_mode('error')" if on_gpu_device else "nothing (no CUDA)",
+        )
+    )
+
     # nvjpeg against the CPU decoder, and the loop's decode + augment hand-over.
     folder = WORK / "decode-check"
     folder.mkdir(parents=True, exist_ok=True)

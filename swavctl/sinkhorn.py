@@ -47,7 +47,8 @@ def sinkhorn(scores: torch.Tensor, *, epsilon: float = 0.05, iterations: int = 3
     logits = (scores.to(work_dtype) / epsilon).t()  # K x B_local
 
     num_prototypes = logits.shape[0]
-    batch = torch.tensor(float(logits.shape[1]), dtype=work_dtype, device=logits.device)
+    # A fill on the device: torch.tensor(value, device=cuda) would copy from the host and wait.
+    batch = torch.full((), float(logits.shape[1]), dtype=work_dtype, device=logits.device)
     dist.all_reduce_sum(batch)  # B is the global batch
 
     row_max = logits.max(dim=1, keepdim=True).values if logits.shape[1] else torch.zeros_like(logits[:, :1])

@@ -33,7 +33,7 @@ def test_gpu_script_tiny_run(tmp_path: Path) -> None:
     results = json.loads((out / "gpu_bench.json").read_text())
     phases = results["phases"]
     checks = phases["core"]["checks"]
-    assert len(checks) == 6 and all(c["ok"] for c in checks), checks
+    assert len(checks) == 7 and all(c["ok"] for c in checks), checks
     for name in ("e2e_device", "e2e_workers"):
         assert phases[name]["returncode"] == 0 and phases[name]["samples_per_s"] > 0, phases[name]
         assert phases[name]["profile_phases"].startswith("profiled steps: 2")

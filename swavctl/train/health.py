@@ -21,12 +21,18 @@ COLLAPSE_REMEDIES = (
 )
 
 
-def code_statistics(codes: torch.Tensor) -> tuple[float, int]:
-    """Mean per-sample entropy of the codes (nats) and the number of distinct argmax prototypes."""
+def code_statistics(codes: torch.Tensor) -> torch.Tensor:
+    """Float64 ``[2]`` on the codes' device: the mean per-sample entropy of the codes (nats) and the
+    number of distinct prototypes that are some sample's argmax.
+
+    Computed without reading anything back to the host (no ``unique``, whose output size needs a
+    device-to-host copy): the loop reads it together with the step's other values, once.
+    """
     probs = codes.float().clamp_min(1e-12)
-    entropy = float(-(probs * probs.log()).sum(dim=1).mean())
-    used = int(torch.unique(codes.argmax(dim=1)).numel())
-    return entropy, used
+    entropy = -(probs * probs.log()).sum(dim=1).mean()
+    hit = torch.zeros(codes.shape[1], dtype=torch.float32, device=codes.device)
+    used = hit.index_fill_(0, codes.argmax(dim=1), 1.0).sum()
+    return torch.stack([entropy.double(), used.double()])
 
 
 class CollapseDetector:

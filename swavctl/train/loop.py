@@ -197,9 +197,6 @@ class StopFlag:
             self.restore()
 
 
-_StopFlag = StopFlag  # the name earlier code used
-
-
 def _data_paths(settings: Settings, reporter: Reporter) -> tuple[Path, list[Path]]:
     if not settings.data.path:
         raise UserError("no data: pass --data DIR (or --data demo, or --preset demo)")
@@ -238,8 +235,11 @@ def _freeze_prototype_grads(model: SwAV) -> None:
 
 
 def _grads_finite(model: nn.Module) -> torch.Tensor:
-    flags = [torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None]
-    return torch.stack(flags).all() if flags else torch.tensor(True)
+    """A bool tensor on the parameters' device: every gradient is finite (no host read)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.ones((), dtype=torch.bool, device=next(model.parameters()).device)
+    return torch.stack([torch.isfinite(g).all() for g in grads]).all()
 
 
 def _export_backbone(model: SwAV, path: Path, settings: Settings, step: int, epoch: int) -> None:
@@ -620,16 +620,18 @@ def pretrain(
                         _freeze_prototype_grads(model)
                 with phase("checks"):
                     # Checked on every rank with one collective, before the optimizer touches anything.
-                    loss_ok = bool(torch.isfinite(loss.detach()))
-                    grads_ok = scaler.is_enabled() or bool(_grads_finite(model))
-                    bad_loss, bad_grads, mean_loss = _check_step(
-                        not loss_ok, not grads_ok, float(out.loss.detach()), device
+                    # The step's only read-back to the host (see _read_step).
+                    grads_ok = (
+                        torch.ones((), dtype=torch.bool, device=device)
+                        if scaler.is_enabled()  # the scaler skips steps with inf/NaN gradients itself
+                        else _grads_finite(model)
                     )
-                if bad_loss or bad_grads:
+                    readout = _read_step(loss, grads_ok, code_statistics(out.codes[0]))
+                if readout.bad_loss or readout.bad_grads:
                     what = (
-                        f"non-finite loss on rank {_ranks_text(bad_loss)}"
-                        if bad_loss
-                        else f"non-finite gradients on rank {_ranks_text(bad_grads)}"
+                        f"non-finite loss on rank {_ranks_text(readout.bad_loss)}"
+                        if readout.bad_loss
+                        else f"non-finite gradients on rank {_ranks_text(readout.bad_grads)}"
                     )
                     raise NonFiniteError(
                         f"{what} at step {step + 1}; stopped before the optimizer step, on every rank; "
@@ -645,11 +647,10 @@ def pretrain(
                         optimizer.step()
                 step += 1
                 samples_seen += batch.size * world
-                loss_value = mean_loss  # over all ranks, as one process on the global batch
+                loss_value = readout.loss  # over all ranks, as one process on the global batch
                 last_loss = loss_value
                 step_time = time.perf_counter() - step_start
                 with phase("bookkeeping"):
-                    entropy, used = code_statistics(out.codes[0])
                     record = {
                         "step": step,
                         "epoch": epoch,
@@ -658,8 +659,8 @@ def pretrain(
                         "lr": lr,
                         "samples_per_s": batch.size * world / max(step_time + data_wait, 1e-9),
                         "data_wait_fraction": data_wait / max(step_time + data_wait, 1e-9),
-                        "code_entropy": entropy,
-                        "prototypes_used": used,
+                        "code_entropy": readout.code_entropy,
+                        "prototypes_used": readout.prototypes_used,
                         "queue_in_use": out.queue_in_use,
                         "skipped_images": skipped_total,
                     }
@@ -765,28 +766,51 @@ def _ranks_text(ranks: list[int]) -> str:
     return ", ".join(str(r) for r in ranks)
 
 
-def _ranks_flagging(flag: bool, device: torch.device) -> list[int]:
-    """The ranks whose ``flag`` is set, agreed by all ranks with one collective."""
-    return _check_step(flag, False, 0.0, device)[0]
+@dataclass(frozen=True)
+class StepReadout:
+    """What the host learns of a step, read back once (see :func:`_read_step`)."""
+
+    bad_loss: list[int]  # ranks whose loss is not finite
+    bad_grads: list[int]  # ranks with a non-finite gradient
+    loss: float  # the mean of the ranks' losses: the loss of the global batch (NaN if any is bad)
+    code_entropy: float  # this rank's, from health.code_statistics
+    prototypes_used: int  # this rank's
 
 
-def _check_step(
-    bad_loss: bool, bad_grads: bool, loss: float, device: torch.device
-) -> tuple[list[int], list[int], float]:
-    """One collective per step: the ranks with a non-finite loss, those with non-finite gradients,
-    and the mean of the ranks' losses (the loss of the global batch; NaN when any is bad)."""
+def _read_step(loss: torch.Tensor, grads_ok: torch.Tensor, code_stats: torch.Tensor) -> StepReadout:
+    """The step's single device-to-host read, and with a process group its single collective.
+
+    Every value the host needs from a step (the finiteness checks, the loss, the code statistics)
+    is stacked on the device and read with one ``tolist``. Each separate ``float(tensor)`` /
+    ``bool(tensor)`` on a GPU is a synchronisation after which the GPU idles until the host queues
+    more work. The loop used to make five per step (besides Sinkhorn's underflow check), the last
+    one after the optimizer step, so the host's work on the next batch (loading, decoding, queueing
+    the augmentation) never overlapped the GPU's optimizer step.
+    """
+    value = loss.detach().to(torch.float64).reshape(())
+    bad = torch.stack([~torch.isfinite(value), ~grads_ok.reshape(())]).to(torch.float64)
     if not dist.is_distributed():
-        return ([0] if bad_loss else []), ([0] if bad_grads else []), loss
-    world = dist.world_size()
-    values = torch.zeros(2 * world + 1, dtype=torch.float64, device=device)
-    values[dist.rank()] = float(bad_loss)
-    values[world + dist.rank()] = float(bad_grads)
-    values[-1] = loss
-    flat = dist.all_reduce_sum(values).tolist()
-    return (
-        [r for r in range(world) if flat[r]],
-        [r for r in range(world) if flat[world + r]],
-        flat[-1] / world,
+        flat = torch.cat([bad, value.reshape(1), code_stats.to(torch.float64)]).tolist()
+        return StepReadout(
+            bad_loss=[0] if flat[0] else [],
+            bad_grads=[0] if flat[1] else [],
+            loss=flat[2],
+            code_entropy=flat[3],
+            prototypes_used=int(flat[4]),
+        )
+    world, rank = dist.world_size(), dist.rank()
+    shared = torch.zeros(2 * world + 1, dtype=torch.float64, device=value.device)
+    shared[rank] = bad[0]
+    shared[world + rank] = bad[1]
+    shared[-1] = value
+    dist.all_reduce_sum(shared)
+    flat = torch.cat([shared, code_stats.to(torch.float64)]).tolist()
+    return StepReadout(
+        bad_loss=[r for r in range(world) if flat[r]],
+        bad_grads=[r for r in range(world) if flat[world + r]],
+        loss=flat[2 * world] / world,
+        code_entropy=flat[-2],
+        prototypes_used=int(flat[-1]),
     )
 
 
@@ -803,21 +827,3 @@ def _agree_on_step_start(stop: StopFlag, empty_batch: bool, device: torch.device
         values = dist.all_reduce_max(tensor).tolist()
     signals = {int(s) for s, v in zip(STOP_SIGNALS, values, strict=False) if v}
     return signals, bool(values[-1])
-
-
-def _agree_on_signal(signum: int | None, device: torch.device) -> int | None:
-    """The largest signal number any rank received (kept for callers of the earlier API)."""
-    if not dist.is_distributed():
-        return signum
-    value = torch.tensor([signum or 0], device=device)
-    dist.all_reduce_max(value)
-    return int(value.item()) or None
-
-
-def _gather_objects(obj: Any) -> list[Any]:
-    """Every rank's ``obj`` (a one-element list without a process group)."""
-    return dist.gather_objects(obj)
-
-
-def _broadcast_str(value: str) -> str:
-    return str(dist.broadcast_object(value))

@@ -75,6 +75,14 @@ class DataSettings(_Strict):
         description="Where crops are made: per image in loader workers, or batched on the training device.",
     )
     workers: int = Field(4, ge=0, description="DataLoader worker processes per training process.")
+    prefetch: int | None = Field(
+        None,
+        ge=0,
+        le=8,
+        description="Batches made ready ahead of the step by a background thread (decoded, augmented or "
+        "copied to the device, on a side CUDA stream); 0 = in the loop, one at a time (default: 1 on a "
+        "GPU, 0 on the CPU, where the thread competes with the step for the cores).",
+    )
     on_bad_image: Literal["skip", "error"] = Field(
         "skip", description="Unreadable image files: skip and count them, or stop at the first."
     )

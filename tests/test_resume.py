@@ -203,6 +203,37 @@ def test_sigterm_at_a_random_step_checkpoints_exits_143_and_resumes_bitwise_equa
     )
 
 
+DEVICE_AUGMENT = ("--set", "data.augment_on=device", "--set", "data.workers=0")
+
+
+def test_sigterm_with_device_augmentation_on_a_prefetch_thread_resumes_bitwise_equal(
+    tmp_path: Path, images: str
+) -> None:
+    """Batched augmentation in the training process (seeded by the step) made two batches ahead by
+    the prefetch thread, stopped by SIGTERM, resumed: equal to an uninterrupted run without the
+    thread, so neither the thread nor the resume point changes any crop."""
+    reference = run_cli(
+        *SMOKE, *QUEUE, *DEVICE_AUGMENT, "--set", "data.prefetch=0", "--data", images, "--out", "ref",
+        cwd=tmp_path, env=cli_env(),
+    )  # fmt: skip
+    assert reference.returncode == 0, reference.stderr
+    k = random.randint(2, 13)
+    command = (*SMOKE, *QUEUE, *DEVICE_AUGMENT, "--set", "data.prefetch=2", "--data", images, "--out", "run")
+    proc = start_cli(*command, cwd=tmp_path, env=cli_env(**SLOW))
+    wait_until(lambda: last_logged_step(tmp_path / "run") >= k, timeout=180, proc=proc)
+    proc.send_signal(signal.SIGTERM)
+    _, errors = proc.communicate(timeout=120)
+    assert proc.returncode == 143, errors[-2000:]
+    again = run_cli(*command, "--json", cwd=tmp_path, env=cli_env())
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["resumed_from_step"] >= k
+    assert_bitwise_equal_exports(
+        tmp_path / "run" / "backbone.safetensors",
+        tmp_path / "ref" / "backbone.safetensors",
+        same_metadata=False,
+    )
+
+
 def test_incompatible_resume_exits_2_listing_fields_and_fresh_overrides(
     tmp_path: Path, images: str, reference_single: Path
 ) -> None:

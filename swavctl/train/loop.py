@@ -19,12 +19,11 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from swavctl import dist
 from swavctl.config import Settings, to_toml
 from swavctl.data.augment import AugmentSpec
-from swavctl.data.dataset import Batch, Skipped, collate, decode_images, pretrain_dataset, sample_seed
+from swavctl.data.dataset import Batch, Skipped, decode_images, pretrain_dataset, pretrain_loader, sample_seed
 from swavctl.data.demo import resolve_data_path
 from swavctl.data.images import BadImage, list_images, resolve_image_root
 from swavctl.data.sampler import EpochBatchSampler, steps_per_epoch
@@ -35,6 +34,7 @@ from swavctl.train import checkpoint as ckpt
 from swavctl.train import rng
 from swavctl.train.build import augment_spec, build_model, build_optimizer, crop_specs
 from swavctl.train.health import CollapseDetector, MetricsLog, code_statistics
+from swavctl.train.prefetch import Prefetcher
 from swavctl.train.profiling import WARMUP_STEPS, maybe_profiler, phase
 from swavctl.train.run_dir import (
     RESOLVED_FILE,
@@ -452,6 +452,9 @@ def pretrain(
         total_steps = min(total_steps, settings.train.max_steps)
     num_crops = len(crops)
     bs = settings.train.batch_size
+    prefetch_depth = settings.data.prefetch
+    if prefetch_depth is None:
+        prefetch_depth = 1 if device.type == "cuda" else 0
     last_loss: float | None = None
     checkpoint_step = step if resumed_from is not None else -1
     samples_seen = 0
@@ -531,161 +534,170 @@ def pretrain(
                 start_batch=batch_in_epoch,
             )
             active_queue = None if epoch < settings.swav.queue_start_epoch else queue
-            loader = DataLoader(
-                dataset,  # type: ignore[arg-type]
-                batch_sampler=sampler,  # type: ignore[arg-type]
-                num_workers=settings.data.workers,
-                collate_fn=collate,
-                pin_memory=device.type == "cuda",
-                persistent_workers=False,
-                prefetch_factor=4 if settings.data.workers > 0 else None,
-            )
-            wait_start = time.perf_counter()
-            iterator = iter(loader)
-            while step < total_steps:
-                with phase("data_wait"):
-                    try:
-                        batch: Batch = next(iterator)
-                    except StopIteration:
-                        break
-                    except BadImage as exc:
-                        raise UserError(f"unreadable image (data.on_bad_image=error): {exc}") from None
+            loader = pretrain_loader(dataset, sampler, workers=settings.data.workers, device=device)
+
+            def prepare(
+                batch: Batch, index: int, epoch: int = epoch, first_step: int = step
+            ) -> tuple[Batch, list[torch.Tensor] | None]:
+                """Decode, then augment or copy to the device: the crops of step first_step + index."""
+                with phase("augment"):
                     if batch.images is not None:
                         batch = _decode_batch(batch, dataset.paths, device)
-                data_wait = time.perf_counter() - wait_start
-                step_start = time.perf_counter()
-                for bad in batch.skipped:
-                    skipped_total += 1
-                    reporter.warn(f"skipped unreadable file {bad.path}: {bad.reason}")
-                # One small collective per step: did any rank get a signal, or an empty batch?
-                signals, any_empty = _agree_on_step_start(stop_flag, batch.size == 0, device)
-                if signals:
-                    signum = next(s for s in STOP_SIGNALS if s in signals)
-                    path = save(step // steps_epoch, f"signal {signal.Signals(signum).name}")
-                    requeue = None
-                    if signal.SIGUSR1 in signals and dist.is_main() and _in_slurm_job():
-                        requeue = dist.requeue_slurm_job()  # once, after the checkpoint committed
-                        reporter.info(requeue)
-                    raise Interrupted(signum, step, path, requeue)
-                if any_empty:
-                    # Every file of some rank's batch was unreadable: all ranks skip the step together.
-                    step += 1
-                    wait_start = time.perf_counter()
-                    continue
-                if hook_raise is not None and hook_raise == (rank, step + 1):
-                    raise RuntimeError(f"injected failure on rank {rank} at step {step + 1} ({HOOK_RAISE})")
-                with phase("augment"):
+                    if batch.size == 0:
+                        return batch, None
                     crops_t = _batch_crops(
-                        batch, crops, augment, device, settings.train.seed, epoch, step, rank
+                        batch, crops, augment, device, settings.train.seed, epoch, first_step + index, rank
                     )
                     if channels_last:
                         crops_t = [c.contiguous(memory_format=torch.channels_last) for c in crops_t]
-                lr = learning_rate(
-                    step,
-                    steps_per_epoch=steps_epoch,
-                    epochs=settings.train.epochs,
-                    base_lr=settings.optim.base_lr,
-                    final_lr=settings.optim.final_lr,
-                    warmup_epochs=settings.optim.warmup_epochs,
-                    start_warmup_lr=settings.optim.start_warmup_lr,
-                )
-                for group in sgd.param_groups:
-                    group["lr"] = lr
-                with phase("forward"):
-                    model.normalize_prototypes()
-                    with torch.autocast(
-                        device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
-                    ):
-                        embeddings, scores = train_model(crops_t)
-                with phase("loss"):
-                    out = swav_loss_from_outputs(
-                        embeddings.float(),
-                        scores.float(),
-                        batch_size=batch.size,
-                        num_crops=num_crops,
-                        assignment_crops=settings.swav.assignment_crops,
-                        prototypes=model.prototypes.weight,
-                        temperature=settings.swav.temperature,
-                        epsilon=settings.swav.epsilon,
-                        sinkhorn_iterations=settings.swav.sinkhorn_iterations,
-                        queue=active_queue,
+                    return batch, crops_t
+
+            wait_start = time.perf_counter()
+            prefetcher = Prefetcher(iter(loader), prepare, device=device, depth=prefetch_depth)
+            try:
+                while step < total_steps:
+                    with phase("data_wait"):
+                        try:
+                            ready = next(prefetcher)
+                        except StopIteration:
+                            break
+                        except BadImage as exc:
+                            raise UserError(f"unreadable image (data.on_bad_image=error): {exc}") from None
+                    batch = ready.batch
+                    data_wait = time.perf_counter() - wait_start
+                    step_start = time.perf_counter()
+                    for bad in batch.skipped:
+                        skipped_total += 1
+                        reporter.warn(f"skipped unreadable file {bad.path}: {bad.reason}")
+                    # One small collective per step: did any rank get a signal, or an empty batch?
+                    signals, any_empty = _agree_on_step_start(stop_flag, batch.size == 0, device)
+                    if signals:
+                        signum = next(s for s in STOP_SIGNALS if s in signals)
+                        path = save(step // steps_epoch, f"signal {signal.Signals(signum).name}")
+                        requeue = None
+                        if signal.SIGUSR1 in signals and dist.is_main() and _in_slurm_job():
+                            requeue = dist.requeue_slurm_job()  # once, after the checkpoint committed
+                            reporter.info(requeue)
+                        raise Interrupted(signum, step, path, requeue)
+                    if any_empty:
+                        # Every file of some rank's batch was unreadable: all ranks skip the step together.
+                        step += 1
+                        wait_start = time.perf_counter()
+                        continue
+                    if hook_raise is not None and hook_raise == (rank, step + 1):
+                        raise RuntimeError(
+                            f"injected failure on rank {rank} at step {step + 1} ({HOOK_RAISE})"
+                        )
+                    assert ready.crops is not None  # a non-empty batch (empty ones are skipped above)
+                    crops_t = ready.crops
+                    lr = learning_rate(
+                        step,
+                        steps_per_epoch=steps_epoch,
+                        epochs=settings.train.epochs,
+                        base_lr=settings.optim.base_lr,
+                        final_lr=settings.optim.final_lr,
+                        warmup_epochs=settings.optim.warmup_epochs,
+                        start_warmup_lr=settings.optim.start_warmup_lr,
                     )
-                loss = out.loss
-                if hook_nan is not None and hook_nan == (rank, step + 1):
-                    loss = loss * float("nan")
-                with phase("backward"):
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    if step < settings.swav.freeze_prototypes_steps:
-                        _freeze_prototype_grads(model)
-                with phase("checks"):
-                    # Checked on every rank with one collective, before the optimizer touches anything.
-                    # The step's only read-back to the host (see _read_step).
-                    grads_ok = (
-                        torch.ones((), dtype=torch.bool, device=device)
-                        if scaler.is_enabled()  # the scaler skips steps with inf/NaN gradients itself
-                        else _grads_finite(model)
-                    )
-                    readout = _read_step(loss, grads_ok, code_statistics(out.codes[0]))
-                if readout.bad_loss or readout.bad_grads:
-                    what = (
-                        f"non-finite loss on rank {_ranks_text(readout.bad_loss)}"
-                        if readout.bad_loss
-                        else f"non-finite gradients on rank {_ranks_text(readout.bad_grads)}"
-                    )
-                    raise NonFiniteError(
-                        f"{what} at step {step + 1}; stopped before the optimizer step, on every rank; "
-                        f"the last good checkpoint is {last_checkpoint or 'none'} "
-                        "(try a lower optim.base_lr, or train.precision=fp32)"
-                    )
-                with phase("optimizer"):
-                    if scaler.is_enabled():
-                        scaler.unscale_(sgd)
-                        optimizer.step(lambda: scaler.step(sgd))  # skipped by the scaler on inf/NaN
-                        scaler.update()
-                    else:
-                        optimizer.step()
-                step += 1
-                samples_seen += batch.size * world
-                loss_value = readout.loss  # over all ranks, as one process on the global batch
-                last_loss = loss_value
-                step_time = time.perf_counter() - step_start
-                with phase("bookkeeping"):
-                    record = {
-                        "step": step,
-                        "epoch": epoch,
-                        "loss": loss_value,
-                        "loss_over_lnk": loss_value / math.log(settings.model.prototypes),
-                        "lr": lr,
-                        "samples_per_s": batch.size * world / max(step_time + data_wait, 1e-9),
-                        "data_wait_fraction": data_wait / max(step_time + data_wait, 1e-9),
-                        "code_entropy": readout.code_entropy,
-                        "prototypes_used": readout.prototypes_used,
-                        "queue_in_use": out.queue_in_use,
-                        "skipped_images": skipped_total,
-                    }
-                    if dist.is_main() and (step % settings.train.log_every == 0 or step == total_steps):
-                        metrics.append(record)
-                    reporter.step(record)
-                    warning = health.update(step, loss_value)
-                    if warning:
-                        warn_all(warning)
-                    if on_step is not None:
-                        on_step(step)
-                    if step % steps_epoch == 0 or step % settings.checkpoint.every_steps == 0:
-                        save(step // steps_epoch, "periodic")
-                    if (
-                        settings.train.max_seconds
-                        and time.perf_counter() - started > settings.train.max_seconds
-                    ):
-                        reporter.info(f"train.max_seconds reached at step {step}")
-                        total_steps = step
-                if profiler is not None:
-                    profiler.step()
-                if hook_sleep:
-                    time.sleep(hook_sleep)
-                wait_start = time.perf_counter()
-            del iterator, loader
+                    for group in sgd.param_groups:
+                        group["lr"] = lr
+                    with phase("forward"):
+                        model.normalize_prototypes()
+                        with torch.autocast(
+                            device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+                        ):
+                            embeddings, scores = train_model(crops_t)
+                    with phase("loss"):
+                        out = swav_loss_from_outputs(
+                            embeddings.float(),
+                            scores.float(),
+                            batch_size=batch.size,
+                            num_crops=num_crops,
+                            assignment_crops=settings.swav.assignment_crops,
+                            prototypes=model.prototypes.weight,
+                            temperature=settings.swav.temperature,
+                            epsilon=settings.swav.epsilon,
+                            sinkhorn_iterations=settings.swav.sinkhorn_iterations,
+                            queue=active_queue,
+                        )
+                    loss = out.loss
+                    if hook_nan is not None and hook_nan == (rank, step + 1):
+                        loss = loss * float("nan")
+                    with phase("backward"):
+                        optimizer.zero_grad(set_to_none=True)
+                        scaler.scale(loss).backward()
+                        if step < settings.swav.freeze_prototypes_steps:
+                            _freeze_prototype_grads(model)
+                    with phase("checks"):
+                        # Checked on every rank with one collective, before the optimizer touches anything.
+                        # The step's only read-back to the host (see _read_step).
+                        grads_ok = (
+                            torch.ones((), dtype=torch.bool, device=device)
+                            if scaler.is_enabled()  # the scaler skips steps with inf/NaN gradients itself
+                            else _grads_finite(model)
+                        )
+                        readout = _read_step(loss, grads_ok, code_statistics(out.codes[0]))
+                    if readout.bad_loss or readout.bad_grads:
+                        what = (
+                            f"non-finite loss on rank {_ranks_text(readout.bad_loss)}"
+                            if readout.bad_loss
+                            else f"non-finite gradients on rank {_ranks_text(readout.bad_grads)}"
+                        )
+                        raise NonFiniteError(
+                            f"{what} at step {step + 1}; stopped before the optimizer step, on every rank; "
+                            f"the last good checkpoint is {last_checkpoint or 'none'} "
+                            "(try a lower optim.base_lr, or train.precision=fp32)"
+                        )
+                    with phase("optimizer"):
+                        if scaler.is_enabled():
+                            scaler.unscale_(sgd)
+                            optimizer.step(lambda: scaler.step(sgd))  # skipped by the scaler on inf/NaN
+                            scaler.update()
+                        else:
+                            optimizer.step()
+                    step += 1
+                    samples_seen += batch.size * world
+                    loss_value = readout.loss  # over all ranks, as one process on the global batch
+                    last_loss = loss_value
+                    step_time = time.perf_counter() - step_start
+                    with phase("bookkeeping"):
+                        record = {
+                            "step": step,
+                            "epoch": epoch,
+                            "loss": loss_value,
+                            "loss_over_lnk": loss_value / math.log(settings.model.prototypes),
+                            "lr": lr,
+                            "samples_per_s": batch.size * world / max(step_time + data_wait, 1e-9),
+                            "data_wait_fraction": data_wait / max(step_time + data_wait, 1e-9),
+                            "code_entropy": readout.code_entropy,
+                            "prototypes_used": readout.prototypes_used,
+                            "queue_in_use": out.queue_in_use,
+                            "skipped_images": skipped_total,
+                        }
+                        if dist.is_main() and (step % settings.train.log_every == 0 or step == total_steps):
+                            metrics.append(record)
+                        reporter.step(record)
+                        warning = health.update(step, loss_value)
+                        if warning:
+                            warn_all(warning)
+                        if on_step is not None:
+                            on_step(step)
+                        if step % steps_epoch == 0 or step % settings.checkpoint.every_steps == 0:
+                            save(step // steps_epoch, "periodic")
+                        if (
+                            settings.train.max_seconds
+                            and time.perf_counter() - started > settings.train.max_seconds
+                        ):
+                            reporter.info(f"train.max_seconds reached at step {step}")
+                            total_steps = step
+                    if profiler is not None:
+                        profiler.step()
+                    if hook_sleep:
+                        time.sleep(hook_sleep)
+                    wait_start = time.perf_counter()
+            finally:
+                prefetcher.close()
+            del prefetcher, loader
     finally:
         if profiler is not None:
             profiler.close()

@@ -10,7 +10,9 @@ start are left out) and writes ``OUT/profile/``:
 - ``trace.json``: the Chrome / Perfetto trace of the profiled steps.
 
 Without the setting the phase marks cost one ``record_function`` each per step, which is a few
-microseconds when no profiler is active.
+microseconds when no profiler is active. The ``augment`` phase (decode, then augment or copy to the
+device) runs inside ``data_wait`` without prefetching; with ``data.prefetch`` > 0 it runs on the
+prefetch thread, which the profiler does not record.
 """
 
 from __future__ import annotations

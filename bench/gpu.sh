@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # One-shot GPU benchmark of swavctl: correctness (GPU vs CPU), then ResNet-50 2x224+6x96 SwAV
 # throughput on one GPU (bf16 + channels_last, with and without torch.compile, CPU vs GPU
-# augmentation, end to end from generated JPEGs), samples/s and MFU. About 7 minutes on an H200.
+# augmentation, end to end from generated JPEGs), samples/s and MFU, and the suite's CUDA-only tests.
+# About 9 minutes on an H200: run it with a 600 s limit.
 #
 #   bash bench/gpu.sh                  # results in $OUT (default ./bench-out): gpu_bench.json, gpu_bench.md, gpu.log
 #   BENCH_TINY=1 bash bench/gpu.sh     # tiny sizes: checks the script itself, on a GPU or a CPU
-#   BENCH_BUDGET_S=420                 # overall budget in seconds for the phases (default 420)
+#   BENCH_BUDGET_S=540                 # overall budget in seconds for the phases (default 540)
 #   BENCH_NO_INSTALL=1                 # skip 'pip install -e .' (PYTHONPATH is enough)
 #
 # Needs python3 with torch + torchvision (whatever the machine has: nothing is downloaded). Missing
-# pure-Python dependencies (pydantic, rich, typer, tomli-w, safetensors, ...) are installed from
-# wheels in .whl/ when that folder is there. Afterwards, on a checkout:
+# pure-Python dependencies (pydantic, rich, typer, tomli-w, safetensors, pytest, ...) are installed
+# from wheels in .whl/ when that folder is there (bench/fetch_wheels.sh fills it).
+# Afterwards, on a checkout:
 #   python bench/gpu_bench.py --apply OUT/gpu_bench.json     # writes the GPU section of docs/benchmarks.md
 set -u
 cd "$(dirname "$0")/.."
@@ -48,13 +50,16 @@ fi
 missing=$("$PY" - <<'PYEOF'
 import importlib.util
 need = {"pydantic": "pydantic", "rich": "rich", "typer": "typer", "tomli_w": "tomli-w",
-        "safetensors": "safetensors", "numpy": "numpy", "PIL": "pillow"}
+        "safetensors": "safetensors", "numpy": "numpy", "PIL": "pillow", "pytest": "pytest"}
 print(" ".join(pkg for mod, pkg in need.items() if importlib.util.find_spec(mod) is None))
 PYEOF
 )
+SITE="$(mktemp -d)"  # a fallback install target, when the machine's site-packages is read-only
 if [ -n "$missing" ]; then
   echo "[gpu.sh] installing missing dependencies from .whl/: $missing"
-  "$PY" -m pip install -q --no-index --find-links .whl $missing || echo "[gpu.sh] WARNING: could not install: $missing"
+  "$PY" -m pip install -q --no-index --find-links .whl $missing 2>/dev/null \
+    || "$PY" -m pip install -q --no-index --find-links .whl --target "$SITE" $missing \
+    || echo "[gpu.sh] WARNING: could not install: $missing"
 fi
 
 # Build: an editable install without touching the machine's torch; PYTHONPATH works either way.
@@ -62,7 +67,7 @@ if [ "${BENCH_NO_INSTALL:-0}" != 1 ]; then
   "$PY" -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 \
     && echo "[gpu.sh] pip install -e . done" || echo "[gpu.sh] pip install -e . not possible here; using PYTHONPATH"
 fi
-export PYTHONPATH="$REPO:$SHIM${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$REPO:$SHIM:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -c 'import swavctl.cli, swavctl.train.loop' || { echo "[gpu.sh] ERROR: swavctl does not import"; exit 4; }
 
 "$PY" bench/gpu_bench.py --out "$OUT"

@@ -9,13 +9,16 @@ longer fits the overall budget is skipped and reported as such):
    decoding and the loop's decode-and-augment hand-over); then the training step alone
    (``swavctl bench step``: bf16 + channels_last, cudnn.benchmark off and on) and Sinkhorn at
    B=4096, K=3000.
-3. ``e2e_device``: ``swavctl pretrain`` from the JPEG folder with device augmentation (workers
-   only read bytes; nvjpeg decode and batched augmentation on the GPU), bf16 + channels_last.
-4. ``e2e_device_compile``: the same with ``train.compile=true``.
-5. ``e2e_workers``: the same as 3 with CPU augmentation in the loader workers.
-6. ``loader``: the loader alone (``swavctl bench data``): bytes + nvjpeg, decoding in the workers
+3. ``gpu_tests``: the test suite's CUDA-only tests of the GPU paths (:data:`GPU_TESTS`: no host
+   sync in the augmentation, the prefetch thread's side stream, CUDA against CPU).
+4. ``e2e_device``: ``swavctl pretrain`` from the JPEG folder with device augmentation (workers
+   only read bytes; nvjpeg decode and batched augmentation on the GPU, made ready one batch
+   ahead by the prefetch thread), bf16 + channels_last.
+5. ``e2e_device_compile``: the same with ``train.compile=true``.
+6. ``e2e_workers``: the same as 4 with CPU augmentation in the loader workers.
+7. ``loader``: the loader alone (``swavctl bench data``): bytes + nvjpeg, decoding in the workers
    + GPU augmentation, CPU augmentation.
-7. ``step_compile``: the training step alone, compiled (reusing the inductor cache of 4).
+8. ``step_compile``: the training step alone, compiled (reusing the inductor cache of 5).
 
 Figures: samples/s (images per second, each with its 8 crops) and MFU, the model FLOP
 utilisation: samples/s x 76 GFLOP (ResNet-50 forward + backward at 2x224 + 6x96, see
@@ -87,6 +90,7 @@ PREFETCH = 1
 # (phase, time limit in seconds, the least time worth starting it with)
 PLAN = [
     ("core", 150, 30),
+    ("gpu_tests", 120, 40),
     ("e2e_device", 110, 40),
     ("e2e_device_compile", 220, 100),
     ("e2e_workers", 110, 40),
@@ -489,6 +493,37 @@ def phase_loader(out: Path, tiny: bool) -> dict[str, Any]:
     return result
 
 
+#: The test suite's CUDA-only tests of the GPU paths (run by pytest in the ``gpu_tests`` phase).
+GPU_TESTS = [
+    "tests/test_host_reads.py::test_batched_augmentation_on_cuda_never_synchronises",
+    "tests/test_prefetch.py::test_on_cuda_the_side_stream_gives_the_same_run",
+    "tests/test_augment.py::test_cuda_matches_cpu",
+    "tests/test_distributed.py::test_training_steps_on_cuda_match",
+]
+
+
+def phase_gpu_tests(out: Path, tiny: bool, limit: float) -> dict[str, Any]:
+    """The CUDA-only tests, with pytest from .whl if needed (without a GPU they all skip, which still
+    checks that they are there to be run)."""
+    import importlib.util
+
+    if importlib.util.find_spec("pytest") is None:
+        return {"skipped": "pytest is not installed (bench/gpu.sh installs it from .whl/ when there)"}
+    args = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", *GPU_TESTS]  # -q: pyproject
+    log(f"gpu_tests: {' '.join(args[2:])}")
+    try:
+        done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=max(10.0, limit - 10))
+    except subprocess.TimeoutExpired:
+        return {"timed_out_after_s": limit - 10}
+    lines = done.stdout.strip().splitlines()
+    outcomes = [line for line in lines if line.startswith(("PASSED", "FAILED", "ERROR", "SKIPPED"))]
+    result = {"returncode": done.returncode, "summary": lines[-1] if lines else "", "outcomes": outcomes}
+    if done.returncode != 0:
+        result["output_tail"] = (done.stdout + done.stderr)[-4000:]
+    log(f"gpu_tests: {result['summary']}")
+    return result
+
+
 def phase_step_compile(out: Path, tiny: bool) -> dict[str, Any]:
     import torch
 
@@ -689,7 +724,8 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"- Date: {time.strftime('%Y-%m-%d', time.gmtime())}",
         f"- Hardware: {env.get('hardware', 'unknown')}; CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}",
-        "- Command: `bash bench/gpu.sh` (runs `python bench/gpu_bench.py --out $OUT`)",
+        "- Command: `bash bench/gpu.sh` (runs `python bench/gpu_bench.py --out $OUT`; on a machine without a "
+        "package index, first `bash bench/fetch_wheels.sh` where there is one and carry `.whl/` over)",
         f"- MFU: samples/s x 76 GFLOP per sample over {results['peak']}.",
         "- End to end: `swavctl pretrain` from a folder of generated ~500 x 375 JPEGs "
         f"({phases.get('jpegs', {}).get('images', '?')} files), batch "
@@ -789,6 +825,14 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(
                 f"- {'ok' if c['ok'] else '**FAILED**'}: {c['name']}: `{json.dumps(figures, default=str)}`"
             )
+    tests = phases.get("gpu_tests", {})
+    lines += ["", "CUDA-only tests of the suite (`gpu_tests`):", ""]
+    if "summary" in tests:
+        lines.append(f"- pytest: {tests['summary']}")
+        lines += [f"- {line}" for line in tests.get("outcomes", [])]
+    else:
+        why = tests.get("skipped") or ("timed out" if "timed_out_after_s" in tests else "not run")
+        lines.append(f"- not run: {why}")
     return "\n".join(lines) + "\n"
 
 
@@ -804,7 +848,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
     parser.add_argument("--tiny", action="store_true", default=os.environ.get("BENCH_TINY") == "1")
-    parser.add_argument("--budget", type=float, default=float(os.environ.get("BENCH_BUDGET_S", "420")))
+    parser.add_argument("--budget", type=float, default=float(os.environ.get("BENCH_BUDGET_S", "540")))
     parser.add_argument("--phase")
     parser.add_argument("--limit", type=float, default=120.0)
     parser.add_argument("--apply", type=Path, help="results JSON to write into docs/benchmarks.md")
@@ -821,6 +865,7 @@ def main() -> None:
         "core": lambda: phase_core(args.out, args.tiny),
         "loader": lambda: phase_loader(args.out, args.tiny),
         "step_compile": lambda: phase_step_compile(args.out, args.tiny),
+        "gpu_tests": lambda: phase_gpu_tests(args.out, args.tiny, args.limit),
         "e2e_device": lambda: e2e(
             args.out, args.tiny, augment_on="device", compile_model=False, limit=args.limit - 5
         ),

@@ -121,3 +121,29 @@ def test_a_strict_unreadable_image_stops_a_prefetched_run_with_the_usual_error(t
     with pytest.raises(UserError, match=r"unreadable image \(data.on_bad_image=error\).*zz-broken.png"):
         _run(tmp_path, "strict", data, "data.prefetch=2", "data.on_bad_image=error", "data.workers=0")
     assert not any(t.name == "swavctl-prefetch" and t.is_alive() for t in threading.enumerate())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("augment_on", ["device", "workers"])
+def test_on_cuda_the_side_stream_gives_the_same_run(tmp_path: Path, augment_on: str) -> None:
+    """nvjpeg + batched augmentation (or pinned copies) on the side stream, against the same work
+    on the step's stream. fp32 without TF32: only the order of some GPU sums may differ."""
+    data = write_image_folder(tmp_path / "images", classes=2, per_class=24, size=20, fmt="jpg")
+    common = (
+        f"data.augment_on={augment_on}",
+        "data.workers=2",
+        "dist.gpus=1",
+        "train.precision=fp32",
+        "train.channels_last=false",
+    )
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        inline = _run(tmp_path, "inline", data, *common, "data.prefetch=0")
+        ahead = _run(tmp_path, "ahead", data, *common, "data.prefetch=2")
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    assert [r["step"] for r in ahead] == [r["step"] for r in inline] == list(range(1, 10))
+    for a, b in zip(inline, ahead, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+        assert b["prototypes_used"] == a["prototypes_used"]

@@ -165,7 +165,11 @@ class TrainSettings(_Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="Autocast precision on GPU (auto = bf16); the CPU always runs fp32."
     )
-    channels_last: bool = Field(True, description="Use channels_last memory format on GPU.")
+    channels_last: bool = Field(
+        True,
+        description="Model and crops in the channels_last memory format (NHWC): tensor-core "
+        "convolutions on GPUs, vectorised convolutions and pooling on CPUs.",
+    )
     compile: bool = Field(False, description="torch.compile the model (GPU).")
     log_every: int = Field(1, ge=1, description="Steps between metrics lines.")
     profile_steps: int = Field(

@@ -62,7 +62,7 @@ def build_model(settings: Settings, device: torch.device) -> tuple[SwAV, nn.Modu
     """(model, the module to call, optimizer, channels_last) as the pretrain loop builds them."""
     model = build_swav(settings)
     model.to(device)
-    channels_last = device.type == "cuda" and settings.train.channels_last
+    channels_last = settings.train.channels_last
     if channels_last:
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     optimizer = build_optimizer(model, settings)

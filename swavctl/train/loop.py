@@ -335,7 +335,9 @@ def pretrain(
     if world > 1 and settings.dist.sync_batchnorm:
         model = convert_sync_batchnorm(model, device_type=device.type)  # type: ignore[assignment]
     model.to(device)
-    channels_last = device.type == "cuda" and settings.train.channels_last
+    # On the CPU too: NCHW max pooling with indices was 21x slower than NHWC (convnet-tiny, 16 px),
+    # and a ResNet-50 step 1.2x slower.
+    channels_last = settings.train.channels_last
     if channels_last:
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     optimizer = build_optimizer(model, settings)

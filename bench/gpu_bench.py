@@ -9,7 +9,8 @@ longer fits the overall budget is skipped and reported as such):
    decoding and the loop's decode-and-augment hand-over); then the training step alone
    (``swavctl bench step``: bf16 + channels_last), Sinkhorn at B=4096, K=3000 and LARC.
 3. ``gpu_tests``: the test suite's CUDA-only tests of the GPU paths (:data:`GPU_TESTS`: no host
-   sync in the augmentation, the prefetch thread's side stream, CUDA against CPU).
+   sync in the augmentation, nvJPEG against memory still in use, the prefetch thread's side
+   stream, CUDA against CPU).
 4. ``e2e_device_compile``: ``swavctl pretrain`` from the JPEG folder with device augmentation
    (workers only read bytes; nvjpeg decode and batched augmentation on the GPU, made ready one
    batch ahead by the prefetch thread), bf16 + channels_last, ``train.compile=true``.
@@ -494,6 +495,7 @@ def phase_loader(out: Path, tiny: bool) -> dict[str, Any]:
 #: The test suite's CUDA-only tests of the GPU paths (run by pytest in the ``gpu_tests`` phase).
 GPU_TESTS = [
     "tests/test_host_reads.py::test_batched_augmentation_on_cuda_never_synchronises",
+    "tests/test_host_reads.py::test_nvjpeg_decoding_never_overwrites_memory_that_queued_kernels_still_read",
     "tests/test_prefetch.py::test_on_cuda_the_side_stream_gives_the_same_run",
     "tests/test_augment.py::test_cuda_matches_cpu",
     "tests/test_distributed.py::test_training_steps_on_cuda_match",

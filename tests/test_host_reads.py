@@ -129,3 +129,33 @@ def test_batched_augmentation_on_cuda_never_synchronises() -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(c.is_cuda for c in crops)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_nvjpeg_decoding_never_overwrites_memory_that_queued_kernels_still_read(tmp_path: Path) -> None:
+    """Free tensors the stream's queued kernels still read, then decode: the decoder is handed those
+    blocks by the caching allocator; the kernels must still see their data (see
+    ``dataset._decode_jpeg_cuda``)."""
+    from swavctl.bench.jpegs import write_jpeg
+    from swavctl.data.dataset import decode_images
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    paths = [tmp_path / f"{i}.jpg" for i in range(8)]
+    for i, path in enumerate(paths):
+        write_jpeg(path, seed=i, width=500, height=375)
+    encoded = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in paths]
+    slow = torch.randn(4096, 4096, device=device)
+    corrupted = 0
+    for _ in range(10):
+        held = [torch.full((3, 375, 500), 7 + i, dtype=torch.uint8, device=device) for i in range(8)]
+        torch.cuda.synchronize()
+        for _ in range(20):  # tens of milliseconds of queued work before the reads
+            slow = torch.tanh(slow @ slow / 4096)
+        sums = [t.sum(dtype=torch.int64) for t in held]
+        del held  # freed on the stream while the sums are still queued
+        images, failures = decode_images(encoded, device)
+        torch.cuda.synchronize()
+        assert not failures and len(images) == 8
+        expected = [(7 + i) * 3 * 375 * 500 for i in range(8)]
+        corrupted += sum(int(s) != e for s, e in zip(sums, expected, strict=True))
+    assert corrupted == 0, f"{corrupted} reductions read memory the decoder had overwritten"

@@ -194,10 +194,20 @@ def decode_images(
 
 
 def _decode_jpeg_cuda(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
-    """nvjpeg decode of a list of JPEGs; one call for the batch, per image where the batch fails."""
+    """nvjpeg decode of a list of JPEGs; one call for the batch, per image where the batch fails.
+
+    The caller's stream is synchronised first. nvJPEG (its hardware engine at least) can write
+    the output buffers before the work already queued on the stream has run, and the buffers come
+    from torch's caching allocator, which hands out a block as soon as it is freed on that stream,
+    while queued kernels may still read it. Without the wait the decoder can overwrite memory that
+    the previous batch's augmentation or the optimizer step has yet to read (reported as
+    pytorch/vision#9606 and meta-pytorch/torchcodec#1634). In the loop this runs on the prefetch
+    thread's side stream, so that stream alone waits, for the previous batch's augmentation.
+    """
     from torchvision.io import ImageReadMode, decode_jpeg
 
     cpu = [e if e.device.type == "cpu" else e.cpu() for e in encoded]
+    torch.cuda.current_stream(device).synchronize()
     try:
         images = decode_jpeg(cpu, mode=ImageReadMode.RGB, device=device)
         return [_rgb(im) for im in images]

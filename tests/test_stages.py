@@ -78,10 +78,12 @@ def test_names_and_notes_are_not_markup() -> None:
     assert "fast grid [9 probes]" in text and "lr [bold]0.1" in text
 
 
-def test_quiet_stages_accept_the_same_calls() -> None:
+def test_quiet_stages_take_the_same_calls_and_print_nothing(capfd: pytest.CaptureFixture[str]) -> None:
     quiet = QuietStages()
     quiet.info("x")
     quiet.warn("y")
-    with quiet.stage("s", 3) as advance:
+    with quiet.stage("s", 3, "images") as advance:
         advance()
         advance(2, "note")
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""

@@ -802,22 +802,13 @@ def _read_step(loss: torch.Tensor, grads_ok: torch.Tensor, code_stats: torch.Ten
     the augmentation) never overlapped the GPU's optimizer step.
     """
     value = loss.detach().to(torch.float64).reshape(())
-    bad = torch.stack([~torch.isfinite(value), ~grads_ok.reshape(())]).to(torch.float64)
-    if not dist.is_distributed():
-        flat = torch.cat([bad, value.reshape(1), code_stats.to(torch.float64)]).tolist()
-        return StepReadout(
-            bad_loss=[0] if flat[0] else [],
-            bad_grads=[0] if flat[1] else [],
-            loss=flat[2],
-            code_entropy=flat[3],
-            prototypes_used=int(flat[4]),
-        )
-    world, rank = dist.world_size(), dist.rank()
+    world, rank = dist.world_size(), dist.rank()  # 1 and 0 without a process group
+    # Per rank: loss not finite, gradients not finite; then the loss, summed over the ranks.
     shared = torch.zeros(2 * world + 1, dtype=torch.float64, device=value.device)
-    shared[rank] = bad[0]
-    shared[world + rank] = bad[1]
+    shared[rank] = (~torch.isfinite(value)).to(torch.float64)
+    shared[world + rank] = (~grads_ok.reshape(())).to(torch.float64)
     shared[-1] = value
-    dist.all_reduce_sum(shared)
+    dist.all_reduce_sum(shared)  # a no-op on one process
     flat = torch.cat([shared, code_stats.to(torch.float64)]).tolist()
     return StepReadout(
         bad_loss=[r for r in range(world) if flat[r]],

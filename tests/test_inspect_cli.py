@@ -243,24 +243,24 @@ def test_sort_into_links_every_image(planted_run: tuple[Planted, Path, dict[str,
 
 def test_balanced_assignment_on_equal_groups_and_alias(tmp_path: Path, cli: Callable[..., Any]) -> None:
     planted = build_planted(tmp_path / "eq", groups=4, per_group=6, duplicates=False)
-    summary = _json(
-        cli(
-            "cluster-inspect",
-            str(planted.model),
-            "--data",
-            str(planted.data),
-            "--out",
-            str(tmp_path / "out"),
-            "--assignment",
-            "balanced",
-            "--sort-into",
-            str(tmp_path / "copies"),
-            "--copy",
-            "--sinkhorn-tolerance",
-            "1e-4",
-            "--json",
-        )
+    result = cli(
+        "cluster-inspect",
+        str(planted.model),
+        "--data",
+        str(planted.data),
+        "--out",
+        str(tmp_path / "out"),
+        "--assignment",
+        "balanced",
+        "--sort-into",
+        str(tmp_path / "copies"),
+        "--copy",
+        "--sinkhorn-tolerance",
+        "1e-4",
+        "--json",
     )
+    summary = _json(result)
+    assert "not equal-partition" not in result.stderr
     assert summary["assignment"] == "balanced"
     assert summary["balanced"]["nmi"] == pytest.approx(1.0, abs=1e-9)
     assert summary["balanced"]["sinkhorn"]["converged"] is True
@@ -271,6 +271,26 @@ def test_balanced_assignment_on_equal_groups_and_alias(tmp_path: Path, cli: Call
     with open(tmp_path / "out" / "assignments.csv", newline="") as handle:
         for row in csv.DictReader(handle):
             assert int(row["balanced"]) == int(row["argmax"]) == planted.group_of[row["path"]]
+
+
+def test_balanced_solve_out_of_passes_warns(tmp_path: Path, cli: Callable[..., Any]) -> None:
+    planted = build_planted(tmp_path / "p")
+    args = ("inspect-clusters", str(planted.model), "--data", str(planted.data), "--json")
+    result = cli(
+        *args, "--out", str(tmp_path / "short"), "--sinkhorn-iterations", "2", "--sinkhorn-tolerance", "1e-9"
+    )
+    sinkhorn = _json(result)["balanced"]["sinkhorn"]
+    assert sinkhorn["iterations"] == 2 and sinkhorn["converged"] is False
+    assert sinkhorn["max_marginal_error"] > 1e-9
+    warning = [line for line in result.stderr.splitlines() if "not equal-partition" in line]
+    assert len(warning) == 1 and "after 2 Sinkhorn passes" in warning[0]
+    assert "raise --sinkhorn-iterations (now 2)" in warning[0]
+    # Tolerance 0 asks for exactly N passes (the streaming twin of swavctl.sinkhorn): no warning.
+    exact = cli(
+        *args, "--out", str(tmp_path / "exact"), "--sinkhorn-iterations", "2", "--sinkhorn-tolerance", "0"
+    )
+    assert _json(exact)["balanced"]["sinkhorn"]["iterations"] == 2
+    assert "not equal-partition" not in exact.stderr
 
 
 def test_bad_input_is_one_line_and_status_2(tmp_path: Path, cli: Callable[..., Any]) -> None:

@@ -85,7 +85,7 @@ def inspect_clusters_command(
     ] = None,
     sinkhorn_iterations: Annotated[
         int, typer.Option("--sinkhorn-iterations", metavar="N", help="Most passes of the balanced Sinkhorn.")
-    ] = 100,
+    ] = 500,
     sinkhorn_tolerance: Annotated[
         float,
         typer.Option(

@@ -54,7 +54,7 @@ class InspectOptions:
     duplicate_threshold: float = 0.95
     temperature: float | None = None  # softmax temperature of the confidences (default swav.temperature)
     epsilon: float | None = None  # balanced Sinkhorn epsilon (default swav.epsilon)
-    sinkhorn_iterations: int = 100
+    sinkhorn_iterations: int = 500
     sinkhorn_tolerance: float = 0.01
     batch_size: int = 256
     workers: int | None = None
@@ -187,6 +187,8 @@ def inspect_clusters(options: InspectOptions, progress: StageReporter | None = N
                 tolerance=options.sinkhorn_tolerance,
                 on_pass=on_pass,
             )
+        if not scaling.converged and options.sinkhorn_tolerance > 0:
+            progress.warn(_not_converged(scaling, options))
         result = _assign_pass(
             store, kept, images, weight, scaling, temperature, options, out, chunk_rows, sorter, progress
         )
@@ -196,6 +198,17 @@ def inspect_clusters(options: InspectOptions, progress: StageReporter | None = N
     similarity = stats.prototype_similarity(prototypes, threshold=options.duplicate_threshold)
     return _write_outputs(
         result, similarity, scaling, images, loaded, out, options, temperature, skipped, started, progress
+    )
+
+
+def _not_converged(scaling: assign.BalancedScaling, options: InspectOptions) -> str:
+    """The warning for a balanced solve that ran out of passes before reaching the tolerance."""
+    error = scaling.max_marginal_error
+    measured = "" if error is None else f" (a prototype's mass was {100 * error:.2g}% off 1/K)"
+    return (
+        f"the balanced assignment is not equal-partition within --sinkhorn-tolerance "
+        f"{options.sinkhorn_tolerance:g} after {scaling.passes} Sinkhorn passes{measured}; "
+        f"raise --sinkhorn-iterations (now {options.sinkhorn_iterations})"
     )
 
 

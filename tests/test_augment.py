@@ -33,6 +33,7 @@ from swavctl.data.batch_augment import (
     rgb_to_grayscale,
     sample_crop_boxes,
     sample_params,
+    size_groups,
     stack_padded,
 )
 
@@ -472,6 +473,52 @@ def test_apply_params_uses_given_boxes() -> None:
         TF.to_dtype(image, torch.float32, scale=True), list(NO_PHOTOMETRIC.mean), list(NO_PHOTOMETRIC.std)
     )
     torch.testing.assert_close(out[0], expected, atol=1e-5, rtol=0)
+
+
+def test_size_groups_bound_the_padding() -> None:
+    sizes = [(375, 500)] * 5 + [(500, 375)] * 3 + [(2848, 4288), (333, 500), (1200, 900), (375, 500)]
+    groups = size_groups(sizes)
+    assert sorted(i for g in groups for i in g) == list(range(len(sizes)))
+    for g in groups:
+        h_max, w_max = max(sizes[i][0] for i in g), max(sizes[i][1] for i in g)
+        pixels = sum(sizes[i][0] * sizes[i][1] for i in g)
+        assert len(g) == 1 or len(g) * h_max * w_max <= 1.25 * pixels
+    group_of = {i: n for n, g in enumerate(groups) for i in g}
+    assert len({group_of[i] for i in (0, 1, 2, 3, 4, 11)}) == 1  # one size, one group
+    assert group_of[0] != group_of[5]  # landscape and portrait are not padded into squares
+    assert groups[group_of[8]] == [8]  # the big photo pads nothing else up to its size
+    assert all(g == sorted(g) for g in groups)
+    assert size_groups([(10, 10)] * 4) == [[0, 1, 2, 3]]
+    assert size_groups([(11, 10), (10, 10), (12, 10)]) == [[0, 1, 2]]
+    assert len(size_groups(sizes, slack=float("inf"))) == 1
+    with pytest.raises(ValueError, match="slack"):
+        size_groups(sizes, slack=0.9)
+
+
+@pytest.mark.parametrize(
+    ("shapes", "groups"),
+    [
+        ([(30, 40), (40, 30), (30, 40), (120, 90), (9, 13)], [[4], [0, 2], [1], [3]]),
+        # One padding group, but not in size order: the stack must keep the batch's order.
+        ([(31, 40), (30, 40), (32, 40), (30, 39)], [[0, 1, 2, 3]]),
+    ],
+    ids=["several-groups", "one-group-unsorted"],
+)
+def test_mixed_sizes_batch_equals_one_image_at_a_time(
+    shapes: list[tuple[int, int]], groups: list[list[int]]
+) -> None:
+    """Images padded together or in separate groups come out as if each were augmented alone."""
+    images = [smooth_image(h, w, i, channels=1 if i == 4 else 3) for i, (h, w) in enumerate(shapes)]
+    sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+    assert size_groups(sizes) == groups  # precondition: the case below is the one named
+    augment = AugmentSpec(jitter_prob=1.0, grayscale_prob=0.3, blur_prob=0.5)
+    params = sample_params(sizes, CROPS, augment, generator=torch.Generator().manual_seed(5))
+    together = apply_params(images, CROPS, augment, params)
+    for i, image in enumerate(images):
+        alone = apply_params([image], CROPS, augment, [p.take(torch.tensor([i])) for p in params])
+        for crop, many, one in zip(CROPS, together, alone, strict=True):
+            assert many.shape == (len(images), 3, crop.size, crop.size)
+            torch.testing.assert_close(many[i], one[0], atol=1e-5, rtol=0)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,9 +13,11 @@ import pytest
 import torch
 
 from swavctl.bench.jpegs import write_jpeg_folder
+from swavctl.bench.padding import LARGE_PHOTO, bench_padding, jpeg_folder_sizes, mixed_photo_sizes
 from swavctl.bench.report import update_section
 from swavctl.bench.sinkhorn import bench_sinkhorn, official_sinkhorn
 from swavctl.data.augment import AugmentSpec, CropSpec
+from swavctl.data.batch_augment import size_groups
 from swavctl.data.dataset import PretrainDataset, collate, decode_images, is_encoded, pretrain_dataset
 from swavctl.data.fast_augment import FastMultiCrop
 from swavctl.data.images import decode_file
@@ -186,6 +188,23 @@ def test_official_baseline_computes_the_same_codes() -> None:
     result = bench_sinkhorn(128, 50, repeats=2)
     assert result.max_abs_diff < 1e-5 and result.ours_ms > 0 and result.official_ms > 0
     assert math.isclose(result.speedup, result.official_ms / result.ours_ms)
+
+
+def test_padding_bench_compares_equal_outputs_and_counts_padding() -> None:
+    sizes = [(30, 40), (40, 30), (31, 40), (120, 90)]
+    crops = [CropSpec(16, 0.14, 1.0), CropSpec(8, 0.05, 0.14)]
+    result = bench_padding("tiny", sizes, crops, AugmentSpec(), device=torch.device("cpu"), rounds=2)
+    assert result.groups == len(size_groups(sizes)) == 3
+    assert result.max_abs_diff < 1e-4  # the same crops either way, up to float rounding
+    # One stack: 4 x 120 x 90; groups: 2 x 31 x 40 + 1 x 40 x 30 + 1 x 120 x 90.
+    assert result.baseline_padded_mpx == pytest.approx(4 * 120 * 90 / 1e6)
+    assert result.ours_padded_mpx == pytest.approx((2 * 31 * 40 + 40 * 30 + 120 * 90) / 1e6)
+    assert len(result.baseline_runs_ms) == len(result.ours_runs_ms) == 2
+    assert math.isclose(result.speedup, result.baseline_ms / result.ours_ms)
+    landscape = [h <= w for h, w in mixed_photo_sizes(400)]
+    assert 0.65 < sum(landscape) / 400 < 0.85
+    assert mixed_photo_sizes(3, large_photo=True)[0] == LARGE_PHOTO
+    assert sorted(set(jpeg_folder_sizes(8))) == [(375, 500), (500, 375)]
 
 
 def test_update_section_replaces_only_its_own_section(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from swavctl.config import resolve
-from swavctl.data.batch_augment import batch_multicrop
+from swavctl.data.batch_augment import batch_multicrop, size_groups
 from swavctl.train.build import augment_spec, crop_specs
 from swavctl.train.health import code_statistics
 from swavctl.train.loop import pretrain
@@ -59,7 +59,10 @@ class HostDeviceLog(TorchDispatchMode):
 
 def test_batched_augmentation_uploads_its_parameters_without_blocking() -> None:
     settings = resolve()  # the paper's 2x224 + 6x96 with every random op enabled
-    images = [torch.empty((3, 375 + i % 3, 500), dtype=torch.uint8, device="meta") for i in range(16)]
+    # Landscape, portrait and one large photo: several padding groups (batch_augment.size_groups).
+    sizes = [(500, 375) if i % 4 == 0 else (375 + i % 3, 500) for i in range(15)] + [(1000, 1400)]
+    assert len(size_groups(sizes)) >= 3
+    images = [torch.empty((3, h, w), dtype=torch.uint8, device="meta") for h, w in sizes]
     with HostDeviceLog() as log:
         crops = batch_multicrop(
             images,

@@ -15,9 +15,15 @@ parameters, drawn from the same distributions as ``torchvision.transforms.v2``:
   across the box edge and its adaptive box filter differs from torchvision's triangle filter, so
   it only approximates the v2 path.) The dense matrices cost ``O(size * (H + W))`` memory per
   sample and the matmuls are cheap on a GPU; with TF32 matmuls enabled globally the crops carry
-  TF32 rounding (about 1e-3 relative). The padded batch is float32 ``[N, 3, H_max, W_max]``, so
-  decode images at a bounded size. The per-image path resizes uint8 and so rounds the crop to
-  whole grey levels; this path does not (a difference below 1/255 per pixel).
+  TF32 rounding (about 1e-3 relative). Each padded stack is float32 ``[n, 3, H_max, W_max]`` and
+  its matmuls cost ``O(size * H_max * W_max)`` per crop, so :func:`size_groups` splits a batch of
+  mixed sizes into groups padded separately (landscape apart from portrait, a 4288 x 2848 photo
+  apart from 500 x 375 ones); one stack of everything made a batch of 16 with one large photo
+  9.5x slower on the CPU (``bench/batch_padding.py``). Each image's crop still costs
+  ``O(size * H * W)`` however small its box: a 12-megapixel photo costs about as much to crop as
+  a training step. The per-image path
+  resizes uint8 and so rounds the crop to whole grey levels; this path does not (a difference
+  below 1/255 per pixel).
 * **Flip, jitter, grayscale, blur** are per-sample Bernoulli draws with the configured rates.
   ColorJitter factors and the random order of its four ops are per sample; the ops run in four
   steps, and at each step each op is applied to the samples whose permutation puts it there
@@ -72,9 +78,14 @@ __all__ = [
     "rgb_to_grayscale",
     "sample_crop_boxes",
     "sample_params",
+    "size_groups",
     "stack_padded",
     "to_device",
 ]
+
+# How much zero padding batch_geometric may process, relative to the pixels of the images it
+# holds, before size_groups starts another group (each group costs a few more kernel launches).
+PAD_SLACK = 1.25
 
 # ColorJitter op ids, as torchvision's ``fn_idx``.
 BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
@@ -105,6 +116,10 @@ class CropParams:
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
+
+    def take(self, rows: torch.Tensor) -> CropParams:
+        """The parameters of samples ``rows`` (an int64 index tensor), in that order."""
+        return CropParams(**{f.name: getattr(self, f.name)[rows] for f in fields(CropParams)})
 
     @staticmethod
     def cat(params: Sequence[CropParams]) -> CropParams:
@@ -445,6 +460,38 @@ def stack_padded(images: Sequence[torch.Tensor]) -> torch.Tensor:
     return out
 
 
+def size_groups(sizes: Sequence[tuple[int, int]], slack: float = PAD_SLACK) -> list[list[int]]:
+    """Split images into groups that are cheap to pad together: lists of indices into ``sizes``.
+
+    :func:`batch_geometric` works on a zero-padded ``[N, 3, H_max, W_max]`` stack, so its memory
+    and its work grow with ``N * H_max * W_max``: one 4288 x 2848 photo in a batch of 500 x 375
+    images would make every image cost as much as the largest. Images are sorted by orientation
+    (landscape and square, then portrait) and by area, and taken greedily into the current group
+    while its padded area ``n * max(h) * max(w)`` stays within ``slack`` times the pixels it
+    holds; otherwise the image opens a new group. Images of one size always share one group.
+    Each group lists its indices in ascending order.
+    """
+    if slack < 1.0:
+        raise ValueError(f"slack must be at least 1, got {slack}")
+    order = sorted(
+        range(len(sizes)), key=lambda i: (sizes[i][0] > sizes[i][1], sizes[i][0] * sizes[i][1], sizes[i])
+    )
+    groups: list[list[int]] = []
+    h_max = w_max = pixels = 0
+    for i in order:
+        h, w = sizes[i]
+        if groups:
+            count = len(groups[-1]) + 1
+            padded = count * max(h_max, h) * max(w_max, w)
+            if padded <= slack * (pixels + h * w):
+                groups[-1].append(i)
+                h_max, w_max, pixels = max(h_max, h), max(w_max, w), pixels + h * w
+                continue
+        groups.append([i])
+        h_max, w_max, pixels = h, w, h * w
+    return [sorted(g) for g in groups]
+
+
 def resample_weights(start: torch.Tensor, length: torch.Tensor, size: int, extent: int) -> torch.Tensor:
     """1-D weights of torchvision's antialiased bilinear resize of ``[start, start + length)`` to ``size``.
 
@@ -530,11 +577,14 @@ def apply_params(
     crops: Sequence[CropSpec],
     augment: AugmentSpec,
     params: Sequence[CropParams],
+    *,
+    pad_slack: float = PAD_SLACK,
 ) -> list[torch.Tensor]:
     """Apply pre-drawn parameters (from :func:`sample_params`): one float32 ``[N, 3, s, s]`` per crop.
 
-    Crops of equal size are processed together as one batch. Outputs are on the images' device
-    and normalised with ``augment.mean`` / ``augment.std``.
+    Crops of equal size are processed together as one batch, cut from the images padded in the
+    groups of :func:`size_groups` (``pad_slack=inf``: one padded stack of every image). Outputs
+    are on the images' device and normalised with ``augment.mean`` / ``augment.std``.
     """
     checked = _check_images(images)
     n = len(checked)
@@ -543,14 +593,24 @@ def apply_params(
     if any(len(p) != n for p in params):
         raise ValueError(f"parameter sets must have {n} samples, one per image")
     outputs: list[torch.Tensor | None] = [None] * len(crops)
+    device = checked[0].device
     with torch.no_grad():
-        padded = stack_padded(checked)
+        images_by_size = size_groups([(int(im.shape[-2]), int(im.shape[-1])) for im in checked], pad_slack)
+        padded = [stack_padded([checked[i] for i in g]) for g in images_by_size]
         groups: dict[int, list[int]] = {}
         for i, crop in enumerate(crops):
             groups.setdefault(crop.size, []).append(i)
         for size, members in groups.items():
             group = CropParams.cat([params[i] for i in members])
-            x = batch_geometric(padded, group, size)
+            if images_by_size == [list(range(n))]:
+                x = batch_geometric(padded[0], group, size)
+            else:
+                x = torch.empty((len(group), 3, size, size), dtype=torch.float32, device=device)
+                spec_offsets = torch.arange(len(members))[:, None] * n
+                for indices, stack in zip(images_by_size, padded, strict=True):
+                    # Crop-major rows of these images within the group: crop spec j, image i -> j * n + i.
+                    rows = (spec_offsets + torch.tensor(indices)[None, :]).reshape(-1)
+                    x.index_copy_(0, to_device(rows, device), batch_geometric(stack, group.take(rows), size))
             x = batch_photometric(x, group, augment, blur_kernel_size(size, augment.blur_sigma_max))
             x = batch_normalize(x, augment.mean, augment.std)
             for k, i in enumerate(members):

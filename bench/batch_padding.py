@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
 
@@ -24,7 +23,14 @@ from swavctl.bench.padding import (
     jpeg_folder_sizes,
     mixed_photo_sizes,
 )
-from swavctl.bench.report import command_line, hardware, today, update_section
+from swavctl.bench.report import (
+    add_output_options,
+    apply_threads,
+    command_line,
+    hardware,
+    today,
+    update_section,
+)
 from swavctl.config import resolve
 from swavctl.data.batch_augment import PAD_SLACK
 from swavctl.train.build import augment_spec, crop_specs
@@ -42,14 +48,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=0, help="CPU torch threads (0: torch's default)")
-    parser.add_argument(
-        "--doc", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
-    )
-    parser.add_argument("--no-doc", action="store_true")
+    add_output_options(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     device = torch.device(args.device)
     settings = resolve()  # the paper's crops and augmentation
     crops, augment = crop_specs(settings), augment_spec(settings.data.augment)

@@ -11,12 +11,18 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
 
 from swavctl.bench.larc import LarcBenchResult, bench_larc
-from swavctl.bench.report import command_line, hardware, today, update_section
+from swavctl.bench.report import (
+    add_output_options,
+    apply_threads,
+    command_line,
+    hardware,
+    today,
+    update_section,
+)
 
 PRESETS = ("swav-rn50-800ep", "demo")
 
@@ -31,14 +37,9 @@ def _row(r: LarcBenchResult) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=0, help="CPU torch threads (0: torch's default)")
-    parser.add_argument(
-        "--doc", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
-    )
-    parser.add_argument("--no-doc", action="store_true")
+    add_output_options(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     results = [bench_larc(device=torch.device("cpu"), preset=p, repeats=args.repeats) for p in PRESETS]
     if torch.cuda.is_available():
         results += [bench_larc(device=torch.device("cuda"), preset=p, repeats=args.repeats) for p in PRESETS]

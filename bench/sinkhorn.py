@@ -12,11 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
 
-from swavctl.bench.report import command_line, hardware, today, update_section
+from swavctl.bench.report import (
+    add_output_options,
+    apply_threads,
+    command_line,
+    hardware,
+    today,
+    update_section,
+)
 from swavctl.bench.sinkhorn import SinkhornBenchResult, bench_sinkhorn
 
 
@@ -33,14 +39,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--prototypes", type=int, default=3000)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=0, help="CPU torch threads (0: torch's default)")
-    parser.add_argument(
-        "--doc", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
-    )
-    parser.add_argument("--no-doc", action="store_true")
+    add_output_options(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     cpu = bench_sinkhorn(args.batch, args.prototypes, device=torch.device("cpu"), repeats=args.repeats)
     gpu = None
     if torch.cuda.is_available():

@@ -19,13 +19,19 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from swavctl import config
-from swavctl.bench.report import command_line, hardware, today, update_section
+from swavctl.bench.report import (
+    add_output_options,
+    apply_threads,
+    command_line,
+    hardware,
+    today,
+    update_section,
+)
 from swavctl.bench.step import StepRunner, summarize
 from swavctl.model.backbones import build_backbone
 
@@ -88,14 +94,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], help="a.b=value, as in swavctl"
     )
-    parser.add_argument(
-        "--doc", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
-    )
-    parser.add_argument("--no-doc", action="store_true")
+    add_output_options(parser)
     args = parser.parse_args()
     try:
         import lightly  # noqa: F401
@@ -105,8 +107,7 @@ def main() -> None:
             file=sys.stderr,
         )
         sys.exit(3)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     settings = config.resolve(
         flags={"model.arch": args.arch, "train.batch_size": args.batch_size, "dist.gpus": 0},
         overrides=args.overrides,

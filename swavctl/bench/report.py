@@ -7,6 +7,7 @@ rewrites only its own section, so the scripts can run in any order and the rest 
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import os
 import platform
@@ -76,3 +77,16 @@ def update_section(name: str, body: str, doc: Path = DEFAULT_DOC) -> Path:
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(text if text.endswith("\n") else text + "\n")
     return doc
+
+
+def add_output_options(parser: argparse.ArgumentParser) -> None:
+    """The options every benchmark script shares: ``--threads``, ``--doc`` and ``--no-doc``."""
+    parser.add_argument("--threads", type=int, default=0, help="CPU torch threads (0: torch's default)")
+    parser.add_argument("--doc", type=Path, default=DEFAULT_DOC, help="the page to update")
+    parser.add_argument("--no-doc", action="store_true", help="print only, leave the page alone")
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """Set torch's CPU threads from ``--threads`` (0 keeps torch's default)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)

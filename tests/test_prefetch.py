@@ -20,7 +20,7 @@ from swavctl.data.dataset import Batch
 from swavctl.data.images import BadImage
 from swavctl.errors import UserError
 from swavctl.train.loop import pretrain
-from swavctl.train.prefetch import Prefetcher
+from swavctl.train.prefetch import Prefetcher, side_stream
 from tests.conftest import write_image_folder
 
 
@@ -147,3 +147,23 @@ def test_on_cuda_the_side_stream_gives_the_same_run(tmp_path: Path, augment_on: 
     for a, b in zip(inline, ahead, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
         assert b["prototypes_used"] == a["prototypes_used"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_every_epoch_queues_on_the_one_stream_it_is_given() -> None:
+    """A new torch.cuda.Stream() per epoch would strand the cached memory of the last epoch's
+    stream; the loop makes one side stream per run and every epoch's thread must use it."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    stream = side_stream(device)
+    seen: list[torch.cuda.Stream] = []
+
+    def prepare(batch: Batch, index: int) -> tuple[Batch, list[torch.Tensor] | None]:
+        seen.append(torch.cuda.current_stream(device))
+        assert batch.crops is not None
+        return batch, [batch.crops[0].to(device, non_blocking=True) + index]
+
+    for _ in range(3):  # epochs
+        with Prefetcher(_batches(4), prepare, device=device, depth=1, stream=stream) as prefetcher:
+            crops = [r.crops[0] for r in prefetcher if r.crops is not None]
+        assert [float(c[0, 0]) for c in crops] == [float(i + i) for i in range(4)]
+    assert seen == [stream] * 12 and stream != torch.cuda.current_stream(device)

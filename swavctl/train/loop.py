@@ -34,7 +34,7 @@ from swavctl.train import checkpoint as ckpt
 from swavctl.train import rng
 from swavctl.train.build import augment_spec, build_model, build_optimizer, crop_specs
 from swavctl.train.health import CollapseDetector, MetricsLog, code_statistics
-from swavctl.train.prefetch import Prefetcher
+from swavctl.train.prefetch import Prefetcher, side_stream
 from swavctl.train.profiling import WARMUP_STEPS, maybe_profiler, phase
 from swavctl.train.run_dir import (
     RESOLVED_FILE,
@@ -457,6 +457,7 @@ def pretrain(
     prefetch_depth = settings.data.prefetch
     if prefetch_depth is None:
         prefetch_depth = 1 if device.type == "cuda" else 0
+    prefetch_stream = side_stream(device) if prefetch_depth > 0 else None  # one for every epoch
     last_loss: float | None = None
     checkpoint_step = step if resumed_from is not None else -1
     samples_seen = 0
@@ -555,7 +556,9 @@ def pretrain(
                     return batch, crops_t
 
             wait_start = time.perf_counter()
-            prefetcher = Prefetcher(iter(loader), prepare, device=device, depth=prefetch_depth)
+            prefetcher = Prefetcher(
+                iter(loader), prepare, device=device, depth=prefetch_depth, stream=prefetch_stream
+            )
             try:
                 while step < total_steps:
                     with phase("data_wait"):

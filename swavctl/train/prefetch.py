@@ -33,6 +33,11 @@ Prepare = Callable[[Batch, int], tuple[Batch, list[torch.Tensor] | None]]
 _END, _ITEM, _ERROR = "end", "item", "error"
 
 
+def side_stream(device: torch.device) -> Any:
+    """A CUDA stream for the prefetch thread's work on ``device`` (None on other devices)."""
+    return torch.cuda.Stream(device=device) if device.type == "cuda" else None
+
+
 @dataclass
 class Ready:
     """A batch and its crops, ready for the step (``crops`` is None for an empty batch)."""
@@ -48,10 +53,22 @@ class Prefetcher:
     ``prepare`` is called with each batch and its index (0, 1, ... in this iterator). With
     ``depth`` = 0 everything happens in :meth:`__next__`, in the caller's thread. Call
     :meth:`close` when done, also after an error: it stops and joins the thread.
+
+    On a GPU the work is queued on ``stream``; pass one stream (:func:`side_stream`) for every
+    epoch of a run. ``torch.cuda.Stream()`` hands out streams from a small round-robin pool, and
+    the caching allocator reuses a freed block only on the stream it was allocated on: a new
+    stream each epoch would strand the last epoch's cached augmentation memory, and now and then
+    be the stream that NCCL's all-reduce runs on.
     """
 
     def __init__(
-        self, batches: Iterator[Batch], prepare: Prepare, *, device: torch.device, depth: int
+        self,
+        batches: Iterator[Batch],
+        prepare: Prepare,
+        *,
+        device: torch.device,
+        depth: int,
+        stream: Any = None,
     ) -> None:
         if depth < 0:
             raise ValueError(f"depth must be >= 0, got {depth}")
@@ -64,7 +81,7 @@ class Prefetcher:
         if depth == 0:
             return
         if device.type == "cuda":
-            self._stream = torch.cuda.Stream(device=device)
+            self._stream = stream if stream is not None else side_stream(device)
         self._queue: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="swavctl-prefetch", daemon=True)

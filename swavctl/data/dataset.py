@@ -169,6 +169,10 @@ def decode_images(
     nvjpeg missing) is decoded on the CPU with :func:`~swavctl.data.images.decode_bytes` and
     moved. Decoded items are moved as they are. ``images`` keeps the order of the items that
     decoded; failures are the positions (in ``items``) that no decoder could read.
+
+    nvjpeg's pixels are not libjpeg-turbo's (its IDCT and chroma upsampling differ by a few grey
+    levels), so a GPU run and a CPU run see slightly different images, and a damaged file one
+    decoder accepts the other may refuse.
     """
     out: list[torch.Tensor | None] = [None] * len(items)
     pending = [i for i, item in enumerate(items) if is_encoded(item)]

@@ -8,22 +8,22 @@ parameters, drawn from the same distributions as ``torchvision.transforms.v2``:
   log aspect ratio ~ U(log 3/4, log 4/3), first fitting try wins, else the centre-crop fallback),
   vectorised over samples and tries. See :func:`sample_crop_boxes`.
 * **Resampling** is torchvision's antialiased bilinear resize of the box, written as two
-  per-sample weight matrices (:func:`resample_weights`) applied with batched matmuls on one
-  zero-padded batch. It equals ``v2.functional.resized_crop(..., antialias=True)`` on float
+  per-sample weight matrices (:func:`resample_weights`) applied with batched matmuls on
+  zero-padded stacks. It equals ``v2.functional.resized_crop(..., antialias=True)`` on float
   images up to float rounding, for upscaling and downscaling alike, and it clamps at the box edge
   as crop-then-resize does. (``torchvision.ops.roi_align`` was the first candidate; it samples
   across the box edge and its adaptive box filter differs from torchvision's triangle filter, so
   it only approximates the v2 path.) The dense matrices cost ``O(size * (H + W))`` memory per
   sample and the matmuls are cheap on a GPU; with TF32 matmuls enabled globally the crops carry
-  TF32 rounding (about 1e-3 relative), and cuDNN's TF32 (on by default) applies to the blur. Each
-  padded stack is float32 ``[n, 3, H_max, W_max]`` and its matmuls cost ``O(size * H_max *
-  W_max)`` per crop, so :func:`size_groups` splits a batch of mixed sizes into groups padded
-  separately (landscape apart from portrait, a 4288 x 2848 photo apart from 500 x 375 ones); one
-  stack of everything made a batch of 16 with one large photo 9.5x slower on the CPU
-  (``bench/batch_padding.py``). Each image's crop still costs ``O(size * H * W)`` however small
-  its box: a 12-megapixel photo costs about as much to crop as a training step. The per-image path
-  resizes uint8 and so rounds the crop to whole grey levels; this path does not (a difference
-  below 1/255 per pixel).
+  TF32 rounding (about 1e-3 relative), and cuDNN's TF32 (on by default) applies to the blur.
+  Each padded stack is float32 ``[n, 3, H_max, W_max]`` and its matmuls cost
+  ``O(size * H_max * W_max)`` per crop, so :func:`size_groups` splits a batch of mixed sizes
+  into groups padded separately (landscape apart from portrait, a 4288 x 2848 photo apart from
+  500 x 375 ones); one stack of everything made a batch of 16 with one large photo 9.5x slower
+  on the CPU (``bench/batch_padding.py``). Each image's crop still costs ``O(size * H * W)``
+  however small its box: a 12-megapixel photo costs about as much to crop as a training step.
+  The per-image path resizes uint8 and so rounds the crop to whole grey levels; this path does
+  not (a difference below 1/255 per pixel).
 * **Flip, jitter, grayscale, blur** are per-sample Bernoulli draws with the configured rates.
   ColorJitter factors and the random order of its four ops are per sample; the ops run in four
   steps, and at each step each op is applied to the samples whose permutation puts it there

@@ -19,7 +19,7 @@ parameters, drawn from the same distributions as ``torchvision.transforms.v2``:
   Each padded stack is float32 ``[n, 3, H_max, W_max]`` and its matmuls cost
   ``O(size * H_max * W_max)`` per crop, so :func:`size_groups` splits a batch of mixed sizes
   into groups padded separately (landscape apart from portrait, a 4288 x 2848 photo apart from
-  500 x 375 ones); one stack of everything made a batch of 16 with one large photo 9.5x slower
+  500 x 375 ones); one stack of everything made a batch of 16 with one large photo 9.4x slower
   on the CPU (``bench/batch_padding.py``). Each image's crop still costs ``O(size * H * W)``
   however small its box: a 12-megapixel photo costs about as much to crop as a training step.
   The per-image path resizes uint8 and so rounds the crop to whole grey levels; this path does

@@ -28,11 +28,16 @@ def write_jpeg(path: Path, seed: int, width: int, height: int, quality: int = 90
     Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=quality)
 
 
+def is_portrait(index: int, share: float) -> bool:
+    """Whether image ``index`` of the folder is turned 90 degrees: a ``share`` of them, spread
+    evenly over the indices (golden-ratio steps). Like ImageNet: mostly landscape, some portrait."""
+    return (index * 0.6180339887) % 1.0 < share
+
+
 def _write_range(args: tuple[str, int, int, int, int, float]) -> int:
     root, start, stop, width, height, portrait = args
     for i in range(start, stop):
-        # Like ImageNet: mostly landscape, some portrait.
-        w, h = (height, width) if (i * 0.6180339887) % 1.0 < portrait else (width, height)
+        w, h = (height, width) if is_portrait(i, portrait) else (width, height)
         write_jpeg(Path(root) / f"img{i:06d}.jpg", seed=i, width=w, height=h)
     return stop - start
 

@@ -13,13 +13,14 @@ from __future__ import annotations
 import math
 import random
 import statistics
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 
-from swavctl.bench.common import sync
+from swavctl.bench.common import timed
+from swavctl.bench.jpegs import is_portrait
 from swavctl.data.augment import AugmentSpec, CropSpec
 from swavctl.data.batch_augment import PAD_SLACK, apply_params, sample_params, size_groups
 
@@ -30,8 +31,9 @@ LARGE_PHOTO: Size = (2848, 4288)
 
 
 def jpeg_folder_sizes(n: int) -> list[Size]:
-    """The sizes of :mod:`swavctl.bench.jpegs`' folder: 500 x 375, a quarter of them portrait."""
-    return [(500, 375) if (i * 0.6180339887) % 1.0 < 0.25 else (375, 500) for i in range(n)]
+    """The sizes (h, w) of :func:`swavctl.bench.jpegs.write_jpeg_folder`'s default folder:
+    500 x 375, a quarter of them portrait."""
+    return [(500, 375) if is_portrait(i, 0.25) else (375, 500) for i in range(n)]
 
 
 def mixed_photo_sizes(n: int, *, seed: int = 0, large_photo: bool = False) -> list[Size]:
@@ -105,11 +107,7 @@ def bench_padding(
     times: dict[float, list[float]] = {math.inf: [], PAD_SLACK: []}
     for _ in range(rounds):
         for slack, runs in times.items():
-            sync(device)
-            start = time.perf_counter()
-            run(slack)
-            sync(device)
-            runs.append(1000 * (time.perf_counter() - start))
+            runs.append(1000 * timed(partial(run, slack), device)[1])
     groups = size_groups(list(sizes), PAD_SLACK)
     return PaddingBenchResult(
         mix=mix,

@@ -597,6 +597,7 @@ def apply_params(
     with torch.no_grad():
         images_by_size = size_groups([(int(im.shape[-2]), int(im.shape[-1])) for im in checked], pad_slack)
         padded = [stack_padded([checked[i] for i in g]) for g in images_by_size]
+        group_indices = [torch.tensor(g) for g in images_by_size]
         groups: dict[int, list[int]] = {}
         for i, crop in enumerate(crops):
             groups.setdefault(crop.size, []).append(i)
@@ -607,9 +608,9 @@ def apply_params(
             else:
                 x = torch.empty((len(group), 3, size, size), dtype=torch.float32, device=device)
                 spec_offsets = torch.arange(len(members))[:, None] * n
-                for indices, stack in zip(images_by_size, padded, strict=True):
+                for indices, stack in zip(group_indices, padded, strict=True):
                     # Crop-major rows of these images within the group: crop spec j, image i -> j * n + i.
-                    rows = (spec_offsets + torch.tensor(indices)[None, :]).reshape(-1)
+                    rows = (spec_offsets + indices[None, :]).reshape(-1)
                     x.index_copy_(0, to_device(rows, device), batch_geometric(stack, group.take(rows), size))
             x = batch_photometric(x, group, augment, blur_kernel_size(size, augment.blur_sigma_max))
             x = batch_normalize(x, augment.mean, augment.std)

@@ -11,13 +11,12 @@ is a kernel launch of a few microseconds of CPU time.
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 
-from swavctl.bench.common import sync
+from swavctl.bench.common import timed
 from swavctl.config import resolve
 from swavctl.train.build import build_model, build_optimizer
 from swavctl.train.lars import LARC
@@ -92,13 +91,10 @@ def bench_larc(
     def baseline() -> None:
         per_parameter_larc(optimizer)
 
-    def timed(fn: Callable[[], None]) -> float:
+    def fresh_grads_ms(fn: Callable[[], None]) -> float:
+        """Milliseconds of ``fn`` on freshly loaded gradients (the loading is not timed)."""
         load_grads()
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        return (time.perf_counter() - start) * 1e3
+        return 1e3 * timed(fn, device)[1]
 
     load_grads()
     baseline()
@@ -108,12 +104,12 @@ def bench_larc(
     got = [p.grad for p in params if p.grad is not None]
     diff = max(float((g - e).abs().max()) for g, e in zip(got, expected, strict=True))
     for _ in range(2):  # warm-up
-        timed(baseline)
-        timed(optimizer.adapt_gradients)
+        fresh_grads_ms(baseline)
+        fresh_grads_ms(optimizer.adapt_gradients)
     baseline_ms, ours_ms = [], []
     for _ in range(repeats):
-        baseline_ms.append(timed(baseline))
-        ours_ms.append(timed(optimizer.adapt_gradients))
+        baseline_ms.append(fresh_grads_ms(baseline))
+        ours_ms.append(fresh_grads_ms(optimizer.adapt_gradients))
     load_grads()
     baseline_ops = operators_per_call(baseline)
     load_grads()

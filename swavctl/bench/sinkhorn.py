@@ -10,13 +10,13 @@ sample; ours runs in the log domain and is finite everywhere, which costs extra 
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
-from swavctl.bench.common import sync
+from swavctl.bench.common import timed
 from swavctl.sinkhorn import sinkhorn
 
 
@@ -79,11 +79,7 @@ def bench_sinkhorn(
     times: dict[str, list[float]] = {"ours": [], "official": []}
     for _ in range(repeats):
         for name, fn in (("ours", sinkhorn), ("official", official_sinkhorn)):
-            sync(device)
-            start = time.perf_counter()
-            fn(scores, epsilon=epsilon, iterations=iterations)
-            sync(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(timed(partial(fn, scores, epsilon=epsilon, iterations=iterations), device)[1])
     ours_ms = 1000 * statistics.median(times["ours"])
     official_ms = 1000 * statistics.median(times["official"])
     return SinkhornBenchResult(

@@ -1,4 +1,4 @@
-"""Sinkhorn at B=4096, K=3000 in fp32: ours (log domain) against the official formula, side by side.
+"""Sinkhorn at B=4096, K=3000 in fp32: ours (row-max shifted) against the official formula, side by side.
 
 On the CPU always, and on a GPU when one is at hand (``--device cuda``, or automatically). Calls
 alternate; figures are medians. Writes the ``sinkhorn`` section of docs/benchmarks.md (the GPU

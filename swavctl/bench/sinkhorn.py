@@ -4,7 +4,9 @@ The baseline is the official code's procedure (facebookresearch/swav, ``distribu
 on one process): ``Q = exp(scores / epsilon)^T``, divide by the total, then ``iterations`` times
 divide the rows by their sums and by K and the columns by their sums and by B, finally multiply
 by B. It overflows fp32 for large ``scores / epsilon`` and underflows prototypes far from every
-sample; ours runs in the log domain and is finite everywhere, which costs extra exponentials.
+sample; ours shifts each prototype row by its maximum (nothing overflows, no row underflows),
+runs the same multiplicative iterations, and falls back to the log domain only when a sample's
+column underflows (see :func:`swavctl.sinkhorn.sinkhorn`).
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from swavctl.sinkhorn import sinkhorn
+from swavctl.train.loop import _read_step
 from swavctl.train.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
 from tests.conftest import cli_env, free_port, run_cli, write_image_folder
 
@@ -263,3 +264,30 @@ def test_training_steps_on_cuda_match(tmp_path: Path) -> None:
         torch.testing.assert_close(b[key], value, atol=1e-5, rtol=1e-4, msg=key)
     what = "2 GPUs (NCCL) vs 1 GPU" if two_gpus else "1 GPU vs the CPU"
     print(f"largest parameter difference after 2 steps, {what}: {worst:.2e}")
+
+
+def _time_up_worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2
+    )
+    try:
+        readout = _read_step(
+            torch.tensor(1.0 + rank),
+            torch.tensor(True),
+            torch.tensor([0.5, 3.0]),
+            time_up=rank == 0,  # only rank 0's clock is past train.max_seconds
+        )
+        torch.save({"time_up": readout.time_up, "loss": readout.loss}, Path(out) / f"rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_all_ranks_stop_after_the_step_any_rank_ran_out_of_time(tmp_path: Path) -> None:
+    """Each rank's clock crosses train.max_seconds at its own moment; they must end at one step."""
+    mp.start_processes(_time_up_worker, args=(free_port(), str(tmp_path)), nprocs=2, start_method="fork")
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert [r["time_up"] for r in results] == [True, True]
+    assert all(math.isclose(r["loss"], 1.5) for r in results)  # the loss still the ranks' mean
+    one = _read_step(torch.tensor(2.0), torch.tensor(True), torch.tensor([0.5, 3.0]))
+    assert (one.time_up, one.loss, one.prototypes_used) == (False, 2.0, 3)

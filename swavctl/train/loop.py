@@ -641,7 +641,11 @@ def pretrain(
                             if scaler.is_enabled()  # the scaler skips steps with inf/NaN gradients itself
                             else _grads_finite(model)
                         )
-                        readout = _read_step(loss, grads_ok, code_statistics(out.codes[0]))
+                        time_up = bool(
+                            settings.train.max_seconds
+                            and time.perf_counter() - started > settings.train.max_seconds
+                        )
+                        readout = _read_step(loss, grads_ok, code_statistics(out.codes[0]), time_up=time_up)
                     if readout.bad_loss or readout.bad_grads:
                         what = (
                             f"non-finite loss on rank {_ranks_text(readout.bad_loss)}"
@@ -665,6 +669,9 @@ def pretrain(
                     loss_value = readout.loss  # over all ranks, as one process on the global batch
                     last_loss = loss_value
                     step_time = time.perf_counter() - step_start
+                    if readout.time_up and step < total_steps:
+                        reporter.info(f"train.max_seconds reached at step {step}")
+                        total_steps = step  # every rank ends after this step, with the final checkpoint
                     with phase("bookkeeping"):
                         record = {
                             "step": step,
@@ -689,12 +696,6 @@ def pretrain(
                             on_step(step)
                         if step % steps_epoch == 0 or step % settings.checkpoint.every_steps == 0:
                             save(step // steps_epoch, "periodic")
-                        if (
-                            settings.train.max_seconds
-                            and time.perf_counter() - started > settings.train.max_seconds
-                        ):
-                            reporter.info(f"train.max_seconds reached at step {step}")
-                            total_steps = step
                     if profiler is not None:
                         profiler.step()
                     if hook_sleep:
@@ -792,9 +793,12 @@ class StepReadout:
     loss: float  # the mean of the ranks' losses: the loss of the global batch (NaN if any is bad)
     code_entropy: float  # this rank's, from health.code_statistics
     prototypes_used: int  # this rank's
+    time_up: bool  # some rank is past train.max_seconds: every rank ends the run after this step
 
 
-def _read_step(loss: torch.Tensor, grads_ok: torch.Tensor, code_stats: torch.Tensor) -> StepReadout:
+def _read_step(
+    loss: torch.Tensor, grads_ok: torch.Tensor, code_stats: torch.Tensor, *, time_up: bool = False
+) -> StepReadout:
     """The step's single device-to-host read, and with a process group its single collective.
 
     Every value the host needs from a step (the finiteness checks, the loss, the code statistics)
@@ -803,22 +807,28 @@ def _read_step(loss: torch.Tensor, grads_ok: torch.Tensor, code_stats: torch.Ten
     more work. The loop used to make five per step (besides Sinkhorn's underflow check), the last
     one after the optimizer step, so the host's work on the next batch (loading, decoding, queueing
     the augmentation) never overlapped the GPU's optimizer step.
+
+    ``time_up`` (this rank's clock is past ``train.max_seconds``) rides along, so all ranks end the
+    run after the same step: each rank's own clock could cross the limit a step apart, and the
+    rank that stopped first would leave the others waiting in a collective.
     """
     value = loss.detach().to(torch.float64).reshape(())
     world, rank = dist.world_size(), dist.rank()  # 1 and 0 without a process group
-    # Per rank: loss not finite, gradients not finite; then the loss, summed over the ranks.
-    shared = torch.zeros(2 * world + 1, dtype=torch.float64, device=value.device)
+    # Per rank: loss not finite, gradients not finite; then time up and the loss, summed over the ranks.
+    shared = torch.zeros(2 * world + 2, dtype=torch.float64, device=value.device)
     shared[rank] = (~torch.isfinite(value)).to(torch.float64)
     shared[world + rank] = (~grads_ok.reshape(())).to(torch.float64)
+    shared[-2] = float(time_up)
     shared[-1] = value
     dist.all_reduce_sum(shared)  # a no-op on one process
     flat = torch.cat([shared, code_stats.to(torch.float64)]).tolist()
     return StepReadout(
         bad_loss=[r for r in range(world) if flat[r]],
         bad_grads=[r for r in range(world) if flat[world + r]],
-        loss=flat[2 * world] / world,
+        loss=flat[2 * world + 1] / world,
         code_entropy=flat[-2],
         prototypes_used=int(flat[-1]),
+        time_up=bool(flat[2 * world]),
     )
 
 

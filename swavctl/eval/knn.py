@@ -15,6 +15,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+#: DINO's vote temperature T (eval-linear's ``--temperature`` default, and the monitor's).
+KNN_TEMPERATURE = 0.07
+
 
 def knn_scores(
     train_features: torch.Tensor,

@@ -27,9 +27,9 @@ from swavctl.data.demo import DEMO_NAME, resolve_data_path
 from swavctl.errors import UserError
 from swavctl.eval import fast as fast_mod
 from swavctl.eval.dataset import ImageCache, LabelledImages, should_cache
-from swavctl.eval.features import extract_features
+from swavctl.eval.features import FEATURE_BATCH, extract_features
 from swavctl.eval.finetune import finetune, paper_recipe
-from swavctl.eval.knn import knn_scores
+from swavctl.eval.knn import KNN_TEMPERATURE, knn_scores
 from swavctl.eval.linear import LinearRecipe, linear_protocol
 from swavctl.eval.metrics import accuracy
 from swavctl.eval.report import (
@@ -40,7 +40,7 @@ from swavctl.eval.report import (
     write_json_atomic,
     write_predictions_csv,
 )
-from swavctl.eval.splits import EvalSplit, discover, holdout_split, label_subset
+from swavctl.eval.splits import SPLIT_SEED, VAL_SPLIT, EvalSplit, discover, holdout_split, label_subset
 from swavctl.eval.views import Normalizer, geometry_for
 from swavctl.model_io import LoadedModel, load_model
 from swavctl.safe_io import file_sha256
@@ -58,14 +58,14 @@ class EvalOptions:
     data: str | None = None
     mode: str = "fast"
     out: Path | None = None
-    val_split: float = 0.2
-    seed: int = 0
+    val_split: float = VAL_SPLIT
+    seed: int = SPLIT_SEED
     epochs: int | None = None
-    batch_size: int = 256
+    batch_size: int = FEATURE_BATCH
     lr: float | None = None
     weight_decay: float | None = None
     k: int = 20
-    temperature: float = 0.07
+    temperature: float = KNN_TEMPERATURE
     label_fraction: float | None = None
     aug_passes: int = 0
     holdout: float = 0.2

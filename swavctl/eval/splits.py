@@ -23,6 +23,10 @@ import numpy as np
 from swavctl.data.images import IMAGE_SUFFIXES, class_of, list_images
 from swavctl.errors import UserError
 
+#: The val fraction and seed of a single folder's split (eval-linear's defaults, and the monitor's).
+VAL_SPLIT = 0.2
+SPLIT_SEED = 0
+
 
 @dataclass(frozen=True)
 class Sample:
@@ -84,7 +88,7 @@ def stratified_split(labels: Sequence[int], fraction: float, seed: int) -> np.nd
     return chosen
 
 
-def discover(root: Path, *, val_split: float = 0.2, seed: int = 0) -> EvalSplit:
+def discover(root: Path, *, val_split: float = VAL_SPLIT, seed: int = SPLIT_SEED) -> EvalSplit:
     """Find the labelled train and val images under ``root``.
 
     ``root/train`` and ``root/val`` are used when both exist. Otherwise the folder itself (or its

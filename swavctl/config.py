@@ -207,6 +207,20 @@ class HealthSettings(_Strict):
     collapse_patience: int = Field(50, ge=1, description="Steps the loss must stay near ln K before warning.")
 
 
+class MonitorSettings(_Strict):
+    """Evaluation during pretraining: a k-NN top-1 of the backbone as it trains."""
+
+    knn_data: str | None = Field(
+        None,
+        description="Labelled folder (DIR/train + DIR/val, or DIR/<class>/*) for a k-NN top-1 during "
+        "pretraining, as eval-linear --mode knn computes it; 'demo' for the demo digits; None = off.",
+    )
+    knn_every_epochs: int = Field(
+        1, ge=1, description="Epochs between k-NN evaluations (one also runs at the end of the run)."
+    )
+    knn_k: int = Field(20, ge=1, description="Neighbours of the k-NN vote.")
+
+
 class Settings(_Strict):
     """All settings of a pretraining run."""
 
@@ -220,6 +234,9 @@ class Settings(_Strict):
     checkpoint: CheckpointSettings = Field(default_factory=CheckpointSettings, description="Checkpoints.")
     dist: DistSettings = Field(default_factory=DistSettings, description="Devices and processes.")
     health: HealthSettings = Field(default_factory=HealthSettings, description="Health checks.")
+    monitor: MonitorSettings = Field(
+        default_factory=MonitorSettings, description="Evaluation during pretraining."
+    )
 
     @model_validator(mode="after")
     def _assignment_crops(self) -> Settings:

@@ -25,6 +25,14 @@ def pretrain_command(
     procs: Annotated[
         int | None, typer.Option("--procs", help="CPU processes with --gpus 0 (gloo on 127.0.0.1).")
     ] = None,
+    knn_data: Annotated[
+        str | None,
+        typer.Option(
+            "--knn-data",
+            metavar="DIR",
+            help="Labelled folder (or 'demo') to report a k-NN top-1 at epoch ends (monitor.*).",
+        ),
+    ] = None,
     overrides: SetOpt = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Start over instead of resuming.")] = False,
     as_json: JsonOpt = False,
@@ -47,6 +55,7 @@ def pretrain_command(
                 "train.max_steps": max_steps,
                 "dist.gpus": gpus,
                 "dist.procs": procs,
+                "monitor.knn_data": knn_data,
             },
             overrides=overrides or [],
         )
@@ -63,8 +72,10 @@ def _print_summary(result: dict[str, object], *, as_json: bool) -> None:
         return
     loss = result["final_loss"]
     loss_text = "n/a" if loss is None else f"{float(loss):.4f}"  # type: ignore[arg-type]
+    knn = result.get("knn")
+    knn_text = f", {knn['k']}-NN top-1 {100 * knn['top1']:.2f}%" if isinstance(knn, dict) else ""
     err.print(
-        f"done: {result['steps']} steps, final loss {loss_text}, "
+        f"done: {result['steps']} steps, final loss {loss_text}{knn_text}, "
         f"{float(result['samples_per_s']):.1f} samples/s, {result['skipped_images']} skipped files\n"  # type: ignore[arg-type]
         f"run folder: {result['out_dir']}\nbackbone: {result['backbone']}",
         markup=False,

@@ -28,6 +28,7 @@ from swavctl.data.demo import resolve_data_path
 from swavctl.data.images import BadImage, list_images, resolve_image_root
 from swavctl.data.sampler import EpochBatchSampler, steps_per_epoch
 from swavctl.errors import UserError
+from swavctl.eval.monitor import KnnMonitor, KnnReading, MonitorError, monitor_split
 from swavctl.model.swav import SwAV
 from swavctl.queue import EmbeddingQueue
 from swavctl.train import checkpoint as ckpt
@@ -299,6 +300,7 @@ def pretrain(
     device = pick_device(settings)
     hook_nan, hook_raise, hook_sleep = _parse_hook(HOOK_NAN), _parse_hook(HOOK_RAISE), _hook_sleep()
     image_root, paths = _data_paths(settings, reporter)
+    knn_split = monitor_split(settings)  # a bad monitor.knn_data is refused before anything starts
     global_batch = settings.train.batch_size * world
     steps_epoch = steps_per_epoch(len(paths), settings.train.batch_size, world)
     if steps_epoch == 0:
@@ -459,6 +461,12 @@ def pretrain(
         prefetch_depth = 1 if device.type == "cuda" else 0
     prefetch_stream = side_stream(device) if prefetch_depth > 0 else None  # one for every epoch
     last_loss: float | None = None
+    monitor = (
+        KnnMonitor(settings, knn_split, device=device, workers=settings.data.workers)
+        if knn_split is not None
+        else None
+    )
+    last_knn: KnnReading | None = None
     checkpoint_step = step if resumed_from is not None else -1
     samples_seen = 0
     started = time.perf_counter()
@@ -671,7 +679,17 @@ def pretrain(
                     step_time = time.perf_counter() - step_start
                     if readout.time_up and step < total_steps:
                         reporter.info(f"train.max_seconds reached at step {step}")
-                        total_steps = step  # every rank ends after this step, with the final checkpoint
+                        total_steps = step  # the monitor's last reading and the final checkpoint come next
+                    knn: KnnReading | None = None
+                    if monitor is not None and monitor.due(step, steps_epoch, total_steps):
+                        with phase("monitor"):
+                            try:
+                                knn = monitor.evaluate(
+                                    model.backbone, feature_dim=model.feature_dim, autocast=amp_dtype
+                                )
+                            except MonitorError as exc:  # the same on every rank (features are gathered)
+                                warn_all(f"monitor.knn_data: {exc}; k-NN monitoring stops, training goes on")
+                                monitor = None
                     with phase("bookkeeping"):
                         record = {
                             "step": step,
@@ -686,7 +704,17 @@ def pretrain(
                             "queue_in_use": out.queue_in_use,
                             "skipped_images": skipped_total,
                         }
-                        if dist.is_main() and (step % settings.train.log_every == 0 or step == total_steps):
+                        if knn is not None:
+                            last_knn = knn
+                            record["knn_top1"] = knn.top1
+                            record["knn_top5"] = knn.top5
+                            reporter.info(
+                                f"step {step} ({step / steps_epoch:.3g} epochs): {knn.k}-NN top-1 "
+                                f"{100 * knn.top1:.2f}% top-5 {100 * knn.top5:.2f}% on {knn.val_images} "
+                                f"val images ({knn.seconds:.1f} s)"
+                            )
+                        periodic = step % settings.train.log_every == 0 or step == total_steps
+                        if dist.is_main() and (periodic or knn is not None):
                             metrics.append(record)
                         reporter.step(record)
                         warning = health.update(step, loss_value)
@@ -731,7 +759,7 @@ def pretrain(
         checkpoint=str(final_ckpt) if final_ckpt else None,
         backbone=str(backbone_path),
         resumed_from_step=resumed_from,
-        extra={"world_size": world},
+        extra={"world_size": world, **({"knn": last_knn.as_dict()} if last_knn is not None else {})},
     )
     if dist.is_main():
         _export_backbone(model, backbone_path, settings, step, step // steps_epoch)

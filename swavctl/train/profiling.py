@@ -34,6 +34,7 @@ PHASES = (
     "swavctl.backward",
     "swavctl.checks",
     "swavctl.optimizer",
+    "swavctl.monitor",  # only on the steps the k-NN monitor scores (monitor.knn_data)
     "swavctl.bookkeeping",
 )
 

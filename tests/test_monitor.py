@@ -1,0 +1,144 @@
+"""The k-NN monitor during pretraining (``monitor.knn_data``, ``--knn-data``).
+
+Checked against the real thing: each reading must be the number ``swavctl eval-linear --mode knn``
+gives on the checkpoint of the same step, and a monitored run must train exactly as an
+unmonitored one (weights and saved random states bitwise equal).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.conftest import cli_env, run_cli, write_image_folder
+
+# The demo digits: a k-NN top-1 well below 1 after a short run, so equal readings mean something.
+# Pretraining on 400 of the train digits: 50 steps of 8 per epoch.
+PRETRAIN = ("pretrain", "--preset", "smoke", "--gpus", "0", "--data", "demo", "--set", "data.max_images=400")
+
+
+def _metrics(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _eval_knn(model: Path, cwd: Path) -> float:
+    """top-1 of ``swavctl eval-linear MODEL --mode knn`` with its defaults, in its own process."""
+    result = run_cli(
+        "eval-linear", str(model), "--mode", "knn", "--data", "demo", "--gpus", "0", "--json",
+        "--out", str(cwd / f"eval-{model.name}"), cwd=cwd, env=cli_env(),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return float(json.loads(result.stdout)["top1"])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same 2-epoch run with and without the monitor (every checkpoint kept)."""
+    root = tmp_path_factory.mktemp("monitor")
+    common = (*PRETRAIN, "--epochs", "2", "--set", "checkpoint.keep=100", "--json")
+    watched = run_cli(*common, "--knn-data", "demo", "--out", "watched", cwd=root, env=cli_env())
+    plain = run_cli(*common, "--out", "plain", cwd=root, env=cli_env())
+    assert watched.returncode == 0, watched.stderr
+    assert plain.returncode == 0, plain.stderr
+    (root / "watched.json").write_text(watched.stdout)
+    (root / "watched.stderr").write_text(watched.stderr)
+    return root
+
+
+def test_each_reading_is_eval_linear_knn_on_that_steps_weights(runs: Path) -> None:
+    run = runs / "watched"
+    readings = {r["step"]: r["knn_top1"] for r in _metrics(run) if "knn_top1" in r}
+    assert sorted(readings) == [50, 100]  # every epoch end (knn_every_epochs = 1), the last being the end
+    assert all(0.3 < top1 < 1.0 for top1 in readings.values()), readings  # not a saturated figure
+    for step, top1 in readings.items():
+        assert _eval_knn(run / "checkpoints" / f"step-{step:09d}.pt", runs) == top1, step
+    # The summary carries the last reading; the log says each one.
+    summary = json.loads((runs / "watched.json").read_text())
+    assert summary["knn"]["top1"] == readings[100]
+    assert summary["knn"]["k"] == 20 and summary["knn"]["val_images"] == 359
+    assert summary["knn"]["train_images"] == 1438
+    stderr = (runs / "watched.stderr").read_text()
+    assert "step 50 (1 epochs): 20-NN top-1" in stderr and f"{100 * readings[100]:.2f}%" in stderr
+
+
+def test_a_monitored_run_trains_exactly_as_an_unmonitored_one(runs: Path) -> None:
+    for step in (50, 100):
+        name = f"step-{step:09d}.pt"
+        watched = torch.load(runs / "watched" / "checkpoints" / name, weights_only=True)
+        plain = torch.load(runs / "plain" / "checkpoints" / name, weights_only=True)
+        for key, value in plain["model"].items():
+            assert torch.equal(watched["model"][key], value), (step, key)  # incl. batch-norm statistics
+        # The saved random states too: the monitor's loaders draw seeds from torch's generator.
+        assert torch.equal(watched["rng"][0]["torch"], plain["rng"][0]["torch"]), step  # rank 0
+    losses = {r["step"]: r["loss"] for r in _metrics(runs / "plain")}
+    assert {r["step"]: r["loss"] for r in _metrics(runs / "watched")} == losses
+    assert not any("knn_top1" in r for r in _metrics(runs / "plain"))
+
+
+def test_every_n_epochs_and_a_last_reading_when_time_runs_out(tmp_path: Path) -> None:
+    result = run_cli(
+        *PRETRAIN, "--epochs", "200", "--knn-data", "demo", "--set", "monitor.knn_every_epochs=2",
+        "--set", "train.max_seconds=6", "--set", "train.log_every=7", "--out", "run", "--json",
+        cwd=tmp_path, env=cli_env(),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    end = summary["steps"]
+    assert 100 < end < 200 * 50  # stopped by train.max_seconds, after a few epochs
+    steps = [r["step"] for r in _metrics(tmp_path / "run") if "knn_top1" in r]
+    # Every second epoch end (even where log_every would skip the line), and the step the time ran out.
+    expected = list(range(100, end, 100)) + [end]
+    assert steps == expected, (steps, end)
+    assert summary["knn"]["top1"] == _metrics(tmp_path / "run")[-1]["knn_top1"]
+
+
+def test_two_processes_read_what_one_process_reads(tmp_path: Path) -> None:
+    """Each rank extracts a share of the features; gathered, they score as in one process."""
+    result = run_cli(
+        *PRETRAIN, "--epochs", "1", "--batch-size", "4", "--procs", "2", "--knn-data", "demo",
+        "--out", "two", "--json", cwd=tmp_path, env=cli_env(),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["world_size"] == 2
+    readings = [r for r in _metrics(tmp_path / "two") if "knn_top1" in r]
+    assert [r["step"] for r in readings] == [50]
+    assert summary["knn"]["val_images"] == 359 and summary["knn"]["train_images"] == 1438
+    assert _eval_knn(tmp_path / "two", tmp_path) == readings[0]["knn_top1"]
+
+
+def test_a_bad_knn_folder_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    one_class = write_image_folder(tmp_path / "one-class", classes=1)
+    flat = tmp_path / "flat"
+    (one_class / "class0").rename(flat)  # the images themselves, no class subfolders
+    write_image_folder(one_class, classes=1)
+    for folder, message in (
+        (tmp_path / "missing", "monitor.knn_data: data folder does not exist"),
+        (flat, "monitor.knn_data: no classes"),
+        (one_class, "monitor.knn_data: " + f"{one_class}: found a single class"),
+    ):
+        result = run_cli(*PRETRAIN, "--knn-data", str(folder), "--out", "run", cwd=tmp_path, env=cli_env())
+        assert result.returncode == 2, result.stderr
+        assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+        assert not (tmp_path / "run").exists()
+
+
+def test_an_unreadable_val_folder_stops_the_monitor_not_the_training(tmp_path: Path) -> None:
+    data = tmp_path / "labelled"
+    write_image_folder(data / "train", classes=2, per_class=8)
+    for c in range(2):
+        (data / "val" / f"class{c}").mkdir(parents=True)
+        (data / "val" / f"class{c}" / "broken.png").write_bytes(b"not a png")
+    result = run_cli(
+        *PRETRAIN, "--epochs", "2", "--knn-data", str(data), "--out", "run", "--json",
+        cwd=tmp_path, env=cli_env(),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "k-NN monitoring stops, training goes on" in result.stderr
+    assert result.stderr.count("k-NN monitoring stops") == 1
+    assert json.loads(result.stdout)["steps"] == 100
+    assert not any("knn_top1" in r for r in _metrics(tmp_path / "run"))

@@ -10,7 +10,7 @@ longer fits the overall budget is skipped and reported as such):
    (``swavctl bench step``: bf16 + channels_last), Sinkhorn at B=4096, K=3000 and LARC.
 3. ``gpu_tests``: the test suite's CUDA-only tests of the GPU paths (:data:`GPU_TESTS`: no host
    sync in the augmentation, nvJPEG against memory still in use, the prefetch thread's side
-   stream, CUDA against CPU).
+   stream, CUDA against CPU, the k-NN monitor's reading in fp32 and bf16).
 4. ``e2e_device_compile``: ``swavctl pretrain`` from the JPEG folder with device augmentation
    (workers only read bytes; nvjpeg decode and batched augmentation on the GPU, made ready one
    batch ahead by the prefetch thread), bf16 + channels_last, ``train.compile=true``.
@@ -500,6 +500,7 @@ GPU_TESTS = [
     "tests/test_prefetch.py::test_on_cuda_every_epoch_queues_on_the_one_stream_it_is_given",
     "tests/test_augment.py::test_cuda_matches_cpu",
     "tests/test_distributed.py::test_training_steps_on_cuda_match",
+    "tests/test_monitor.py::test_on_cuda_a_reading_matches_the_cpu_one",
 ]
 
 

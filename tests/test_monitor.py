@@ -14,6 +14,10 @@ from typing import Any
 import pytest
 import torch
 
+from swavctl import config
+from swavctl.eval.monitor import KnnMonitor, monitor_split
+from swavctl.model.swav import SwAV
+from swavctl.train.build import build_model
 from tests.conftest import cli_env, run_cli, write_image_folder
 
 # The demo digits: a k-NN top-1 well below 1 after a short run, so equal readings mean something.
@@ -142,3 +146,40 @@ def test_an_unreadable_val_folder_stops_the_monitor_not_the_training(tmp_path: P
     assert result.stderr.count("k-NN monitoring stops") == 1
     assert json.loads(result.stdout)["steps"] == 100
     assert not any("knn_top1" in r for r in _metrics(tmp_path / "run"))
+
+
+def _demo_monitor(device: torch.device) -> tuple[KnnMonitor, SwAV]:
+    settings = config.resolve(preset="smoke", flags={"data.path": "demo", "monitor.knn_data": "demo"})
+    split = monitor_split(settings)
+    assert split is not None
+    model = build_model(settings).to(device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return KnnMonitor(settings, split, device=device, workers=0), model.train()
+
+
+def test_a_reading_leaves_the_model_in_train_mode_and_the_generators_as_they_were() -> None:
+    monitor, model = _demo_monitor(torch.device("cpu"))
+    torch.manual_seed(5)
+    before = torch.random.get_rng_state()
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    reading = monitor.evaluate(model.backbone, feature_dim=model.feature_dim, autocast=None)
+    assert model.training and model.backbone.training
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in buffers.items())  # BN statistics too
+    assert (reading.train_images, reading.val_images, reading.k) == (1438, 359, 20)
+    assert 0.1 < reading.top1 <= reading.top5 <= 1.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_a_reading_matches_the_cpu_one() -> None:
+    """fp32 on the GPU reads what the CPU reads; under bf16 autocast (the GPU runs' default) within 2%."""
+    cpu_monitor, cpu_model = _demo_monitor(torch.device("cpu"))
+    cpu = cpu_monitor.evaluate(cpu_model.backbone, feature_dim=cpu_model.feature_dim, autocast=None)
+    cuda = torch.device("cuda", torch.cuda.current_device())
+    monitor, model = _demo_monitor(cuda)
+    torch.cuda.manual_seed(7)
+    before = torch.cuda.get_rng_state()
+    fp32 = monitor.evaluate(model.backbone, feature_dim=model.feature_dim, autocast=None)
+    bf16 = monitor.evaluate(model.backbone, feature_dim=model.feature_dim, autocast=torch.bfloat16)
+    assert torch.equal(torch.cuda.get_rng_state(), before)
+    assert abs(fp32.top1 - cpu.top1) <= 1 / 359, (fp32, cpu)  # at most one val image apart
+    assert abs(bf16.top1 - cpu.top1) <= 0.02, (bf16, cpu)

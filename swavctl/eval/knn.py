@@ -15,7 +15,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-#: DINO's vote temperature T (eval-linear's ``--temperature`` default, and the monitor's).
+#: DINO's neighbours k and vote temperature T (eval-linear's ``--k`` and ``--temperature`` defaults,
+#: and the monitor's; ``monitor.knn_k`` repeats 20 because the settings module stays torch-free).
+KNN_K = 20
 KNN_TEMPERATURE = 0.07
 
 
@@ -25,8 +27,8 @@ def knn_scores(
     query_features: torch.Tensor,
     *,
     num_classes: int,
-    k: int = 20,
-    temperature: float = 0.07,
+    k: int = KNN_K,
+    temperature: float = KNN_TEMPERATURE,
     chunk: int | None = None,
 ) -> torch.Tensor:
     """Class vote scores (Q, C) of each query; see the module docstring for the formula.

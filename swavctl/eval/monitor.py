@@ -19,7 +19,6 @@ Scoring leaves the training untouched:
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import asdict, dataclass
 
@@ -101,15 +100,10 @@ class KnnMonitor:
         """
         started = time.perf_counter()
         devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            amp = (
-                torch.autocast(self.device.type, dtype=autocast)
-                if autocast is not None
-                else contextlib.nullcontext()
-            )
-            with amp:
-                train_f, train_kept = self._features(backbone, self.train_images, feature_dim)
-                val_f, val_kept = self._features(backbone, self.val_images, feature_dim)
+        amp = torch.autocast(self.device.type, dtype=autocast or torch.float32, enabled=autocast is not None)
+        with torch.random.fork_rng(devices=devices), amp:
+            train_f, train_kept = self._features(backbone, self.train_images, feature_dim)
+            val_f, val_kept = self._features(backbone, self.val_images, feature_dim)
         reading: KnnReading | None = None
         if dist.is_main():
             scores = knn_scores(

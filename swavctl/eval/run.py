@@ -29,7 +29,7 @@ from swavctl.eval import fast as fast_mod
 from swavctl.eval.dataset import ImageCache, LabelledImages, should_cache
 from swavctl.eval.features import FEATURE_BATCH, extract_features
 from swavctl.eval.finetune import finetune, paper_recipe
-from swavctl.eval.knn import KNN_TEMPERATURE, knn_scores
+from swavctl.eval.knn import KNN_K, KNN_TEMPERATURE, knn_scores
 from swavctl.eval.linear import LinearRecipe, linear_protocol
 from swavctl.eval.metrics import accuracy
 from swavctl.eval.report import (
@@ -64,7 +64,7 @@ class EvalOptions:
     batch_size: int = FEATURE_BATCH
     lr: float | None = None
     weight_decay: float | None = None
-    k: int = 20
+    k: int = KNN_K
     temperature: float = KNN_TEMPERATURE
     label_fraction: float | None = None
     aug_passes: int = 0

@@ -84,18 +84,19 @@ def test_a_monitored_run_trains_exactly_as_an_unmonitored_one(runs: Path) -> Non
 
 
 def test_every_n_epochs_and_a_last_reading_when_time_runs_out(tmp_path: Path) -> None:
+    # 160 images: 20 steps per epoch, so even a slow machine reaches a few epochs in the 6 s.
     result = run_cli(
-        *PRETRAIN, "--epochs", "200", "--knn-data", "demo", "--set", "monitor.knn_every_epochs=2",
-        "--set", "train.max_seconds=6", "--set", "train.log_every=7", "--out", "run", "--json",
-        cwd=tmp_path, env=cli_env(),
+        *PRETRAIN, "--set", "data.max_images=160", "--epochs", "1000", "--knn-data", "demo",
+        "--set", "monitor.knn_every_epochs=2", "--set", "train.max_seconds=6", "--set", "train.log_every=7",
+        "--out", "run", "--json", cwd=tmp_path, env=cli_env(),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     end = summary["steps"]
-    assert 100 < end < 200 * 50  # stopped by train.max_seconds, after a few epochs
+    assert 40 < end < 1000 * 20  # stopped by train.max_seconds, after a few epochs
     steps = [r["step"] for r in _metrics(tmp_path / "run") if "knn_top1" in r]
     # Every second epoch end (even where log_every would skip the line), and the step the time ran out.
-    expected = list(range(100, end, 100)) + [end]
+    expected = list(range(40, end, 40)) + [end]
     assert steps == expected, (steps, end)
     assert summary["knn"]["top1"] == _metrics(tmp_path / "run")[-1]["knn_top1"]
 

@@ -8,6 +8,7 @@ unmonitored one (weights and saved random states bitwise equal).
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,24 @@ def test_a_monitored_run_trains_exactly_as_an_unmonitored_one(runs: Path) -> Non
     losses = {r["step"]: r["loss"] for r in _metrics(runs / "plain")}
     assert {r["step"]: r["loss"] for r in _metrics(runs / "watched")} == losses
     assert not any("knn_top1" in r for r in _metrics(runs / "plain"))
+
+
+def test_the_finished_command_run_again_reports_the_same_summary(runs: Path, tmp_path: Path) -> None:
+    """A run resumed at its end (killed after its last checkpoint, or simply run twice) trains no step;
+    its summary still has the run's final loss and a k-NN reading of the final weights."""
+    shutil.copytree(runs / "watched", tmp_path / "watched")
+    lines = (tmp_path / "watched" / "metrics.jsonl").read_text()
+    again = run_cli(
+        *PRETRAIN, "--epochs", "2", "--set", "checkpoint.keep=100", "--json", "--knn-data", "demo",
+        "--out", "watched", cwd=tmp_path, env=cli_env(),
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert "resuming from" in again.stderr
+    first, second = json.loads((runs / "watched.json").read_text()), json.loads(again.stdout)
+    assert second["resumed_from_step"] == second["steps"] == first["steps"] == 100
+    assert second["final_loss"] == first["final_loss"]
+    assert second["knn"]["top1"] == first["knn"]["top1"] and second["knn"]["top5"] == first["knn"]["top5"]
+    assert (tmp_path / "watched" / "metrics.jsonl").read_text() == lines  # nothing logged twice
 
 
 def test_every_n_epochs_and_a_last_reading_when_time_runs_out(tmp_path: Path) -> None:

@@ -88,6 +88,20 @@ class MetricsLog:
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(self.path)
 
+    def loss_at(self, step: int) -> float | None:
+        """The loss logged at ``step`` (None when no line has it)."""
+        if not self.path.exists():
+            return None
+        loss = None
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("step") == step and isinstance(record.get("loss"), int | float):
+                loss = float(record["loss"])
+        return loss
+
     def append(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")

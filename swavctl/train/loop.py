@@ -745,6 +745,16 @@ def pretrain(
                 f"train.profile_steps={profiler.steps}: the run ended before step "
                 f"{WARMUP_STEPS + profiler.steps} of this process, so no profile was written"
             )
+    if resumed_from is not None and step == resumed_from and step >= total_steps:
+        # The saved run was already at its end (stopped after its last checkpoint, before its summary,
+        # or the same command run twice): no step ran here, so the summary takes the loss logged at
+        # that step, and the monitor reads the saved weights once, as the uninterrupted run did.
+        last_loss = dist.broadcast_object(metrics.loss_at(step) if dist.is_main() else None)
+        if monitor is not None:
+            try:
+                last_knn = monitor.evaluate(model.backbone, feature_dim=model.feature_dim, autocast=amp_dtype)
+            except MonitorError as exc:
+                warn_all(f"monitor.knn_data: {exc}; the summary has no k-NN reading")
     final_ckpt = save(step // steps_epoch, "final")
     elapsed = time.perf_counter() - started
     backbone_path = run_dir / "backbone.safetensors"

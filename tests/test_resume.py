@@ -305,3 +305,41 @@ def test_retention_purges_oldest_only_after_the_new_commit(tmp_path: Path) -> No
         "step-000000008.json",
         "step-000000008.pt",
     ]
+
+
+def test_newest_means_last_committed_not_highest_step(tmp_path: Path) -> None:
+    """After a remapped or fallen-back resume, new checkpoints can carry lower step numbers."""
+    for step in (10, 12):
+        _save(tmp_path, step, keep=2)
+    _save(tmp_path, 7, keep=2)
+    assert committed_steps(tmp_path) == [12, 7]  # step 10 went: it was committed first
+    _save(tmp_path, 8, keep=2)
+    assert committed_steps(tmp_path) == [7, 8]
+    found = ckpt.latest_checkpoint(tmp_path)
+    assert found is not None and found[0].step == 8 and found[1]["step"] == 8
+    # A damaged manifest can never be used: it is purged first, whatever its step.
+    _save(tmp_path, 20, keep=5)
+    (tmp_path / "checkpoints" / "step-000000020.json").write_text("{not json")
+    _save(tmp_path, 9, keep=2)
+    assert committed_steps(tmp_path) == [8, 9]
+
+
+def test_a_resume_with_fewer_steps_per_epoch_keeps_its_new_checkpoints(tmp_path: Path, images: str) -> None:
+    """Step 12 of 8-step epochs resumes as step 6 of 4-step epochs: the old step-10 and step-12
+    files must not crowd out the new, lower-numbered checkpoints, nor be resumed from again."""
+    keep = ("--set", "checkpoint.every_steps=2", "--set", "checkpoint.keep=2", "--out", "run", "--json")
+    first = run_cli(*SMOKE, "--data", images, *keep, "--max-steps", "12", cwd=tmp_path, env=cli_env())
+    assert first.returncode == 0, first.stderr
+    assert committed_steps(tmp_path / "run") == [10, 12]
+    half = ("--set", "data.max_images=32")  # 4 steps per epoch
+    second = run_cli(*SMOKE, "--data", images, *half, *keep, cwd=tmp_path, env=cli_env())
+    assert second.returncode == 0, second.stderr
+    assert "resuming in epoch 1 at batch 2" in second.stderr
+    summary = json.loads(second.stdout)
+    assert summary["resumed_from_step"] == 6 and summary["steps"] == 8
+    # Kept: the step-12 file this run resumed from, then its own step 8 (every_steps=2 from step 6).
+    assert committed_steps(tmp_path / "run") == [12, 8]
+    assert (tmp_path / summary["checkpoint"]).is_file()
+    third = run_cli(*SMOKE, "--data", images, *half, *keep, "--epochs", "3", cwd=tmp_path, env=cli_env())
+    assert third.returncode == 0, third.stderr
+    assert json.loads(third.stdout)["resumed_from_step"] == 8

@@ -3,12 +3,17 @@
 A checkpoint at step ``n`` is two files in ``OUT/checkpoints/``:
 
 - ``step-<n>.pt``: a plain dictionary of tensors and primitives saved with ``torch.save``;
-- ``step-<n>.json``: the manifest (format, step, epoch, size and SHA-256 of the state file).
+- ``step-<n>.json``: the manifest (format, step, epoch, size and SHA-256 of the state file, and a
+  commit serial).
 
 Both are written to a temporary name, flushed, fsynced and renamed, the state file first. The
 manifest is the commit marker: a state file without one, or whose size or hash disagrees with
 it, does not count. Loading uses ``torch.load(weights_only=True)``, so no code is unpickled.
-Old checkpoints are purged only after a new one commits, oldest first.
+
+"Newest" means last committed, by the serial, not the highest step: after a resume whose step
+was remapped (the steps per epoch changed) or that fell back past a damaged checkpoint, the new
+checkpoints can have lower step numbers than older files still on disk. Old checkpoints are
+purged only after a new one commits, oldest first.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ class Checkpoint:
     step: int
     state_path: Path
     manifest_path: Path
+    serial: int = 0  # commit order; 0 for manifests written before serials, -1 for an unreadable one
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -115,6 +121,7 @@ def save_checkpoint(run_dir: Path, step: int, epoch: int, state: dict[str, Any],
     folder.mkdir(parents=True, exist_ok=True)
     state_path = folder / f"step-{step:09d}.pt"
     manifest_path = folder / f"step-{step:09d}.json"
+    serial = 1 + max((c.serial for c in list_committed(folder)), default=0)
     try:
         _write_atomic(state_path, lambda handle: _torch_save(state, handle))
         manifest = {
@@ -125,6 +132,7 @@ def save_checkpoint(run_dir: Path, step: int, epoch: int, state: dict[str, Any],
             "bytes": state_path.stat().st_size,
             "sha256": file_digest(state_path),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "serial": serial,
         }
         _write_atomic(manifest_path, lambda handle: handle.write(json.dumps(manifest, indent=1).encode()))
         _fsync_dir(folder)
@@ -149,7 +157,10 @@ class CheckpointWriteError(Exception):
 
 
 def list_committed(folder: Path) -> list[Checkpoint]:
-    """Checkpoints with a manifest, oldest first (not yet verified)."""
+    """Checkpoints with a manifest, oldest first: in commit order, then by step (not yet verified).
+
+    A manifest that cannot be read sorts first: it can never be used, so it is purged first.
+    """
     if not folder.is_dir():
         return []
     found: list[Checkpoint] = []
@@ -157,8 +168,19 @@ def list_committed(folder: Path) -> list[Checkpoint]:
         match = _NAME.match(path.name)
         if match and match.group(2) == "json":
             step = int(match.group(1))
-            found.append(Checkpoint(step, folder / f"step-{step:09d}.pt", path))
-    return sorted(found, key=lambda c: c.step)
+            found.append(Checkpoint(step, folder / f"step-{step:09d}.pt", path, _serial(path)))
+    return sorted(found, key=lambda c: (c.serial, c.step))
+
+
+def _serial(manifest_path: Path) -> int:
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError):
+        return -1
+    if not isinstance(manifest, dict):
+        return -1
+    serial = manifest.get("serial", 0)
+    return serial if isinstance(serial, int) and serial >= 0 else -1
 
 
 def purge(folder: Path, *, keep: int) -> None:
@@ -167,7 +189,7 @@ def purge(folder: Path, *, keep: int) -> None:
     for old in committed[: max(0, len(committed) - keep)]:
         old.manifest_path.unlink(missing_ok=True)  # uncommit first
         old.state_path.unlink(missing_ok=True)
-    newest = committed[-1].step if committed else -1
+    newest = max((c.step for c in committed), default=-1)
     for path in folder.iterdir():
         match = _NAME.match(path.name)
         if match and match.group(2) == "pt" and int(match.group(1)) < newest:
@@ -249,7 +271,11 @@ def latest_checkpoint(run_dir: Path, *, warn: Any = None) -> tuple[Checkpoint, d
     for path in uncommitted_states(folder):
         if warn:
             warn(f"skipping checkpoint {path}: no commit marker (manifest missing)")
-    for checkpoint in reversed(list_committed(folder)):
+    committed = list_committed(folder)
+    for checkpoint in [c for c in committed if c.serial < 0]:  # unreadable manifests: never usable
+        if warn:
+            warn(f"skipping checkpoint {checkpoint.state_path}: {verify(checkpoint) or 'invalid serial'}")
+    for checkpoint in reversed([c for c in committed if c.serial >= 0]):
         reason = verify(checkpoint)
         if reason is None:
             try:

@@ -240,12 +240,16 @@ def test_incompatible_resume_exits_2_listing_fields_and_fresh_overrides(
     shutil.copytree(reference_single, tmp_path / "run")
     (tmp_path / "run" / "summary.json").unlink()  # as if it had crashed
     changed = (*SMOKE, *QUEUE, "--procs", "2", "--batch-size", "8", "--data", images, "--out", "run")
-    refused = run_cli(*changed, "--set", "model.prototypes=16", cwd=tmp_path, env=cli_env())
+    refused = run_cli(
+        *changed, "--set", "model.prototypes=16", "--set", "optim.lars_exclude_bias_norm=true",
+        cwd=tmp_path, env=cli_env(),
+    )  # fmt: skip
     assert refused.returncode == 2, refused.stderr
     assert "Traceback" not in refused.stderr
     line = next(x for x in refused.stderr.splitlines() if x.startswith("error:"))
     assert "cannot resume" in line and "--fresh" in line
     assert "model.prototypes: 8 -> 16" in line and "world_size (queue is per rank): 1 -> 2" in line
+    assert "optim.lars_exclude_bias_norm: False -> True" in line  # the optimizer's groups differ
     before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
 
     fresh = run_cli(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -80,6 +81,32 @@ def test_larc_clip_and_exclusion() -> None:
     LARC(sgd, clip=True).step()
     # The excluded (1-D) bias gets a plain SGD step: no adaptation, no weight decay.
     torch.testing.assert_close(model.bias.detach(), before_bias - 0.1 * bias_grad)
+
+
+@pytest.mark.parametrize("lars", [True, False])
+def test_optim_lars_switches_larc_on_and_off(lars: bool) -> None:
+    """``optim.lars = false`` is plain SGD with weight decay; true is not (LARC rescales the step)."""
+    from swavctl import config
+    from swavctl.train.build import build_model, build_optimizer
+
+    settings = config.resolve(preset="smoke", flags={}, overrides=[f"optim.lars={str(lars).lower()}"])
+    model = build_model(settings)
+    reference = copy.deepcopy(model)
+    images = torch.randn(4, 3, 32, 32)
+    for net in (model, reference):
+        net.backbone(images).pow(2).mean().backward()
+    optimizer = build_optimizer(model, settings)
+    optimizer.step()
+    plain = torch.optim.SGD(
+        reference.parameters(), lr=settings.optim.base_lr, weight_decay=settings.optim.weight_decay
+    )
+    plain.step()
+    trained = [p for p in model.parameters() if p.grad is not None]
+    same = all(
+        torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+        for a, b in zip(trained, [p for p in reference.parameters() if p.grad is not None], strict=True)
+    )
+    assert same is not lars
 
 
 def test_queue_fifo_and_state() -> None:

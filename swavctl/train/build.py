@@ -25,7 +25,7 @@ def build_model(settings: Settings) -> SwAV:
 
 
 def build_optimizer(model: torch.nn.Module, settings: Settings) -> LARC:
-    """SGD with momentum wrapped in LARC (the wrapped SGD is ``.optim``)."""
+    """SGD with momentum wrapped in LARC (``.optim`` is the SGD); plain SGD when ``optim.lars`` is off."""
     sgd = torch.optim.SGD(
         parameter_groups(
             model,
@@ -35,7 +35,12 @@ def build_optimizer(model: torch.nn.Module, settings: Settings) -> LARC:
         lr=settings.optim.base_lr,
         momentum=settings.optim.momentum,
     )
-    return LARC(sgd, trust_coefficient=settings.optim.lars_trust, clip=settings.optim.lars_clip)
+    return LARC(
+        sgd,
+        trust_coefficient=settings.optim.lars_trust,
+        clip=settings.optim.lars_clip,
+        enabled=settings.optim.lars,
+    )
 
 
 def crop_specs(settings: Settings) -> list[CropSpec]:

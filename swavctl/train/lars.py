@@ -38,7 +38,11 @@ def parameter_groups(
 
 
 class LARC:
-    """Wrap an optimizer: rescale gradients layer-wise, then call its ``step``."""
+    """Wrap an optimizer: rescale gradients layer-wise, then call its ``step``.
+
+    With ``enabled=False`` (``optim.lars = false``) the wrapper steps the optimizer as it is: plain
+    SGD with its own weight decay on every group.
+    """
 
     def __init__(
         self,
@@ -47,11 +51,13 @@ class LARC:
         trust_coefficient: float = 0.001,
         clip: bool = False,
         eps: float = 1e-8,
+        enabled: bool = True,
     ) -> None:
         self.optim = optimizer
         self.trust_coefficient = trust_coefficient
         self.clip = clip
         self.eps = eps
+        self.enabled = enabled
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -75,6 +81,8 @@ class LARC:
         multiply-add over the gradients, a dozen kernels instead of a dozen per parameter (ResNet-50 has
         161 parameters; on a GPU the per-parameter loop was launch-bound).
         """
+        if not self.enabled:
+            return
         for group in self.optim.param_groups:
             if group.get("lars_exclude", False):
                 continue
@@ -104,6 +112,9 @@ class LARC:
         ``inner_step`` replaces ``self.optim.step()`` (e.g. ``lambda: scaler.step(sgd)`` with a
         GradScaler, after ``scaler.unscale_(sgd)``).
         """
+        if not self.enabled:
+            (inner_step or self.optim.step)()
+            return
         self.adapt_gradients()
         saved = [group["weight_decay"] for group in self.optim.param_groups]
         for group in self.optim.param_groups:

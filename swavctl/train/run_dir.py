@@ -25,6 +25,7 @@ INCOMPATIBLE_FIELDS = (
     "swav.assignment_crops",
     "swav.queue_length",
     "train.batch_size",
+    "optim.lars_exclude_bias_norm",  # splits the optimizer's parameter groups differently
 )
 
 

@@ -121,6 +121,30 @@ def test_bad_files_are_skipped_and_counted(cli, tmp_path: Path) -> None:  # type
     assert "Traceback" not in strict.stderr
 
 
+def test_a_step_whose_files_all_fail_still_ends_its_epoch_with_a_checkpoint(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """All 8 files of epoch 0's last batch (step 4 of 4) are unreadable: the step is skipped, and the
+    epoch-end checkpoint is written all the same (a crash in epoch 1 must not lose epoch 0)."""
+    from swavctl import config
+    from swavctl.data.images import list_images
+    from swavctl.data.sampler import EpochBatchSampler
+
+    root = write_image_folder(tmp_path / "images")  # 32 images: 4 steps of 8 per epoch
+    seed = config.resolve(preset="smoke", flags={}).train.seed
+    last_batch = list(EpochBatchSampler(32, batch_size=8, epoch=0, seed=seed))[-1]
+    files = list_images(root)
+    for _, index in last_batch:
+        files[index].write_bytes(b"not an image")
+    result = cli(
+        *SMOKE, "--data", str(root), "--batch-size", "8", "--epochs", "2", "--json",
+        "--set", "checkpoint.every_steps=1000", "--set", "checkpoint.keep=10",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["steps"] == 8 and summary["skipped_images"] == 16  # 8 per epoch
+    checkpoints = tmp_path / summary["out_dir"] / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("*.pt")) == ["step-000000004.pt", "step-000000008.pt"]
+
+
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [

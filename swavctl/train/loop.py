@@ -477,6 +477,10 @@ def pretrain(
         f"device {device}, world {world}"
     )
 
+    def checkpoint_due(step_done: int) -> bool:
+        """A checkpoint after every epoch's last step and every ``checkpoint.every_steps`` steps."""
+        return step_done % steps_epoch == 0 or step_done % settings.checkpoint.every_steps == 0
+
     def save(epoch_now: int, reason: str) -> Path | None:
         """Gather every rank's state, let rank 0 write and commit it, and agree on the outcome."""
         nonlocal last_checkpoint, checkpoint_step
@@ -593,8 +597,11 @@ def pretrain(
                             reporter.info(requeue)
                         raise Interrupted(signum, step, path, requeue)
                     if any_empty:
-                        # Every file of some rank's batch was unreadable: all ranks skip the step together.
+                        # Every file of some rank's batch was unreadable: all ranks skip the step together
+                        # (the epoch-end checkpoint still comes, as after a trained step).
                         step += 1
+                        if checkpoint_due(step):
+                            save(step // steps_epoch, "periodic")
                         wait_start = time.perf_counter()
                         continue
                     if hook_raise is not None and hook_raise == (rank, step + 1):
@@ -722,7 +729,7 @@ def pretrain(
                             warn_all(warning)
                         if on_step is not None:
                             on_step(step)
-                        if step % steps_epoch == 0 or step % settings.checkpoint.every_steps == 0:
+                        if checkpoint_due(step):
                             save(step // steps_epoch, "periodic")
                     if profiler is not None:
                         profiler.step()

@@ -103,6 +103,30 @@ def assert_bitwise_equal_exports(got: Path, expected: Path, *, same_metadata: bo
         assert meta_a == meta_b
 
 
+def _assert_equal_trees(a: object, b: object, where: str) -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for key in a:
+            _assert_equal_trees(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, list | tuple):
+        assert isinstance(b, list | tuple) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_equal_trees(x, y, f"{where}/{i}")
+    else:
+        assert a == b, where
+
+
+def assert_same_final_state(run: Path, reference: Path, step: int = 16) -> None:
+    """The final checkpoints agree in all they save for the next resume: the model, the optimizer's
+    momentum, every rank's queue, and every rank's python, numpy and torch random states."""
+    got = torch.load(ckpt.checkpoint_at(run, step).state_path, weights_only=True)
+    expected = torch.load(ckpt.checkpoint_at(reference, step).state_path, weights_only=True)
+    for key in ("model", "optimizer", "queues", "rng", "step"):
+        _assert_equal_trees(got[key], expected[key], key)
+
+
 def committed_steps(run_dir: Path) -> list[int]:
     return [c.step for c in ckpt.list_committed(run_dir / ckpt.CHECKPOINT_DIR)]
 
@@ -136,6 +160,7 @@ def test_kill_9_single_process_with_truncated_latest_then_resume_is_bitwise_equa
     assert_bitwise_equal_exports(
         run_dir / "backbone.safetensors", reference_single / "backbone.safetensors", same_metadata=False
     )
+    assert_same_final_state(run_dir, reference_single)
 
 
 def _workers_of(launcher: int, marker: str) -> list[int]:
@@ -201,6 +226,7 @@ def test_sigterm_at_a_random_step_checkpoints_exits_143_and_resumes_bitwise_equa
     assert_bitwise_equal_exports(
         tmp_path / "run" / "backbone.safetensors", reference_two / "backbone.safetensors"
     )
+    assert_same_final_state(tmp_path / "run", reference_two)
 
 
 DEVICE_AUGMENT = ("--set", "data.augment_on=device", "--set", "data.workers=0")

@@ -259,9 +259,15 @@ def pretrain_dataset(
 
 
 def pretrain_loader(
-    dataset: PretrainDataset, batch_sampler: Any, *, workers: int, device: torch.device
+    dataset: PretrainDataset, batch_sampler: Any, *, workers: int, device: torch.device, seed: int = 0
 ) -> DataLoader:
-    """The loop's DataLoader for one epoch (the same arguments as in ``swavctl.train.loop``)."""
+    """The loop's DataLoader for one epoch (the same arguments as in ``swavctl.train.loop``).
+
+    Its own generator, seeded with ``seed``, gives the workers their base seed, so starting it
+    draws nothing from torch's global generator (which a checkpoint saves): a run resumed
+    mid-epoch starts one more loader than the uninterrupted run, and must still save the same
+    random states. The crops do not depend on it (each image's are seeded from its index).
+    """
     return DataLoader(
         dataset,  # type: ignore[arg-type]
         batch_sampler=batch_sampler,
@@ -270,4 +276,5 @@ def pretrain_loader(
         pin_memory=device.type == "cuda",
         persistent_workers=False,
         prefetch_factor=4 if workers > 0 else None,
+        generator=torch.Generator().manual_seed(seed),
     )

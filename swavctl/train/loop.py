@@ -333,6 +333,7 @@ def pretrain(
         )
 
     # ----- model and optimizer
+    rng.seed_host(settings.train.seed, rank)  # python and numpy: saved in checkpoints, so seeded too
     model = build_model(settings)
     if world > 1 and settings.dist.sync_batchnorm:
         model = convert_sync_batchnorm(model, device_type=device.type)  # type: ignore[assignment]
@@ -549,7 +550,13 @@ def pretrain(
                 start_batch=batch_in_epoch,
             )
             active_queue = None if epoch < settings.swav.queue_start_epoch else queue
-            loader = pretrain_loader(dataset, sampler, workers=settings.data.workers, device=device)
+            loader = pretrain_loader(
+                dataset,
+                sampler,
+                workers=settings.data.workers,
+                device=device,
+                seed=sample_seed(settings.train.seed, epoch, -1 - rank),
+            )
 
             def prepare(
                 batch: Batch, index: int, epoch: int = epoch, first_step: int = step

@@ -58,6 +58,24 @@ def test_sixteen_bit_png_scales_to_eight_bits() -> None:
     assert torch.equal(image[0], image[1]) and torch.equal(image[1], image[2])
 
 
+@pytest.mark.parametrize("peak", [200, 65535])
+def test_sixteen_bit_tiff_scales_as_png_whatever_its_content(peak: int) -> None:
+    """The top byte for every image: a dark 16-bit TIFF (all samples < 256) is not read as 8-bit."""
+    values = np.array([[0, 100], [peak, 7]], dtype=np.uint16)
+    png, tiff = (decode_bytes(encode(Image.fromarray(values), fmt)) for fmt in ("PNG", "TIFF"))
+    assert torch.equal(tiff, png)
+    assert tiff[0].tolist() == [[0, 0], [peak >> 8, 0]]
+
+
+def test_a_decompression_bomb_is_a_bad_image_not_a_crash() -> None:
+    """182 megapixels in a 33 KB file: Pillow's DecompressionBombError is no OSError, and escaped
+    the data workers (killing the run even with data.on_bad_image=skip)."""
+    bomb = io.BytesIO()
+    Image.new("1", (14000, 13000)).save(bomb, "TIFF", compression="tiff_deflate")
+    with pytest.raises(BadImage, match="too large to decode safely"):
+        decode_bytes(bomb.getvalue())
+
+
 def test_animated_gif_gives_first_frame() -> None:
     frames = [Image.fromarray(np.full((4, 4, 3), v, np.uint8)).convert("P") for v in (10, 200)]
     buffer = io.BytesIO()
@@ -91,6 +109,13 @@ def test_listing_and_root_resolution(tmp_path: Path) -> None:
         (tmp_path / rel).write_bytes(b"x")
     found = [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path)]
     assert found == ["b.webp", "a/x.PNG", "a/deep/y.jpg"]
+    # Links: a loop back to an ancestor, and a second link to one folder, are each read once.
+    (tmp_path / "a" / "deep" / "loop").symlink_to(tmp_path / "a")
+    (tmp_path / "c").symlink_to(tmp_path / "a" / "deep")
+    again = [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path)]
+    assert sorted(Path(p).name for p in again) == ["b.webp", "x.PNG", "y.jpg"], again
+    (tmp_path / "a" / "deep" / "loop").unlink()
+    (tmp_path / "c").unlink()
     assert class_of(tmp_path / "a" / "deep" / "y.jpg", tmp_path) == "a"
     assert class_of(tmp_path / "b.webp", tmp_path) is None
     assert resolve_image_root(tmp_path) == (tmp_path, False)

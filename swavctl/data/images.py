@@ -2,13 +2,16 @@
 
 Decoding uses ``torchvision.io`` (JPEG, PNG, GIF, WebP) and falls back to Pillow for the rest
 (BMP, TIFF, ...). Every image comes out as a uint8 RGB tensor (3 x H x W), whatever its mode:
-grayscale, palette, RGBA (alpha dropped) or 16-bit (scaled to 8 bits).
+grayscale, palette, RGBA (alpha dropped) or 16-bit (its top 8 bits, as torchvision scales a
+16-bit PNG, whatever the container). EXIF orientation is not applied: pixels are used as stored,
+as the official code's ``ImageFolder`` (PIL) does.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -34,15 +37,7 @@ class BadImage(Exception):
 
 def list_images(root: Path) -> list[Path]:
     """All image files under ``root`` (recursively, following folder links), in sorted order."""
-    found: list[Path] = []
-    for folder, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(
-            Path(folder) / name
-            for name in sorted(filenames)
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
-        )
-    return found
+    return list(_iter_image_files(root, ordered=True))
 
 
 def resolve_image_root(path: str | Path, *, prefer: str = "train") -> tuple[Path, bool]:
@@ -65,9 +60,27 @@ def resolve_image_root(path: str | Path, *, prefer: str = "train") -> tuple[Path
     return folder, used_sub
 
 
-def _iter_image_files(root: Path):  # type: ignore[no-untyped-def]
+def _iter_image_files(root: Path, *, ordered: bool = False) -> Iterator[Path]:
+    """Image files under ``root``, hidden names skipped, following folder links.
+
+    A folder reached twice (a link to an ancestor, or two links to one folder) is read once:
+    without that a link loop lists every image once per level, up to the kernel's link limit.
+    """
+    seen: set[tuple[int, int]] = set()
     for folder, dirnames, filenames in os.walk(root, followlinks=True):
+        try:
+            info = os.stat(folder)
+        except OSError:
+            dirnames[:] = []
+            continue
+        if (info.st_dev, info.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((info.st_dev, info.st_ino))
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        if ordered:
+            dirnames.sort()
+            filenames = sorted(filenames)
         for name in filenames:
             if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
                 yield Path(folder) / name
@@ -109,14 +122,17 @@ def _decode_with_pillow(data: bytes) -> torch.Tensor:
             if pil.mode in ("I;16", "I;16B", "I;16L", "I"):
                 import numpy as np
 
-                array = np.asarray(pil, dtype=np.int64)
-                scaled = (array >> 8) if array.max() > 255 else array
-                gray = torch.from_numpy(scaled.clip(0, 255).astype(np.uint8))
+                # 16-bit samples (Pillow's 32-bit "I" mode holds them too): the top byte, the same
+                # rule for every image and every container (torchvision's for a 16-bit PNG).
+                array = np.asarray(pil, dtype=np.int64).clip(0, 65535) >> 8
+                gray = torch.from_numpy(array.astype(np.uint8))
                 return gray.unsqueeze(0).expand(3, -1, -1).contiguous()
             rgb = pil.convert("RGB")
             return TF.pil_to_tensor(rgb)
     except UnidentifiedImageError:
         raise BadImage("not a recognised image format") from None
+    except Image.DecompressionBombError as exc:  # not an OSError: it would escape a worker
+        raise BadImage(f"too large to decode safely ({exc})") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise BadImage(f"not a readable image ({exc})") from None
 

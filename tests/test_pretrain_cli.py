@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import tomllib
 from pathlib import Path
 
@@ -119,6 +120,16 @@ def test_bad_files_are_skipped_and_counted(cli, tmp_path: Path) -> None:  # type
     last = strict.stderr.strip().splitlines()[-1]
     assert last.startswith("error: unreadable image") and "truncated.jpg" in last
     assert "Traceback" not in strict.stderr
+    # Decoded in a worker process, the file fails there: still one line, without the worker's traceback.
+    in_worker = cli(
+        *SMOKE, "--data", str(root), "--batch-size", "19", "--max-steps", "1", "--out", "strict-workers",
+        "--set", "data.on_bad_image=error", "--set", "data.workers=2",
+    )  # fmt: skip
+    assert in_worker.returncode == 2
+    error = [line for line in in_worker.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and error[0].startswith("error: unreadable image (data.on_bad_image=error): ")
+    assert re.search(r"/class0/(truncated|notes)\.jpg: \S", error[0]), error[0]  # the file, then why
+    assert "Traceback" not in in_worker.stderr and "Caught" not in in_worker.stderr, in_worker.stderr
 
 
 def test_a_step_whose_files_all_fail_still_ends_its_epoch_with_a_checkpoint(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

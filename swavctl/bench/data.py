@@ -23,7 +23,7 @@ import torch
 from swavctl.bench.common import crops_label, sync
 from swavctl.config import Settings
 from swavctl.data.dataset import Batch, pretrain_dataset, pretrain_loader
-from swavctl.data.images import BadImage
+from swavctl.data.images import BadImage, bad_image_text
 from swavctl.data.sampler import EpochBatchSampler, steps_per_epoch
 from swavctl.errors import UserError
 from swavctl.train.build import augment_spec, crop_specs
@@ -178,7 +178,7 @@ def bench_data(
                 device=device,
             )
         except BadImage as exc:
-            raise UserError(f"unreadable image (data.on_bad_image=error): {exc}") from None
+            raise UserError(f"unreadable image (data.on_bad_image=error): {bad_image_text(exc)}") from None
         reporter.info(
             f"workers {count:>2}: {figure.samples_per_s:8.1f} samples/s "
             f"({figure.batches} batches in {figure.seconds:.1f} s, start-up {figure.startup_s:.1f} s)"

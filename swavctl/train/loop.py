@@ -25,7 +25,7 @@ from swavctl.config import Settings, to_toml
 from swavctl.data.augment import AugmentSpec
 from swavctl.data.dataset import Batch, Skipped, decode_images, pretrain_dataset, pretrain_loader, sample_seed
 from swavctl.data.demo import resolve_data_path
-from swavctl.data.images import BadImage, list_images, resolve_image_root
+from swavctl.data.images import BadImage, bad_image_text, list_images, resolve_image_root
 from swavctl.data.sampler import EpochBatchSampler, steps_per_epoch
 from swavctl.errors import UserError
 from swavctl.eval.monitor import KnnMonitor, KnnReading, MonitorError, monitor_split
@@ -586,10 +586,18 @@ def pretrain(
                         except StopIteration:
                             break
                         except BadImage as exc:
-                            raise UserError(f"unreadable image (data.on_bad_image=error): {exc}") from None
+                            raise UserError(
+                                f"unreadable image (data.on_bad_image=error): {bad_image_text(exc)}"
+                            ) from None
                     batch = ready.batch
                     data_wait = time.perf_counter() - wait_start
                     step_start = time.perf_counter()
+                    if batch.skipped and settings.data.on_bad_image == "error":
+                        # Files decoded on the device (nvjpeg) fail here, not in the workers.
+                        first = batch.skipped[0]
+                        raise UserError(
+                            f"unreadable image (data.on_bad_image=error): {first.path}: {first.reason}"
+                        )
                     for bad in batch.skipped:
                         skipped_total += 1
                         reporter.warn(f"skipped unreadable file {bad.path}: {bad.reason}")

@@ -252,6 +252,40 @@ def _load_export(source: Path) -> LoadedModel:
     )
 
 
+def run_folder(loaded: LoadedModel) -> Path:
+    """The run folder a model came from, where its default outputs go.
+
+    ``RUN`` for a checkpoint in ``RUN/checkpoints/`` (and for a run folder, which resolves to
+    one); otherwise the folder holding the file (a checkpoint copied elsewhere, an export).
+    """
+    if loaded.kind == "checkpoint" and loaded.source.parent.name == ckpt.CHECKPOINT_DIR:
+        return loaded.source.parent.parent
+    return loaded.source.parent
+
+
+def _check_default_target(out: Path, *, step: int | None, contents: str, dtype: str) -> None:
+    """Refuse to replace, by default, an export of another model state (``--out`` says where else).
+
+    Re-exporting the same state (the same step, contents and dtype) replaces the file; exporting
+    an older checkpoint must not silently replace the run's final ``backbone.safetensors``.
+    """
+    if not out.exists():
+        return
+    try:
+        meta = read_safetensors_metadata(out)
+    except Exception:  # noqa: BLE001 - whatever it is, it is not ours to replace
+        meta = {}
+    ours = {"step": "" if step is None else str(step), "contents": contents, "dtype": dtype}
+    theirs = {key: meta.get(key) for key in ours}
+    if theirs != ours:
+        held = ", ".join(f"{key} {value or '?'}" for key, value in theirs.items())
+        wanted = ", ".join(f"{key} {value or '?'}" for key, value in ours.items())
+        raise UserError(
+            f"{out} already holds another export ({held}; this one: {wanted}); "
+            "pass --out FILE.safetensors to write it elsewhere"
+        )
+
+
 def export_run(model_path: Path, *, out: Path | None, with_head: bool, dtype: str) -> dict[str, Any]:
     """Export the model at ``model_path`` (run folder, checkpoint or export) to safetensors.
 
@@ -268,8 +302,10 @@ def export_run(model_path: Path, *, out: Path | None, with_head: bool, dtype: st
     if with_head and not loaded.has_head:
         raise UserError(f"{loaded.source} has no projection head or prototypes to export")
     if out is None:
-        run_dir = loaded.source.parent.parent if loaded.kind == "checkpoint" else loaded.source.parent
-        out = run_dir / ("model.safetensors" if with_head else "backbone.safetensors")
+        out = run_folder(loaded) / ("model.safetensors" if with_head else "backbone.safetensors")
+        if out.resolve() != loaded.source.resolve():
+            contents = "backbone+head" if with_head else "backbone"
+            _check_default_target(out, step=loaded.step, contents=contents, dtype=dtype)
     if out.exists() and out.resolve() == loaded.source.resolve():
         raise UserError(f"the export would overwrite its own source {out}; pass --out OTHER.safetensors")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -526,3 +526,36 @@ def test_timm_recipes_when_timm_is_installed(tmp_path: Path) -> None:
     assert {k: v.shape for k, v in wide.state_dict().items()} == {
         k: v.shape for k, v in ours.state_dict().items()
     }
+
+
+def test_default_outputs_go_beside_the_model_and_never_replace_another_state(
+    run18: dict[str, Any], tmp_path: Path
+) -> None:
+    """A run folder's exports go into it; a checkpoint copied out of ``checkpoints/`` has its outputs
+    beside it (not two folders up); and a default target holding another state is not replaced."""
+    from swavctl.inspect.sources import default_out
+
+    run = tmp_path / "run"
+    shutil.copytree(run18["run"], run)
+    kept = run / "keep" / "kept.pt"
+    kept.parent.mkdir()
+    shutil.copy(run18["ckpt"], kept)
+    lone = tmp_path / "elsewhere" / "model.pt"
+    lone.parent.mkdir()
+    shutil.copy(run18["ckpt"], lone)
+
+    for model, expected in ((kept, kept.parent), (lone, lone.parent), (run, run)):
+        result = _in_process("export", str(model), "--json", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert Path(json.loads(result.stdout)["path"]) == expected / "backbone.safetensors"
+        assert default_out(load_model(model)) == expected / "clusters"  # inspect-clusters' default
+    # Re-exported from the newest checkpoint (the same step, fp32): pretrain's tensors, replaced.
+    again, first = load_file(run / "backbone.safetensors"), load_file(run18["run"] / "backbone.safetensors")
+    assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
+
+    refused = _in_process("export", str(run), "--dtype", "bf16", cwd=tmp_path)
+    assert refused.returncode == 2, refused.stderr
+    assert "already holds another export (step 2, contents backbone, dtype fp32; " in refused.stderr
+    assert "dtype bf16); pass --out" in refused.stderr
+    with safe_open(run / "backbone.safetensors", "pt") as f:
+        assert f.metadata()["dtype"] == "fp32"  # untouched

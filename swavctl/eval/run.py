@@ -42,7 +42,7 @@ from swavctl.eval.report import (
 )
 from swavctl.eval.splits import SPLIT_SEED, VAL_SPLIT, EvalSplit, discover, holdout_split, label_subset
 from swavctl.eval.views import Normalizer, geometry_for
-from swavctl.model_io import LoadedModel, load_model
+from swavctl.model_io import LoadedModel, load_model, run_folder
 from swavctl.safe_io import file_sha256
 from swavctl.stages import QuietStages, StageReporter
 
@@ -180,15 +180,6 @@ def pick_device(gpus: int | None) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def run_folder(loaded: LoadedModel, model_arg: Path) -> Path:
-    """The run folder a model came from (for the default output folder)."""
-    if model_arg.is_dir():
-        return model_arg
-    if loaded.kind == "checkpoint" and loaded.source.parent.name == "checkpoints":
-        return loaded.source.parent.parent
-    return loaded.source.parent
-
-
 def data_root(options: EvalOptions, loaded: LoadedModel, reporter: StageReporter) -> Path:
     """``--data``, else the dataset recorded in the model's settings, else the demo digits."""
     if options.data is not None:
@@ -244,7 +235,7 @@ def run_eval(
         reporter=report,
         cache=cache,
     )
-    out = options.out or run_folder(loaded, model_path) / f"eval-{options.mode}"
+    out = options.out or run_folder(loaded) / f"eval-{options.mode}"
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

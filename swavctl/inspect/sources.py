@@ -18,7 +18,7 @@ from pathlib import Path
 from swavctl.data.demo import resolve_data_path
 from swavctl.data.images import IMAGE_SUFFIXES, class_of, list_images
 from swavctl.errors import UserError
-from swavctl.model_io import LoadedModel
+from swavctl.model_io import LoadedModel, run_folder
 
 DEFAULT_MODEL = Path("runs") / "latest"
 SPLITS = ("auto", "val", "train", "none")
@@ -74,8 +74,7 @@ def resolve_images(data: str | None, *, split: str, loaded: LoadedModel, max_ima
 
 def default_out(loaded: LoadedModel) -> Path:
     """``<run folder>/clusters``: beside the checkpoints folder, or beside the export file."""
-    run_dir = loaded.source.parent.parent if loaded.kind == "checkpoint" else loaded.source.parent
-    return run_dir / "clusters"
+    return run_folder(loaded) / "clusters"
 
 
 def prepare_out(out: Path) -> Path:

@@ -132,6 +132,27 @@ def test_bad_files_are_skipped_and_counted(cli, tmp_path: Path) -> None:  # type
     assert "Traceback" not in in_worker.stderr and "Caught" not in in_worker.stderr, in_worker.stderr
 
 
+def test_relative_data_folders_are_recorded_absolute(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The run records where its data is, so eval-linear (default: the model's dataset) run from
+    another folder reads the same images, and never a same-named folder there."""
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    write_image_folder(work / "images")
+    write_image_folder(work / "labelled" / "train", per_class=8)
+    write_image_folder(work / "labelled" / "val", per_class=4)
+    (elsewhere / "images").mkdir(parents=True)  # a decoy with the recorded relative name, no images
+    trained = cli(
+        *SMOKE, "--data", "images", "--knn-data", "labelled", "--max-steps", "2", "--out", "run", cwd=work
+    )
+    assert trained.returncode == 0, trained.stderr
+    resolved = tomllib.loads((work / "run" / "resolved.toml").read_text())
+    assert resolved["data"]["path"] == str(work / "images")
+    assert resolved["monitor"]["knn_data"] == str(work / "labelled")
+    evaluated = cli("eval-linear", str(work / "run"), "--mode", "knn", "--json", cwd=elsewhere)
+    assert evaluated.returncode == 0, evaluated.stderr
+    record = json.loads(Path(json.loads(evaluated.stdout)["eval_json"]).read_text())
+    assert record["data"]["root"] == str(work / "images")
+
+
 def test_a_step_whose_files_all_fail_still_ends_its_epoch_with_a_checkpoint(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """All 8 files of epoch 0's last batch (step 4 of 4) are unreadable: the step is skipped, and the
     epoch-end checkpoint is written all the same (a crash in epoch 1 must not lose epoch 0)."""

@@ -41,6 +41,7 @@ def pretrain_command(
     # --gpus N (N > 1) starts N worker processes (NCCL), --gpus 0 --procs N as many CPU workers
     # (gloo); under torchrun or SLURM srun each process is one worker (swavctl.launch).
     from swavctl import config, launch
+    from swavctl.data.demo import anchored_data_path
     from swavctl.model.backbones import check_backbone_name
 
     try:
@@ -60,6 +61,14 @@ def pretrain_command(
             overrides=overrides or [],
         )
         check_backbone_name(settings.model.arch)
+        settings = settings.model_copy(
+            update={
+                "data": settings.data.model_copy(update={"path": anchored_data_path(settings.data.path)}),
+                "monitor": settings.monitor.model_copy(
+                    update={"knn_data": anchored_data_path(settings.monitor.knn_data)}
+                ),
+            }
+        )
         outcome = launch.run_pretrain(settings, fresh=fresh)
     except UserError as exc:
         raise fail(str(exc)) from None

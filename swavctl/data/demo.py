@@ -71,6 +71,17 @@ def _write_digits(target: Path) -> None:
         gray.resize((DEMO_SIZE, DEMO_SIZE), Image.Resampling.BICUBIC).save(folder / f"{index:04d}.png")
 
 
+def anchored_data_path(path: str | None) -> str | None:
+    """``path`` made absolute against the current folder (``demo``, empty and None unchanged).
+
+    Runs record their settings; a relative folder recorded there would be read against whatever
+    folder a later ``eval-linear`` or ``inspect-clusters`` runs from.
+    """
+    if not path or path == DEMO_NAME:
+        return path
+    return str(Path(path).expanduser().absolute())
+
+
 def resolve_data_path(path: str) -> Path:
     """Map the name ``demo`` to the demo folder; other paths are returned as given."""
     return demo_dataset() if path == DEMO_NAME else Path(path).expanduser()

@@ -198,8 +198,9 @@ def _load_export(source: Path) -> LoadedModel:
         )
     if "settings" not in meta:
         raise UserError(
-            f"{source}: no swavctl settings in its metadata; convert it with 'swavctl export' "
-            "(or 'swavctl export --from-official' for an official SwAV checkpoint)"
+            f"{source}: no swavctl settings in its metadata; import its weights (torchvision or "
+            f"official SwAV key names) with "
+            f"'swavctl export --from-official {source} --arch ARCH --out NEW.safetensors'"
         )
     try:
         tree = json.loads(meta["settings"])

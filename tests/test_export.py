@@ -22,7 +22,7 @@ import pytest
 import torch
 import torchvision
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import swavctl
@@ -559,3 +559,20 @@ def test_default_outputs_go_beside_the_model_and_never_replace_another_state(
     assert "dtype bf16); pass --out" in refused.stderr
     with safe_open(run / "backbone.safetensors", "pt") as f:
         assert f.metadata()["dtype"] == "fp32"  # untouched
+
+
+def test_the_advice_for_a_plain_safetensors_file_works_as_written(tmp_path: Path) -> None:
+    """A torchvision state dict saved as safetensors has no swavctl metadata; the error says what to
+    run, and that command (with the architecture filled in) imports it."""
+    model = torchvision.models.resnet18()
+    model.fc = torch.nn.Identity()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "plain.safetensors"))
+    refused = _in_process("export", "plain.safetensors", "--out", "again.safetensors", cwd=tmp_path)
+    assert refused.returncode == 2
+    advice = refused.stderr.split("with '", 1)[1].split("'", 1)[0]
+    assert advice.startswith("swavctl export --from-official plain.safetensors --arch ARCH"), advice
+    args = advice.replace("ARCH", "resnet18").replace("NEW.safetensors", "new.safetensors").split()[1:]
+    imported = _in_process(*args, "--json", cwd=tmp_path)
+    assert imported.returncode == 0, imported.stderr
+    loaded = load_model(tmp_path / "new.safetensors").model.backbone.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())

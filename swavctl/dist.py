@@ -4,9 +4,9 @@ A worker finds its place from the environment, in this order:
 
 1. ``torchrun`` / torch.distributed.elastic (also ``swavctl``'s own launcher): ``RANK``,
    ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``;
-2. a SLURM ``srun`` step: ``SLURM_PROCID``, ``SLURM_NTASKS``/``SLURM_STEP_NUM_TASKS``,
-   ``SLURM_LOCALID``, ``SLURM_NODEID``, the node list and the tasks-per-node string. The master
-   is the first node of the step; the port is ``MASTER_PORT`` or derived from the job id.
+2. a SLURM ``srun`` step: ``SLURM_PROCID``, ``SLURM_STEP_NUM_TASKS``, ``SLURM_LOCALID``,
+   ``SLURM_NODEID``, the step's node list and tasks-per-node string. The master is the first node
+   of the step; the port is ``MASTER_PORT`` or derived from the job id.
 
 Without either (or with a world of one) there is no process group, and every helper answers as a
 single process would: world size 1, rank 0, reductions are no-ops.
@@ -222,14 +222,15 @@ def slurm_port(environ: Mapping[str, str]) -> int:
 def slurm_env(environ: Mapping[str, str]) -> DistEnv | None:
     """The place of this ``srun`` task, or None outside an srun step.
 
-    A batch script itself (no ``SLURM_LOCALID``/step variables) is not a worker: there
-    ``SLURM_NTASKS`` counts the tasks that srun *will* start.
+    Only srun sets the step variables (``SLURM_STEP_NUM_TASKS``, ``SLURM_STEP_NODELIST`` ...).
+    The batch script itself is not a worker, although on many clusters it too has
+    ``SLURM_PROCID=0``, ``SLURM_LOCALID=0`` and ``SLURM_NODEID=0``, and ``SLURM_NTASKS`` counts the
+    tasks that srun *will* start: a plain ``swavctl`` command there (an evaluation after the
+    training step, or ``--gpus 8`` on one node) would otherwise wait for peers that never come.
     """
-    if "SLURM_PROCID" not in environ or "SLURM_LOCALID" not in environ:
+    if any(key not in environ for key in ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_STEP_NUM_TASKS")):
         return None
-    tasks_key = "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in environ else "SLURM_NTASKS"
-    if tasks_key not in environ:
-        return None
+    tasks_key = "SLURM_STEP_NUM_TASKS"
     world = _int(environ, tasks_key)
     rank_ = _int(environ, "SLURM_PROCID")
     local = _int(environ, "SLURM_LOCALID")

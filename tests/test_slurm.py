@@ -97,8 +97,14 @@ def test_detect_env_precedence_and_non_workers() -> None:
     found = dist.detect_env({**slurm, **torchrun})
     assert found is not None and found.source == "torchrun" and (found.rank, found.world_size) == (3, 4)
     assert dist.detect_env(slurm) is not None and dist.detect_env(slurm).source == "slurm"  # type: ignore[union-attr]
-    # The batch script itself (no SLURM_LOCALID): not a worker, even though SLURM_NTASKS=64.
-    batch_shell = {"SLURM_JOB_ID": "1", "SLURM_PROCID": "0", "SLURM_NTASKS": "64", "SLURM_NODELIST": "g[1-8]"}
+    # The batch script itself: not a worker, even though SLURM_NTASKS=64 and, as many clusters set
+    # in the batch shell, SLURM_PROCID, SLURM_LOCALID and SLURM_NODEID are all 0 (only srun sets the
+    # step variables).
+    batch_shell = {
+        "SLURM_JOB_ID": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+        "SLURM_NTASKS": "64", "SLURM_TASKS_PER_NODE": "8(x8)", "SLURM_NODELIST": "g[1-8]",
+        "SLURM_JOB_NODELIST": "g[1-8]",
+    }  # fmt: skip
     assert dist.detect_env(batch_shell) is None
     assert dist.detect_env(_task_env(0, per_node="1", nodes="g1", ntasks=1, node=0, local=0)) is None
     assert dist.detect_env({}) is None

@@ -17,7 +17,7 @@ evaluation, :func:`swavctl.eval.run.run_eval`). Three ways in, one result shape
    rank that failed first and why) and prints it here.
 3. Otherwise: a plain single process.
 
-Signals: pretraining workers install :class:`~swavctl.train.loop.StopFlag` before anything else,
+Signals: pretraining workers install :class:`~swavctl.train.stop.StopFlag` before anything else,
 and the agent forwards SIGTERM/SIGINT/SIGUSR1 it receives to them, so the run checkpoints at the
 next step boundary and exits 143/130/138. Evaluation workers keep the default handlers: an
 evaluation writes its outputs only at the end, so a signal simply ends it. When a worker fails,
@@ -304,7 +304,7 @@ def _work_as_worker(job: Job, *, env: dist.DistEnv, stop: Any) -> Outcome:
 def _install_signal_handling(job: Job) -> Any:
     """Pretraining: a :class:`StopFlag` (checkpoint, then stop). Evaluation: the default handlers."""
     if job.kind == "pretrain":
-        from swavctl.train.loop import StopFlag
+        from swavctl.train.stop import StopFlag
 
         stop = StopFlag()
         stop.install()

@@ -6,13 +6,12 @@ modules know nothing of them.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -48,13 +47,8 @@ from swavctl.train.run_dir import (
 )
 from swavctl.train.schedule import learning_rate
 from swavctl.train.step import swav_loss_from_outputs
+from swavctl.train.stop import EXIT_SIGNAL, STOP_SIGNALS, StopFlag
 from swavctl.train.sync_batchnorm import convert_sync_batchnorm
-
-# Signals that stop a run at the next step boundary, after a checkpoint; exit status 128 + signal.
-# SIGUSR1 is SLURM's "time is nearly up" (sbatch --signal=USR1@T): after the checkpoint commits,
-# rank 0 runs `scontrol requeue $SLURM_JOB_ID`.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-EXIT_SIGNAL = {signal.SIGTERM: 143, signal.SIGINT: 130, signal.SIGUSR1: 138}
 
 # Test hooks (environment variables, read once per run). They exist so the fault tests can make a
 # real run fail in a chosen way; they do nothing unless set.
@@ -152,50 +146,6 @@ def autocast_dtype(settings: Settings, device: torch.device) -> torch.dtype | No
     if device.type != "cuda" or settings.train.precision == "fp32":
         return None
     return torch.float16 if settings.train.precision == "fp16" else torch.bfloat16
-
-
-class StopFlag:
-    """Signal handlers that only record the signals; the loop acts on them at step boundaries.
-
-    Handlers do nothing else (no I/O, no collectives), so a signal can never corrupt a step or a
-    checkpoint write, and every rank stops at the same step (see :func:`_agree_on_step_start`).
-    """
-
-    def __init__(self) -> None:
-        self.received: set[int] = set()
-        self._previous: dict[int, Any] = {}
-
-    @property
-    def signum(self) -> int | None:
-        """The signal that decides the exit status: SIGTERM over SIGINT over SIGUSR1."""
-        for candidate in STOP_SIGNALS:
-            if candidate in self.received:
-                return int(candidate)
-        return None
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.received.add(signum)
-
-    def install(self) -> None:
-        """Install the handlers (for good, or until :meth:`restore`); a no-op off the main thread."""
-        try:
-            for signum in STOP_SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._handle)
-        except ValueError:  # not the main thread: leave signals alone
-            pass
-
-    def restore(self) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous.clear()
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[StopFlag]:
-        self.install()
-        try:
-            yield self
-        finally:
-            self.restore()
 
 
 def _data_paths(settings: Settings, reporter: Reporter) -> tuple[Path, list[Path]]:
@@ -537,6 +487,7 @@ def pretrain(
     profiler = maybe_profiler(
         run_dir / "profile", steps=settings.train.profile_steps, device_type=device.type, main=dist.is_main()
     )
+    stop_flag.watching = True  # from here a signal is acted on at the next step boundary
     try:
         while step < total_steps:
             epoch, batch_in_epoch = divmod(step, steps_epoch)

@@ -1,0 +1,100 @@
+"""Stopping on a signal when the loop cannot reach a step boundary: real processes, real signals.
+
+A recorded signal waits for the next step boundary (a checkpoint, then exit 130/143). That must not
+leave a user unable to stop a worker stuck in a rendezvous with a peer that never comes, or in a
+collective with a hung peer; nor may it turn one Ctrl-C in a terminal (which reaches the workers
+directly and again through the launcher) into an exit without a checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from swavctl.train import checkpoint as ckpt
+from tests.conftest import cli_env, free_port, last_logged_step, start_cli, wait_until, write_image_folder
+
+SMOKE = ("pretrain", "--preset", "smoke", "--gpus", "0", "--batch-size", "4")
+# A process-group timeout far beyond the test's patience: waiting for it is the bug.
+PATIENT = ("--set", "dist.timeout_s=300")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(write_image_folder(tmp_path_factory.mktemp("data") / "images", per_class=32))
+
+
+def _worker(rank: int, port: int, images: str, cwd: Path, *extra: str) -> subprocess.Popen[str]:
+    """Rank ``rank`` of 2, as torchrun would start it (the peer is started, or not, by the test)."""
+    env = cli_env(
+        RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), SWAVCTL_TEST_STEP_SLEEP="0.1",
+    )  # fmt: skip
+    return start_cli(*SMOKE, *PATIENT, *extra, "--data", images, "--out", "run", cwd=cwd, env=env)
+
+
+def _exit_within(proc: subprocess.Popen[str], seconds: float) -> tuple[int, str]:
+    started = time.monotonic()
+    _, errors = proc.communicate(timeout=seconds)
+    assert time.monotonic() - started < seconds
+    return proc.returncode, errors
+
+
+def test_ctrl_c_in_a_rendezvous_whose_peer_never_comes_exits_at_once(tmp_path: Path, images: str) -> None:
+    lonely = _worker(0, free_port(), images, tmp_path)
+    try:
+        time.sleep(4)  # past start-up, waiting in the rendezvous for rank 1
+        assert lonely.poll() is None
+        lonely.send_signal(signal.SIGINT)
+        code, errors = _exit_within(lonely, 15)
+    finally:
+        lonely.kill()
+    assert code == 130, errors[-2000:]
+    assert "swavctl: SIGINT before the first step: stopping now" in errors
+
+
+def test_a_second_signal_ends_a_worker_stuck_in_a_collective_with_a_hung_peer(
+    tmp_path: Path, images: str
+) -> None:
+    port = free_port()
+    ranks = [_worker(rank, port, images, tmp_path) for rank in range(2)]
+    try:
+        wait_until(lambda: last_logged_step(tmp_path / "run") >= 3, timeout=180, proc=ranks[0])
+        ranks[1].send_signal(signal.SIGSTOP)  # hung, not dead: its connections stay open
+        ranks[0].send_signal(signal.SIGINT)  # recorded; the next step's agreement never completes
+        time.sleep(3)
+        assert ranks[0].poll() is None  # the first signal waits for a step boundary that never comes
+        ranks[0].send_signal(signal.SIGINT)
+        code, errors = _exit_within(ranks[0], 15)
+    finally:
+        for proc in ranks:
+            proc.kill()
+            proc.communicate()
+    assert code == 130, errors[-2000:]
+    assert "swavctl: SIGINT again: stopping now; committed checkpoints are kept" in errors
+    assert all(ckpt.verify(c) is None for c in ckpt.list_committed(tmp_path / "run" / "checkpoints"))
+
+
+def test_one_ctrl_c_in_a_terminal_still_checkpoints_at_the_step_boundary(tmp_path: Path, images: str) -> None:
+    """The terminal signals the whole process group: each worker gets SIGINT from it and again from
+    the launcher, within milliseconds. That is one request: checkpoint, then exit 130."""
+    launcher = start_cli(
+        *SMOKE, "--procs", "2", "--data", images, "--out", "run", cwd=tmp_path,
+        env=cli_env(SWAVCTL_TEST_STEP_SLEEP="0.1"), start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: last_logged_step(tmp_path / "run") >= 3, timeout=180, proc=launcher)
+        os.killpg(launcher.pid, signal.SIGINT)
+        code, errors = _exit_within(launcher, 120)
+    finally:
+        launcher.kill()
+    assert code == 130, errors[-2000:]
+    text = " ".join(errors.split())
+    assert "stopped by SIGINT at step" in text and "stopping now" not in text, errors[-2000:]
+    stopped_at = int(text.split("stopped by SIGINT at step ")[1].split(";")[0])
+    assert [c.step for c in ckpt.list_committed(tmp_path / "run" / "checkpoints")][-1] == stopped_at

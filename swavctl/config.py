@@ -327,7 +327,8 @@ def preset_names() -> list[str]:
 def preset_path(name_or_path: str) -> Path:
     """Resolve a preset name (``demo``) or a TOML path to a file."""
     candidate = Path(name_or_path).expanduser()
-    if candidate.suffix == ".toml" or candidate.exists():
+    # A file path; a folder of the same name as a preset (a 'demo/' here) does not hide the preset.
+    if candidate.suffix == ".toml" or "/" in name_or_path or candidate.is_file():
         if not candidate.is_file():
             raise UserError(f"preset file not found: {candidate}")
         return candidate

@@ -75,6 +75,19 @@ def test_preset_typo_and_bad_preset_file(tmp_path: Path) -> None:
         config.resolve(preset=str(broken))
 
 
+def test_a_folder_named_like_a_preset_does_not_hide_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").mkdir()  # e.g. a data folder called demo/
+    assert config.preset_path("demo").is_file() and config.preset_path("demo").parent.name == "presets"
+    own = tmp_path / "mine"
+    own.write_text("[train]\nepochs = 3\n")  # a preset file without the .toml suffix
+    assert config.resolve(preset="mine").train.epochs == 3
+    with pytest.raises(UserError, match="preset file not found: sub/x"):
+        config.preset_path("sub/x")
+
+
 def test_every_field_has_a_description() -> None:
     fields = list(config.iter_fields())
     assert len(fields) > 40

@@ -132,6 +132,19 @@ def test_bad_files_are_skipped_and_counted(cli, tmp_path: Path) -> None:  # type
     assert "Traceback" not in in_worker.stderr and "Caught" not in in_worker.stderr, in_worker.stderr
 
 
+def test_a_folder_of_only_unreadable_files_is_an_error_not_a_finished_run(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for i in range(4):
+        (bad / f"{i}.png").write_text("not an image\n")
+    result = cli(*SMOKE, "--data", str(bad), "--batch-size", "2", "--out", "run")
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == f"error: no image under {bad} could be read in epoch 0 (4 files skipped); check --data"
+    assert not (tmp_path / "run" / "summary.json").exists()
+    assert not (tmp_path / "run" / "backbone.safetensors").exists()
+
+
 def test_relative_data_folders_are_recorded_absolute(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """The run records where its data is, so eval-linear (default: the model's dataset) run from
     another folder reads the same images, and never a same-named folder there."""

@@ -491,6 +491,7 @@ def pretrain(
     try:
         while step < total_steps:
             epoch, batch_in_epoch = divmod(step, steps_epoch)
+            seen_before = samples_seen
             sampler = EpochBatchSampler(
                 len(dataset),
                 batch_size=bs,
@@ -705,6 +706,13 @@ def pretrain(
             finally:
                 prefetcher.close()
             del prefetcher, loader
+            if batch_in_epoch == 0 and step == (epoch + 1) * steps_epoch and samples_seen == seen_before:
+                # A whole epoch of batches whose every file was unreadable (the same on every rank):
+                # going on would only save untrained weights that look like a finished run.
+                raise UserError(
+                    f"no image under {image_root} could be read in epoch {epoch} ({skipped_total} files "
+                    "skipped); check --data"
+                )
     finally:
         if profiler is not None:
             profiler.close()

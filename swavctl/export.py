@@ -38,6 +38,7 @@ from swavctl.safe_io import (
     assert_finite,
     file_sha256,
     load_pickle_weights,
+    make_parent,
     payload_sha256,
     read_safetensors,
     read_safetensors_header,
@@ -356,7 +357,7 @@ def import_official(
         raise UserError(f"{checkpoint} holds no projection head or prototypes; drop --with-head")
     settings = official_settings(arch, head)
     tensors = {**backbone, **(head if with_head else {})}
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(out)
     meta = write_export_tensors(
         tensors,
         out,

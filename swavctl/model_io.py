@@ -25,6 +25,7 @@ from swavctl.safe_io import (
     assert_finite,
     file_sha256,
     load_pickle_weights,
+    make_parent,
     payload_sha256,
     read_safetensors,
     read_safetensors_metadata,
@@ -309,7 +310,7 @@ def export_run(model_path: Path, *, out: Path | None, with_head: bool, dtype: st
             _check_default_target(out, step=loaded.step, contents=contents, dtype=dtype)
     if out.exists() and out.resolve() == loaded.source.resolve():
         raise UserError(f"the export would overwrite its own source {out}; pass --out OTHER.safetensors")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(out)
     extra = {"source_file": loaded.source.name, "source_sha256": file_sha256(loaded.source)}
     if loaded.kind == "export":
         # Re-exporting an export keeps where the weights came from (e.g. an official import)

@@ -336,6 +336,15 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def make_parent(path: Path) -> None:
+    """Create the folder that will hold ``path``; a :class:`UserError` naming it when that fails."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        reason = exc.strerror or exc
+        raise UserError(f"cannot create the folder {path.parent} for {path.name}: {reason}") from None
+
+
 def write_safetensors_atomic(
     path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
 ) -> None:

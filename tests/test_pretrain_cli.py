@@ -145,6 +145,39 @@ def test_a_folder_of_only_unreadable_files_is_an_error_not_a_finished_run(cli, t
     assert not (tmp_path / "run" / "backbone.safetensors").exists()
 
 
+def test_output_locations_that_cannot_be_written_are_one_line_errors(  # type: ignore[no-untyped-def]
+    cli, image_folder: Path, tmp_path: Path
+) -> None:
+    taken = tmp_path / "taken.toml"
+    taken.write_text("a file, not a folder\n")
+    pretrain = cli(*SMOKE, "--data", str(image_folder), "--max-steps", "1", "--out", str(taken))
+    assert pretrain.returncode == 2, pretrain.stderr
+    assert (
+        pretrain.stderr.strip().splitlines()[-1].startswith(f"error: cannot write the run folder {taken}: ")
+    )
+    assert "Traceback" not in pretrain.stderr
+    done = cli(*SMOKE, "--data", str(image_folder), "--max-steps", "1", "--out", "run")
+    assert done.returncode == 0, done.stderr
+    export = cli("export", "run", "--out", str(taken / "x.safetensors"))
+    assert export.returncode == 2, export.stderr
+    assert f"error: cannot create the folder {taken} for x.safetensors: " in export.stderr
+    assert "Traceback" not in export.stderr
+    # A working folder where runs/latest cannot be made (/proc): --out elsewhere still runs, with a warning.
+    elsewhere = cli(
+        *SMOKE,
+        "--data",
+        str(image_folder),
+        "--max-steps",
+        "1",
+        "--out",
+        str(tmp_path / "o"),
+        cwd=Path("/proc"),
+    )
+    assert elsewhere.returncode == 0, elsewhere.stderr
+    assert "warning: could not point runs/latest at" in elsewhere.stderr
+    assert (tmp_path / "o" / "summary.json").is_file()
+
+
 def test_relative_data_folders_are_recorded_absolute(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """The run records where its data is, so eval-linear (default: the model's dataset) run from
     another folder reads the same images, and never a same-named folder there."""

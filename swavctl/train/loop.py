@@ -160,6 +160,21 @@ def _data_paths(settings: Settings, reporter: Reporter) -> tuple[Path, list[Path
     return folder, paths
 
 
+def _unwritable(run_dir: Path) -> str | None:
+    """Why files cannot be written in ``run_dir`` (None when they can); a new folder is left absent."""
+    existed = run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+        if not existed:
+            run_dir.rmdir()  # made for real once the run starts
+    except OSError as exc:
+        return f"cannot write the run folder {run_dir}: {exc.strerror or exc}"
+    return None
+
+
 def _queue_length_per_rank(settings: Settings, world: int, warn: Callable[[str], None]) -> int:
     """Official rule: the global length is rounded down to a multiple of the global batch."""
     requested = settings.swav.queue_length
@@ -263,6 +278,9 @@ def pretrain(
     # Rank 0 decides the folder (it may be a new time-stamped one); the others follow.
     run_dir, reused = dist.broadcast_object((run_dir, reused))
     settings = settings.model_copy(update={"out": str(run_dir)})
+    problem = dist.broadcast_object(_unwritable(run_dir) if dist.is_main() else None)
+    if problem:
+        raise UserError(problem)
     if reused:
         reporter.info(f"re-running the unfinished run in {run_dir}")
     previous = read_resolved(run_dir)
@@ -373,7 +391,10 @@ def pretrain(
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / RESOLVED_FILE).write_text(to_toml(settings))
-        point_latest(run_dir)
+        try:
+            point_latest(run_dir)
+        except OSError as exc:  # a convenience link: the run does not need it
+            reporter.warn(f"could not point runs/latest at {run_dir}: {exc.strerror or exc}")
         (run_dir / SUMMARY_FILE).unlink(missing_ok=True)
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     if dist.is_main():

@@ -282,11 +282,14 @@ def test_collapse_and_small_batch_warnings(cli, image_folder: Path) -> None:  # 
         "health.collapse_patience=2",
         "--set",
         "model.prototypes=20",
+        "--set",
+        "swav.freeze_prototypes_steps=5005",
     )
     assert result.returncode == 0, result.stderr
     text = " ".join(result.stderr.split())
     assert "possible collapse" in text and "swav.epsilon" in text
     assert "global batch 8 + queue 0 < 20 prototypes" in text
+    assert "swav.freeze_prototypes_steps=5005 covers the whole run (8 steps: 2 epochs of 4)" in text
 
 
 def test_no_data_at_all_exits_2(cli) -> None:  # type: ignore[no-untyped-def]

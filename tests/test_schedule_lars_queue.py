@@ -11,7 +11,7 @@ import torch
 
 from swavctl.queue import EmbeddingQueue
 from swavctl.train.lars import LARC, parameter_groups
-from swavctl.train.schedule import learning_rate
+from swavctl.train.schedule import learning_rate, schedule_conflicts
 
 
 def official_schedule(steps_per_epoch, epochs, base, final, warmup_epochs, start):  # type: ignore[no-untyped-def]
@@ -45,6 +45,38 @@ def test_schedule_matches_official_numpy(warmup: int, start: float) -> None:
         for s in range(len(expected))
     ]
     np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_schedule_conflicts_name_settings_that_cannot_take_effect() -> None:
+    # The bs256 recipe's one-ImageNet-epoch freeze on 10k images at batch 256, for 100 epochs.
+    small = dict(steps_per_epoch=39, epochs=100, warmup_epochs=0.0, queue_length=3840, queue_start_epoch=15)
+    (freeze,) = schedule_conflicts(**small, freeze_prototypes_steps=5005)  # type: ignore[arg-type]
+    assert "swav.freeze_prototypes_steps=5005 covers the whole run (3900 steps" in freeze
+    assert schedule_conflicts(**small, freeze_prototypes_steps=3899) == []  # type: ignore[arg-type]
+    late = schedule_conflicts(
+        steps_per_epoch=10, epochs=2, warmup_epochs=5, freeze_prototypes_steps=0,
+        queue_length=16, queue_start_epoch=2,
+    )  # fmt: skip
+    assert len(late) == 2 and "queue_start_epoch=2 is not before train.epochs=2" in late[0]
+    assert "optim.warmup_epochs=5 exceeds train.epochs=2" in late[1]
+    no_queue = schedule_conflicts(
+        steps_per_epoch=10, epochs=2, warmup_epochs=2, freeze_prototypes_steps=0,
+        queue_length=0, queue_start_epoch=15,
+    )  # fmt: skip
+    assert no_queue == []  # a start epoch without a queue, and a warmup of the whole run, are fine
+
+
+@pytest.mark.parametrize("preset", ["smoke", "demo", "swav-rn50-800ep", "swav-rn50-400ep-bs256"])
+def test_the_presets_have_no_schedule_conflict_on_their_data(preset: str) -> None:
+    from swavctl import config
+
+    s = config.resolve(preset=preset)
+    steps = {"smoke": 4, "demo": 1438 // s.train.batch_size}.get(preset, 1_281_167 // 4096)
+    assert schedule_conflicts(
+        steps_per_epoch=steps, epochs=s.train.epochs, warmup_epochs=s.optim.warmup_epochs,
+        freeze_prototypes_steps=s.swav.freeze_prototypes_steps, queue_length=s.swav.queue_length,
+        queue_start_epoch=s.swav.queue_start_epoch,
+    ) == []  # fmt: skip
 
 
 def test_larc_matches_reference_formula() -> None:

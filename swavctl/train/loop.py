@@ -45,7 +45,7 @@ from swavctl.train.run_dir import (
     select_run_dir,
     settings_diff,
 )
-from swavctl.train.schedule import learning_rate
+from swavctl.train.schedule import learning_rate, schedule_conflicts
 from swavctl.train.step import swav_loss_from_outputs
 from swavctl.train.stop import EXIT_SIGNAL, STOP_SIGNALS, StopFlag
 from swavctl.train.sync_batchnorm import convert_sync_batchnorm
@@ -293,6 +293,15 @@ def pretrain(
     dist.barrier()
 
     queue_per_rank = _queue_length_per_rank(settings, world, warn_all)
+    for conflict in schedule_conflicts(
+        steps_per_epoch=steps_epoch,
+        epochs=settings.train.epochs,
+        warmup_epochs=settings.optim.warmup_epochs,
+        freeze_prototypes_steps=settings.swav.freeze_prototypes_steps,
+        queue_length=settings.swav.queue_length,
+        queue_start_epoch=settings.swav.queue_start_epoch,
+    ):
+        warn_all(conflict)
     if global_batch + settings.swav.queue_length < settings.model.prototypes:
         warn_all(
             f"global batch {global_batch} + queue {settings.swav.queue_length} < {settings.model.prototypes} "

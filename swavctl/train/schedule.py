@@ -30,3 +30,38 @@ def learning_rate(
     decay_steps = max(1, steps_per_epoch * epochs - warmup_steps)
     t = min(step - warmup_steps, decay_steps)
     return final_lr + 0.5 * (base_lr - final_lr) * (1 + math.cos(math.pi * t / decay_steps))
+
+
+def schedule_conflicts(
+    *,
+    steps_per_epoch: int,
+    epochs: int,
+    warmup_epochs: float,
+    freeze_prototypes_steps: int,
+    queue_length: int,
+    queue_start_epoch: int,
+) -> list[str]:
+    """Schedule settings that cannot take effect in a run of ``epochs`` epochs of ``steps_per_epoch``.
+
+    Step counts in the recipes are for ImageNet (5005 steps per epoch at batch 256): on a smaller
+    dataset the same numbers can outlast the whole run. Each conflict is one warning line.
+    """
+    total = steps_per_epoch * epochs
+    found = []
+    if freeze_prototypes_steps >= total:
+        found.append(
+            f"swav.freeze_prototypes_steps={freeze_prototypes_steps} covers the whole run ({total} steps: "
+            f"{epochs} epochs of {steps_per_epoch}): the prototypes never train; the recipes' values count "
+            "ImageNet steps, so scale it to your data"
+        )
+    if queue_length > 0 and queue_start_epoch >= epochs:
+        found.append(
+            f"swav.queue_start_epoch={queue_start_epoch} is not before train.epochs={epochs}: the queue "
+            f"(swav.queue_length={queue_length}) is never used"
+        )
+    if warmup_epochs > epochs:
+        found.append(
+            f"optim.warmup_epochs={warmup_epochs:g} exceeds train.epochs={epochs}: the learning rate never "
+            "reaches optim.base_lr"
+        )
+    return found

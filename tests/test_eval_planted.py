@@ -245,6 +245,10 @@ def test_error_bad_options(planted: Path) -> None:
     assert "--procs must be at least 1" in _one_line_error(*_invoke(model, "--procs", "0"))
     assert "--procs 2 is for CPU workers" in _one_line_error(*_invoke(model, "--procs", "2", gpus="1"))
     assert "model not found" in _one_line_error(*_invoke(str(planted / "nothing.pt")))
+    linear = (model, "--mode", "linear", "--epochs", "1")
+    assert "--lr must be positive, got -1.0" in _one_line_error(*_invoke(*linear, "--lr", "-1"))
+    assert "--weight-decay must be 0 or more" in _one_line_error(*_invoke(*linear, "--weight-decay", "-1"))
+    assert "--workers must be 0 or more" in _one_line_error(*_invoke(model, "--workers", "-1"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

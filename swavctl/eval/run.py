@@ -118,6 +118,12 @@ class EvalOptions:
             raise UserError(f"--min-scale must be in (0, 1], got {self.min_scale}")
         if not self.fast_lrs or not self.fast_wds or min(self.fast_lrs) <= 0 or min(self.fast_wds) < 0:
             raise UserError("the fast grid needs positive learning rates and non-negative weight decays")
+        if self.lr is not None and self.lr <= 0:
+            raise UserError(f"--lr must be positive, got {self.lr}")
+        if self.weight_decay is not None and self.weight_decay < 0:
+            raise UserError(f"--weight-decay must be 0 or more, got {self.weight_decay}")
+        if self.workers is not None and self.workers < 0:
+            raise UserError("--workers must be 0 or more")
         if self.gpus is not None and self.gpus < 0:
             raise UserError("--gpus must be 0 or more")
         if self.procs < 1:

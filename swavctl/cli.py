@@ -60,6 +60,7 @@ def main() -> None:
     try:
         app()
     except KeyboardInterrupt:
+        print("\nswavctl: interrupted", file=sys.stderr)
         sys.exit(130)
 
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
+
+import torch
 
 from swavctl.cli_reference import render_cli, render_settings
 
@@ -22,3 +26,22 @@ def test_readme_commands_exist() -> None:
     readme = (DOCS.parent / "README.md").read_text()
     assert "swavctl pretrain --preset demo" in readme
     assert "bash .ci/run" in readme or "pytest" in readme
+
+
+def test_the_readme_library_snippet_runs() -> None:
+    readme = (DOCS.parent / "README.md").read_text()
+    snippet = readme.split("## Library", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    scores = torch.randn(16, 5, dtype=torch.float64)
+    namespace: dict[str, object] = {"scores": scores}
+    exec(compile(snippet, "README.md#library", "exec"), namespace)
+    codes = namespace["codes"]
+    assert isinstance(codes, torch.Tensor) and codes.shape == (16, 5)
+    torch.testing.assert_close(codes.sum(dim=1), torch.ones(16, dtype=torch.float64))
+
+
+def test_the_command_line_starts_without_importing_torch() -> None:
+    """--help, --version and a typo's error answer at once: torch (a second to import) is not loaded."""
+    probe = "import sys, swavctl.cli; print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from swavctl import sinkhorn
+from swavctl.sinkhorn import sinkhorn
 
 
 def reference_sinkhorn(scores: torch.Tensor, epsilon: float, iterations: int) -> torch.Tensor:

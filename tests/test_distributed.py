@@ -163,9 +163,29 @@ def test_sync_batchnorm_without_a_group_is_batchnorm() -> None:
     assert set(converted.state_dict()) == {f"0.{k}" for k in _fresh_bn("2d").state_dict()}
 
 
-def test_training_steps_two_ranks_equal_one_rank_with_sync_batchnorm(tmp_path: Path) -> None:
-    """2 ranks x 4 images per step == 1 rank x 8 images: same samples, same crops, global Sinkhorn."""
+@pytest.mark.parametrize("unreadable", [False, True], ids=["all-read", "one-unreadable"])
+def test_training_steps_two_ranks_equal_one_rank_with_sync_batchnorm(
+    tmp_path: Path, unreadable: bool
+) -> None:
+    """2 ranks x 4 images per step == 1 rank x 8 images: same samples, same crops, global Sinkhorn.
+
+    With one unreadable file, rank 1 trains on 3 images and rank 0 on 4: the loss is still the mean
+    over the 7 (each rank's share weighted by its size, not the two ranks' means averaged), and the
+    skipped file is counted whichever rank met it."""
     data = write_image_folder(tmp_path / "images", per_class=32)
+    if unreadable:
+        from swavctl.config import resolve
+        from swavctl.data.images import list_images
+        from swavctl.data.sampler import EpochBatchSampler
+
+        seed = resolve(preset="smoke").train.seed
+        first = [
+            i
+            for _, i in next(
+                iter(EpochBatchSampler(64, batch_size=4, epoch=0, seed=seed, rank=1, world_size=2))
+            )
+        ]
+        list_images(data)[first[0]].write_bytes(b"not an image")  # in global batch 0, on rank 1
     common = (
         "pretrain",
         "--preset",
@@ -186,6 +206,7 @@ def test_training_steps_two_ranks_equal_one_rank_with_sync_batchnorm(tmp_path: P
     assert set(summary_one) == set(summary_two)  # the same summary whatever the launch
     assert (summary_one["world_size"], summary_two["world_size"]) == (1, 2)
     assert summary_one["steps"] == summary_two["steps"] == 2
+    assert summary_one["skipped_images"] == summary_two["skipped_images"] == int(unreadable)
     # The reported loss is the global batch's on both (rank 0's local loss would differ).
     assert math.isclose(summary_one["final_loss"], summary_two["final_loss"], rel_tol=1e-5)
 

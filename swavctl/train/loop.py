@@ -581,10 +581,11 @@ def pretrain(
                             f"unreadable image (data.on_bad_image=error): {first.path}: {first.reason}"
                         )
                     for bad in batch.skipped:
-                        skipped_total += 1
                         reporter.warn(f"skipped unreadable file {bad.path}: {bad.reason}")
-                    # One small collective per step: did any rank get a signal, or an empty batch?
-                    signals, any_empty = _agree_on_step_start(stop_flag, batch.size == 0, device)
+                    # One small collective per step: signals, empty batches, the global batch, skips.
+                    start = _agree_on_step_start(stop_flag, batch.size, len(batch.skipped), device)
+                    signals, any_empty = start.signals, start.any_empty
+                    skipped_total += start.skipped
                     if signals:
                         signum = next(s for s in STOP_SIGNALS if s in signals)
                         path = save(step // steps_epoch, f"signal {signal.Signals(signum).name}")
@@ -638,6 +639,10 @@ def pretrain(
                             queue=active_queue,
                         )
                     loss = out.loss
+                    if start.images != batch.size * world:
+                        # Ranks' batches differ (skipped files): weigh each rank's mean by its share,
+                        # so DDP's average over ranks is the mean over the global batch.
+                        loss = loss * (batch.size * world / start.images)
                     if hook_nan is not None and hook_nan == (rank, step + 1):
                         loss = loss * float("nan")
                     with phase("backward"):
@@ -881,16 +886,32 @@ def _read_step(
     )
 
 
-def _agree_on_step_start(stop: StopFlag, empty_batch: bool, device: torch.device) -> tuple[set[int], bool]:
-    """The stop signals any rank received, and whether any rank's batch is empty (one collective).
+@dataclass(frozen=True)
+class StepStart:
+    """What every rank agrees on before a step (see :func:`_agree_on_step_start`)."""
 
-    All ranks see the same answer, so all checkpoint (or skip) at the same step.
+    signals: set[int]  # the stop signals any rank received
+    any_empty: bool  # some rank's batch has no readable image: all ranks skip the step
+    images: int  # the global batch: the images all ranks read for this step
+    skipped: int  # the files all ranks could not read for this step
+
+
+def _agree_on_step_start(stop: StopFlag, images: int, skipped: int, device: torch.device) -> StepStart:
+    """One collective (a sum over ranks) before each step, so all ranks checkpoint, skip and count alike.
+
+    The global batch weighs each rank's loss when files were skipped and the ranks' batches differ
+    in size; the skipped count makes ``skipped_images`` the run's, not rank 0's.
     """
-    local = [float(s in stop.received) for s in STOP_SIGNALS] + [float(empty_batch)]
-    if not dist.is_distributed():
-        values = local
-    else:
-        tensor = torch.tensor(local, device=device)
-        values = dist.all_reduce_max(tensor).tolist()
-    signals = {int(s) for s, v in zip(STOP_SIGNALS, values, strict=False) if v}
-    return signals, bool(values[-1])
+    local = [float(s in stop.received) for s in STOP_SIGNALS]
+    local += [float(images == 0), float(images), float(skipped)]
+    if dist.is_distributed():
+        tensor = torch.tensor(local, dtype=torch.float64, device=device)
+        dist.all_reduce_sum(tensor)
+        local = tensor.tolist()
+    *flags, empty, total, dropped = local
+    return StepStart(
+        signals={int(s) for s, v in zip(STOP_SIGNALS, flags, strict=True) if v},
+        any_empty=bool(empty),
+        images=int(total),
+        skipped=int(dropped),
+    )

@@ -296,8 +296,11 @@ def _work_as_worker(job: Job, *, env: dist.DistEnv, stop: Any) -> Outcome:
             print(f"{prefix}stopped: {outcome.message}", file=sys.stderr, flush=True)
         elif outcome.traceback:
             print("".join(prefix + line + "\n" for line in outcome.traceback.splitlines()), file=sys.stderr)
-    # A worker reports on rank 0, or when it is the one that broke.
-    outcome.report = env.rank == 0 or (outcome.status == CRASH and not outcome.peer_failure)
+    # A worker reports on rank 0, or when it is the one that broke: a crash, or a user error met on
+    # this rank only (an unreadable image with data.on_bad_image=error, data missing on one node),
+    # which under torchrun or srun no other process can name. An error every rank meets alike is
+    # then printed by each, marked with its rank.
+    outcome.report = env.rank == 0 or (outcome.status in (CRASH, USER_ERROR) and not outcome.peer_failure)
     return outcome
 
 

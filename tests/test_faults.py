@@ -109,3 +109,56 @@ def test_a_rank_that_raises_stops_all_ranks_quickly_naming_it_and_leaves_no_proc
     assert elapsed < 60
     assert pids_with_env(f"SWAVCTL_TEST_MARKER={marker}") == []
     assert [c.step for c in ckpt.list_committed(tmp_path / "run" / "checkpoints")] == [2, 4]
+
+
+def test_under_torchrun_the_rank_that_meets_a_user_error_names_it(tmp_path: Path) -> None:
+    """Workers started by torchrun or srun each print for themselves: the rank that met a bad file
+    (data.on_bad_image=error) must say which and why; the other only sees its peer go."""
+    from swavctl.config import resolve
+    from swavctl.data.images import list_images
+    from swavctl.data.sampler import EpochBatchSampler
+    from tests.conftest import free_port, start_cli
+
+    data = write_image_folder(tmp_path / "images", per_class=32)
+    seed = resolve(preset="smoke").train.seed
+    batch = next(iter(EpochBatchSampler(64, batch_size=4, epoch=0, seed=seed, rank=1, world_size=2)))
+    bad = list_images(data)[batch[0][1]]
+    bad.write_bytes(b"not an image")  # rank 1's first batch only
+    port = str(free_port())
+    args = (
+        "pretrain",
+        "--preset",
+        "smoke",
+        "--gpus",
+        "0",
+        "--batch-size",
+        "4",
+        "--data",
+        str(data),
+        "--out",
+        "run",
+        "--set",
+        "data.on_bad_image=error",
+    )
+    workers = [
+        start_cli(
+            *args,
+            cwd=tmp_path,
+            env=cli_env(
+                RANK=str(r),
+                WORLD_SIZE="2",
+                LOCAL_RANK=str(r),
+                LOCAL_WORLD_SIZE="2",
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
+            ),
+        )  # fmt: skip
+        for r in range(2)
+    ]
+    results = [w.communicate(timeout=180) for w in workers]
+    assert workers[1].returncode == 2, results[1][1][-2000:]
+    lines = [line for line in results[1][1].splitlines() if line.startswith("error:")]
+    assert lines == [
+        f"error: [rank 1] unreadable image (data.on_bad_image=error): {bad}: not a recognised image format"
+    ]
+    assert workers[0].returncode != 0

@@ -292,7 +292,7 @@ def torchrun_env(environ: Mapping[str, str]) -> DistEnv | None:
         world_size=world,
         local_rank=_int(environ, "LOCAL_RANK"),
         local_world_size=_int(environ, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in environ else world,
-        master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
+        master_addr=environ.get("MASTER_ADDR") or "127.0.0.1",
         master_port=_int(environ, "MASTER_PORT") if "MASTER_PORT" in environ else 29500,
         source="torchrun",
         node_rank=_int(environ, "GROUP_RANK") if "GROUP_RANK" in environ else 0,
@@ -331,13 +331,19 @@ def init_process_group(env: DistEnv, *, use_cuda: bool, timeout_s: float) -> tor
     torch_dist.init_process_group(
         backend="nccl" if use_cuda else "gloo",
         # torchrun/elastic: env:// (MASTER_ADDR/PORT, or the agent's store); SLURM: tcp://first node.
-        init_method=None if env.source == "torchrun" else env.init_method,
+        # RANK/WORLD_SIZE set by hand without MASTER_ADDR/PORT: torchrun_env's defaults, not a
+        # traceback from env://.
+        init_method=None if env.source == "torchrun" and _has_master(os.environ) else env.init_method,
         rank=env.rank,
         world_size=env.world_size,
         timeout=datetime.timedelta(seconds=timeout_s),
         **kwargs,
     )
     return device
+
+
+def _has_master(environ: Mapping[str, str]) -> bool:
+    return bool(environ.get("MASTER_ADDR")) and bool(environ.get("MASTER_PORT"))
 
 
 def destroy_process_group() -> None:

@@ -162,3 +162,21 @@ def test_under_torchrun_the_rank_that_meets_a_user_error_names_it(tmp_path: Path
         f"error: [rank 1] unreadable image (data.on_bad_image=error): {bad}: not a recognised image format"
     ]
     assert workers[0].returncode != 0
+
+
+def test_workers_given_rank_and_world_without_a_master_address_meet_on_this_machine(tmp_path: Path) -> None:
+    """RANK/WORLD_SIZE/LOCAL_RANK set by hand, MASTER_ADDR left out: 127.0.0.1 (documented), not a
+    traceback from torch's env:// rendezvous on every rank."""
+    from tests.conftest import free_port, start_cli
+
+    data = write_image_folder(tmp_path / "images", per_class=8)
+    port = str(free_port())
+    workers = []
+    for r in range(2):
+        env = cli_env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_PORT=port)
+        env.pop("MASTER_ADDR", None)
+        args = ("pretrain", "--preset", "smoke", "--gpus", "0", "--batch-size", "4", "--max-steps", "1")
+        workers.append(start_cli(*args, "--data", str(data), "--out", "run", cwd=tmp_path, env=env))
+    results = [w.communicate(timeout=180) for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
+    assert "Traceback" not in results[0][1] + results[1][1]

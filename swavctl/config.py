@@ -30,6 +30,13 @@ PRESET_DIRS = (
 )
 
 
+# Bounds on settings that size memory and processes. Settings also arrive inside checkpoints and
+# exports (their metadata is not covered by the payload hash), and a file must not be able to make
+# an evaluation upscale every image to 3000 px or start hundreds of loader processes.
+MAX_CROP_SIZE = 1024
+MAX_WORKERS = 256
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -74,7 +81,9 @@ class DataSettings(_Strict):
         "workers",
         description="Where crops are made: per image in loader workers, or batched on the training device.",
     )
-    workers: int = Field(4, ge=0, description="DataLoader worker processes per training process.")
+    workers: int = Field(
+        4, ge=0, le=MAX_WORKERS, description="DataLoader worker processes per training process."
+    )
     prefetch: int | None = Field(
         None,
         ge=0,
@@ -95,8 +104,8 @@ class DataSettings(_Strict):
             raise ValueError("crop_counts, crop_sizes, min_scales and max_scales must have the same length")
         if not self.crop_counts or any(c < 1 for c in self.crop_counts):
             raise ValueError("crop_counts must be positive")
-        if any(s < 1 for s in self.crop_sizes):
-            raise ValueError("crop_sizes must be positive")
+        if any(not 1 <= s <= MAX_CROP_SIZE for s in self.crop_sizes):
+            raise ValueError(f"crop_sizes must be between 1 and {MAX_CROP_SIZE} pixels")
         for lo, hi in zip(self.min_scales, self.max_scales, strict=True):
             if not 0 < lo <= hi <= 1:
                 raise ValueError(f"need 0 < min_scale <= max_scale <= 1, got ({lo}, {hi})")

@@ -576,3 +576,23 @@ def test_the_advice_for_a_plain_safetensors_file_works_as_written(tmp_path: Path
     assert imported.returncode == 0, imported.stderr
     loaded = load_model(tmp_path / "new.safetensors").model.backbone.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
+
+
+def test_settings_in_an_edited_export_are_bounded_before_they_size_anything(
+    run18: dict[str, Any], tmp_path: Path
+) -> None:
+    """The metadata is not covered by the payload hash: an export edited to ask for 3000 px crops (a
+    tens-of-GB evaluation) or 10,000 loader workers is refused with one line, as a preset would be."""
+    source = run18["run"] / "backbone.safetensors"
+    with safe_open(source, "pt") as f:
+        meta = dict(f.metadata())
+    tensors = load_file(source)
+    for key, value in (("crop_sizes", [3000, 8]), ("workers", 10_000)):
+        settings = json.loads(meta["settings"])
+        settings["data"][key] = value
+        crafted = tmp_path / f"crafted-{key}.safetensors"
+        save_file(tensors, str(crafted), metadata={**meta, "settings": json.dumps(settings)})
+        result = _in_process("eval-linear", str(crafted), "--mode", "knn", "--data", "demo", cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert "invalid value" in result.stderr and key in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Wheels that bench/gpu.sh installs on a GPU machine that has torch and torchvision but cannot reach
-# a package index: swavctl's pure-Python dependencies and pytest (for the suite's CUDA-only tests).
+# a package index: swavctl's pure-Python dependencies and pytest (for the suite's CUDA-only tests),
+# and the demo digits, written ready (they need scikit-learn to make).
 # Run it here (where the index is reachable), then carry .whl/ to the GPU machine.
 #
 #   bash bench/fetch_wheels.sh            # for the GPU machine's Python (default 3.12)
@@ -15,4 +16,7 @@ for version in ${PY_VERSIONS:-3.12}; do
   "$PY" -m pip download -q --dest .whl --no-deps --only-binary=:all: \
     --python-version "$version" --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 $PACKAGES
 done
+# The demo digits come from scikit-learn, whose wheels (with scipy) are too large to carry: write the
+# demo folder here instead; gpu.sh points SWAVCTL_CACHE at it when the GPU machine lacks sklearn.
+SWAVCTL_CACHE=.whl/swavctl-cache "$PY" -c 'from swavctl.data.demo import demo_dataset; print(demo_dataset())'
 ls .whl

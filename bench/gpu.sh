@@ -68,6 +68,12 @@ if [ "${BENCH_NO_INSTALL:-0}" != 1 ]; then
     && echo "[gpu.sh] pip install -e . done" || echo "[gpu.sh] pip install -e . not possible here; using PYTHONPATH"
 fi
 export PYTHONPATH="$REPO:$SHIM:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+# The demo digits (the k-NN monitor's CUDA test) are made with scikit-learn; without it, use the
+# folder bench/fetch_wheels.sh wrote ready.
+if ! "$PY" -c 'import sklearn' 2>/dev/null && [ -f .whl/swavctl-cache/digits-v1/.complete ]; then
+  export SWAVCTL_CACHE="$REPO/.whl/swavctl-cache"
+  echo "[gpu.sh] no scikit-learn: the demo digits come from .whl/swavctl-cache"
+fi
 "$PY" -c 'import swavctl.cli, swavctl.train.loop' || { echo "[gpu.sh] ERROR: swavctl does not import"; exit 4; }
 
 "$PY" bench/gpu_bench.py --out "$OUT"

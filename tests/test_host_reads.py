@@ -156,9 +156,10 @@ def test_nvjpeg_decoding_never_overwrites_memory_that_queued_kernels_still_read(
             slow = torch.tanh(slow @ slow / 4096)
         sums = [t.sum(dtype=torch.int64) for t in held]
         del held  # freed on the stream while the sums are still queued
-        images, failures = decode_images(encoded, device)
+        images, failures, cpu_decoded = decode_images(encoded, device)
         torch.cuda.synchronize()
         assert not failures and len(images) == 8
+        assert cpu_decoded == 0  # nvjpeg decoded them (the CPU fallback would not race)
         expected = [(7 + i) * 3 * 375 * 500 for i in range(8)]
         corrupted += sum(int(s) != e for s, e in zip(sums, expected, strict=True))
     assert corrupted == 0, f"{corrupted} reductions read memory the decoder had overwritten"

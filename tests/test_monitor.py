@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from swavctl import config
-from swavctl.eval.monitor import KnnMonitor, monitor_split
+from swavctl.eval.monitor import KnnMonitor, KnnReading, monitor_split
 from swavctl.model.swav import SwAV
 from swavctl.train.build import build_model
 from tests.conftest import cli_env, run_cli, write_image_folder
@@ -198,8 +198,17 @@ def test_on_cuda_a_reading_matches_the_cpu_one() -> None:
     monitor, model = _demo_monitor(cuda)
     torch.cuda.manual_seed(7)
     before = torch.cuda.get_rng_state()
-    fp32 = monitor.evaluate(model.backbone, feature_dim=model.feature_dim, autocast=None)
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32
+    try:
+        fp32 = monitor.evaluate(model.backbone, feature_dim=model.feature_dim, autocast=None)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     bf16 = monitor.evaluate(model.backbone, feature_dim=model.feature_dim, autocast=torch.bfloat16)
     assert torch.equal(torch.cuda.get_rng_state(), before)
-    assert abs(fp32.top1 - cpu.top1) <= 1 / 359, (fp32, cpu)  # at most one val image apart
-    assert abs(bf16.top1 - cpu.top1) <= 0.02, (bf16, cpu)
+
+    def right(reading: KnnReading) -> int:  # val images classified right (top1 is a float32 mean)
+        return round(reading.top1 * reading.val_images)
+
+    assert abs(right(fp32) - right(cpu)) <= 1, (fp32, cpu)  # at most one val image apart
+    assert abs(right(bf16) - right(cpu)) <= 7, (bf16, cpu)  # 2% of the 359

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
@@ -59,6 +59,7 @@ class Batch:
     images: list[torch.Tensor] | None
     indices: list[int]
     skipped: list[Skipped] = field(default_factory=list)
+    cpu_decoded: int = 0  # JPEGs meant for nvjpeg that had to be decoded on the CPU instead
 
     @property
     def size(self) -> int:
@@ -159,10 +160,16 @@ def is_encoded(item: torch.Tensor) -> bool:
     return item.dim() == 1
 
 
-def decode_images(
-    items: Sequence[torch.Tensor], device: torch.device
-) -> tuple[list[torch.Tensor], list[tuple[int, str]]]:
-    """Decode a batch's items onto ``device``: returns (images, [(position, reason), ...] of failures).
+class DecodedImages(NamedTuple):
+    """What :func:`decode_images` made of a batch's items."""
+
+    images: list[torch.Tensor]  # in the order of the items that decoded
+    failures: list[tuple[int, str]]  # (position in the items, reason) of those no decoder could read
+    cpu_decoded: int  # on a GPU: encoded JPEGs nvjpeg could not decode, decoded on the CPU instead
+
+
+def decode_images(items: Sequence[torch.Tensor], device: torch.device) -> DecodedImages:
+    """Decode a batch's items onto ``device`` (see :class:`DecodedImages`).
 
     Encoded JPEGs are decoded together by ``torchvision.io.decode_jpeg(device=cuda)`` (nvjpeg)
     when ``device`` is a GPU; whatever that cannot decode (a CMYK or otherwise unusual JPEG,
@@ -179,6 +186,7 @@ def decode_images(
     for i, item in enumerate(items):
         if not is_encoded(item):
             out[i] = item.to(device, non_blocking=True)
+    cpu_decoded = 0
     if pending and device.type == "cuda":
         out_gpu = _decode_jpeg_cuda([items[i] for i in pending], device)
         still = []
@@ -188,13 +196,14 @@ def decode_images(
             else:
                 out[i] = image
         pending = still
+        cpu_decoded = len(still)
     failures: list[tuple[int, str]] = []
     for i in pending:
         try:
             out[i] = decode_bytes(items[i].cpu().numpy().tobytes()).to(device, non_blocking=True)
         except BadImage as exc:
             failures.append((i, str(exc)))
-    return [im for im in out if im is not None], failures
+    return DecodedImages([im for im in out if im is not None], failures, cpu_decoded)
 
 
 def _decode_jpeg_cuda(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:

@@ -448,6 +448,7 @@ def pretrain(
         else None
     )
     last_knn: KnnReading | None = None
+    warned_cpu_decode = False
     checkpoint_step = step if resumed_from is not None else -1
     samples_seen = 0
     started = time.perf_counter()
@@ -582,6 +583,12 @@ def pretrain(
                         )
                     for bad in batch.skipped:
                         reporter.warn(f"skipped unreadable file {bad.path}: {bad.reason}")
+                    if batch.cpu_decoded and not warned_cpu_decode:
+                        warned_cpu_decode = True  # once: it can be every batch (nvjpeg missing)
+                        reporter.warn(
+                            f"nvjpeg could not decode {batch.cpu_decoded} of a batch's {batch.size} JPEGs; "
+                            "they were decoded on the CPU (slower; CMYK or unusual JPEGs do this)"
+                        )
                     # One small collective per step: signals, empty batches, the global batch, skips.
                     start = _agree_on_step_start(stop_flag, batch.size, len(batch.skipped), device)
                     signals, any_empty = start.signals, start.any_empty
@@ -821,13 +828,15 @@ def _decode_batch(batch: Batch, paths: list[str], device: torch.device) -> Batch
     Items no decoder can read become :class:`Skipped` records, counted like unreadable files.
     """
     assert batch.images is not None
-    images, failures = decode_images(batch.images, device)
+    images, failures, cpu_decoded = decode_images(batch.images, device)
     if not failures:
-        return Batch(crops=None, images=images, indices=batch.indices, skipped=batch.skipped)
+        return Batch(
+            crops=None, images=images, indices=batch.indices, skipped=batch.skipped, cpu_decoded=cpu_decoded
+        )
     failed = {position for position, _ in failures}
     skipped = list(batch.skipped) + [Skipped(paths[batch.indices[pos]], reason) for pos, reason in failures]
     indices = [index for pos, index in enumerate(batch.indices) if pos not in failed]
-    return Batch(crops=None, images=images or None, indices=indices, skipped=skipped)
+    return Batch(crops=None, images=images or None, indices=indices, skipped=skipped, cpu_decoded=cpu_decoded)
 
 
 def _in_slurm_job() -> bool:

@@ -35,6 +35,10 @@ def sinkhorn(scores: torch.Tensor, *, epsilon: float = 0.05, iterations: int = 3
     epsilon), the whole solve switches, on every rank, to an exact log-domain form. The result
     equals the official formula wherever that one is finite.
 
+    Speed: the work is done on Q^T, in the scores' own B x K layout, with one allocation (the
+    scaled scores) and every later pass in place; on the CPU this is faster than the official
+    formula despite the extra max pass (docs/benchmarks.md).
+
     When a process group with more than one process is initialized, the row maxima, the total
     and the row sums are all-reduced, so the codes equal a single-process solve on the
     concatenated batch.
@@ -44,37 +48,39 @@ def sinkhorn(scores: torch.Tensor, *, epsilon: float = 0.05, iterations: int = 3
     if epsilon <= 0:
         raise ValueError(f"epsilon must be positive, got {epsilon}")
     work_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
-    logits = (scores.to(work_dtype) / epsilon).t()  # K x B_local
-
-    num_prototypes = logits.shape[0]
+    # Q^T (B x K), the layout of the scores: every pass below reads contiguous memory, and all but
+    # the first work in place (a fresh B x K buffer costs as much as the exponential).
+    q = torch.mul(scores.to(work_dtype), 1.0 / epsilon)
+    num_prototypes = q.shape[1]
     # A fill on the device: torch.tensor(value, device=cuda) would copy from the host and wait.
-    batch = torch.full((), float(logits.shape[1]), dtype=work_dtype, device=logits.device)
+    batch = torch.full((), float(q.shape[0]), dtype=work_dtype, device=q.device)
     dist.all_reduce_sum(batch)  # B is the global batch
 
-    row_max = logits.max(dim=1, keepdim=True).values if logits.shape[1] else torch.zeros_like(logits[:, :1])
+    peak = q.amax(dim=0, keepdim=True) if q.shape[0] else torch.zeros_like(q[:1])  # per prototype
     if dist.is_distributed():
-        torch.distributed.all_reduce(row_max, op=torch.distributed.ReduceOp.MAX)
-    q = torch.exp(logits - row_max)
-    # Dividing by the total (the official first step) cancels in the first row normalisation and
-    # the last "/ B, * B" pair cancels too; both are folded away. Each normalisation is one
-    # multiply by a reciprocal vector.
+        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+    q.sub_(peak).exp_()
+    # Dividing by the total (the official first step) cancels in the first prototype normalisation
+    # and the last "/ B, * B" pair cancels too; both are folded away. Each normalisation is one
+    # in-place multiply by a reciprocal vector.
     for iteration in range(iterations):
-        row_sums = q.sum(dim=1, keepdim=True)
-        dist.all_reduce_sum(row_sums)
-        q *= 1.0 / (row_sums * num_prototypes)
-        col_sums = q.sum(dim=0, keepdim=True)
+        prototype_sums = q.sum(dim=0, keepdim=True)
+        dist.all_reduce_sum(prototype_sums)
+        q *= 1.0 / (prototype_sums * num_prototypes)
+        sample_sums = q.sum(dim=1, keepdim=True)
         if iteration == 0:
-            # A column of zeros stays zero under row scaling: detect it once, on every rank, so
-            # all ranks take the same path (the two paths use different collectives).
-            underflow = (col_sums == 0).any().to(work_dtype).reshape(1)
+            # A sample whose row is all zeros stays zero under prototype scaling: detect it once, on
+            # every rank, so all ranks take the same path (the two paths use different collectives).
+            underflow = (sample_sums == 0).any().to(work_dtype).reshape(1)
             dist.all_reduce_sum(underflow)
             if bool(underflow.item()):
+                logits = (scores.to(work_dtype) / epsilon).t()
                 return _sinkhorn_log_domain(logits, num_prototypes, batch, iterations).t()
         if iteration == iterations - 1:
-            q *= 1.0 / col_sums  # = (/ column sum / B) * B: rows of the result sum to 1
+            q *= 1.0 / sample_sums  # = (/ sample sum / B) * B: rows of the result sum to 1
         else:
-            q *= 1.0 / (col_sums * batch)
-    return q.t()
+            q *= 1.0 / (sample_sums * batch)
+    return q
 
 
 def _sinkhorn_log_domain(

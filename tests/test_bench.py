@@ -115,6 +115,25 @@ def test_bench_figures_are_consistent_with_pretrain_metrics(cli: Cli, folder: Pa
     assert 1 / 3 < measured / predicted < 3, (measured, predicted)
 
 
+def test_bench_step_uses_a_full_queue_as_the_loop_does_once_it_starts() -> None:
+    """A preset with a queue is timed as its steps after swav.queue_start_epoch: Sinkhorn over the
+    queue's rows and the batch's (the queue costs most of Sinkhorn's time there)."""
+    from swavctl import config
+    from swavctl.bench.step import StepRunner
+
+    def first_loss(**flags: object) -> tuple[float, int]:
+        settings = config.resolve(preset="smoke", flags={"train.batch_size": 8, **flags})
+        runner = StepRunner(settings)
+        runner.step()
+        return runner.first_loss, runner.queue.length if runner.queue is not None else 0
+
+    plain, no_rows = first_loss()
+    queued, rows = first_loss(**{"swav.queue_length": 64})
+    shared, half = first_loss(**{"swav.queue_length": 64, "dist.procs": 2})
+    assert (no_rows, rows, half) == (0, 64, 32)  # this process's share of the run's queue
+    assert queued != plain and shared not in (plain, queued)  # the queue's rows changed the codes
+
+
 def test_bench_data_tries_worker_counts_and_picks_the_fewest_enough(cli: Cli, folder: Path) -> None:
     out = _json(
         cli(

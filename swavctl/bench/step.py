@@ -5,7 +5,10 @@ loop's autocast (one backbone pass per run of equal-size crops), Sinkhorn codes 
 prediction loss (:func:`~swavctl.train.step.swav_loss_from_outputs`), backward, the prototype
 freeze, the finiteness check, and the LARC/SGD step, with the loop's model, optimizer,
 precision, ``channels_last`` and ``compile`` rules. The crops are random tensors made once on
-the device, so no data loading is measured.
+the device, so no data loading is measured. With a queue (``swav.queue_length``), the step is
+the one after ``swav.queue_start_epoch``: the queue is full (of random unit embeddings), and each
+assignment crop's Sinkhorn runs on the queue's rows and the batch's, as in the loop. The queue
+is this process's share of the run's (``dist.gpus``, or ``dist.procs``, processes).
 
 The phases are timed separately (the device is synchronised between them, which costs a little
 overlap): ``forward_backward`` is the forward, backward and optimizer step; ``sinkhorn_loss`` is
@@ -19,16 +22,24 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from swavctl.bench.common import RN50_SWAV_FLOP_PER_SAMPLE, crops_label, sync
 from swavctl.config import Settings
 from swavctl.errors import UserError
 from swavctl.model.swav import SwAV
+from swavctl.queue import EmbeddingQueue
 from swavctl.train.build import build_model as build_swav
 from swavctl.train.build import build_optimizer, crop_specs
 from swavctl.train.lars import LARC
-from swavctl.train.loop import _freeze_prototype_grads, _grads_finite, autocast_dtype, pick_device
+from swavctl.train.loop import (
+    _freeze_prototype_grads,
+    _grads_finite,
+    _queue_length_per_rank,
+    autocast_dtype,
+    pick_device,
+)
 from swavctl.train.step import swav_loss_from_outputs
 
 
@@ -49,6 +60,7 @@ class StepBenchResult:
     samples_per_s: float
     forward_backward_samples_per_s: float
     sinkhorn_loss_samples_per_s: float
+    queue_rows: int  # rows of the (full) queue per assignment crop in this process; 0 without a queue
     first_loss: float  # the loss of the first step (equal weights and crops in every run of a setting)
     final_loss: float
     mfu: float | None  # model FLOP utilisation (ResNet-50 at the paper's crops on a GPU), else None
@@ -84,6 +96,20 @@ def synthetic_crops(
     return crops
 
 
+def full_queue(settings: Settings, device: torch.device) -> EmbeddingQueue | None:
+    """This process's queue as the loop has it once it is in use: full; None without a queue."""
+    gpus = settings.dist.gpus or 0
+    world = gpus if gpus > 1 else settings.dist.procs
+    length = _queue_length_per_rank(settings, world, lambda _: None)
+    if length == 0:
+        return None
+    queue = EmbeddingQueue(len(settings.swav.assignment_crops), length, settings.model.embedding_dim)
+    g = torch.Generator().manual_seed(1)
+    queue.buffer = F.normalize(torch.randn(queue.buffer.shape, generator=g), dim=-1)
+    queue.filled = length
+    return queue.to(device)
+
+
 def peak_tflops(device: torch.device) -> float | None:
     """Dense bf16 peak of known GPUs, in TFLOP/s (None when unknown)."""
     if device.type != "cuda":
@@ -104,6 +130,7 @@ class StepRunner:
         self.model, self.train_model, self.optimizer, self.channels_last = build_model(settings, self.device)
         self.amp_dtype = autocast_dtype(settings, self.device)
         self.crops = synthetic_crops(settings, self.device, channels_last=self.channels_last)
+        self.queue = full_queue(settings, self.device)
         self.steps_done = 0
         self.loss = float("nan")
         self.first_loss = float("nan")
@@ -129,7 +156,7 @@ class StepRunner:
             temperature=swav.temperature,
             epsilon=swav.epsilon,
             sinkhorn_iterations=swav.sinkhorn_iterations,
-            queue=None,
+            queue=self.queue,
         )
         sync(device)
         t2 = time.perf_counter()
@@ -201,6 +228,7 @@ def summarize(
         samples_per_s=sps,
         forward_backward_samples_per_s=bs / fb_s,
         sinkhorn_loss_samples_per_s=bs / sl_s,
+        queue_rows=runner.queue.length if runner.queue is not None else 0,
         first_loss=runner.first_loss,
         final_loss=runner.loss,
         mfu=sps * RN50_SWAV_FLOP_PER_SAMPLE / (peak * 1e12) if (peak and is_paper) else None,

@@ -145,6 +145,7 @@ def bench_step_command(
             f"  step {result.step_ms:.1f} ms = forward/backward/optimizer "
             f"{result.forward_backward_ms:.1f} ms "
             f"({result.forward_backward_samples_per_s:.1f} samples/s) + Sinkhorn and loss "
-            f"{result.sinkhorn_loss_ms:.1f} ms ({result.sinkhorn_loss_samples_per_s:.1f} samples/s)",
+            f"{result.sinkhorn_loss_ms:.1f} ms ({result.sinkhorn_loss_samples_per_s:.1f} samples/s)"
+            + (f", with a full queue of {result.queue_rows} rows" if result.queue_rows else ""),
             markup=False,
         )

@@ -46,4 +46,6 @@ def test_gpu_script_tiny_run(tmp_path: Path) -> None:
     assert larc["ours_ops"] < larc["baseline_ops"] and larc["max_abs_diff"] < 1e-6
     report = (out / "gpu_bench.md").read_text()
     assert "TINY sizes" in report and "FAILED" not in report
+    target = "- Target (issue 7): at least 1,500 samples/s end to end with GPU augmentation: **not met**"
+    assert target in report
     assert os.path.getsize(out / "gpu.log") > 0

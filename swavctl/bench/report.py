@@ -22,9 +22,11 @@ DEFAULT_DOC = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
 
 _HEADER = """# Benchmarks
 
-Every figure here was measured by the command printed next to it, with a baseline measured in the
-same run on the same machine; ratios are ours divided by the baseline (higher is better). Each
-section is rewritten by its script (`bench/*.py`, `bench/gpu.sh`); nothing here is typed by hand.
+Every CPU figure here was measured by the command printed next to it, with a baseline measured in
+the same run on the same machine; ratios are ours divided by the baseline (higher is better). The
+GPU section has absolute figures (samples/s, MFU) against the issue's target: no baseline runs on
+the GPU machine. Each section is rewritten by its script (`bench/*.py`, `bench/gpu.sh`), except
+the demo section, which records the output of the commands listed in it.
 Machines shared with other jobs give noisy absolute numbers: the side-by-side ratios are the
 figures to compare.
 """

@@ -211,7 +211,7 @@ def _correctness(tiny: bool, device: Any) -> list[dict[str, Any]]:
     from swavctl.data.dataset import Batch, decode_images
     from swavctl.data.images import decode_file
     from swavctl.sinkhorn import sinkhorn
-    from swavctl.train.loop import _batch_crops, _decode_batch
+    from swavctl.train.device_batch import batch_crops, decode_batch
 
     cuda = device  # a CPU only when checking this script on a machine without a GPU
     on_gpu_device = device.type == "cuda"
@@ -366,9 +366,9 @@ def _correctness(tiny: bool, device: Any) -> list[dict[str, Any]]:
         )
     )
     batch = Batch(crops=None, images=[*encoded[:2], cpu_images[2]], indices=[0, 1, 2])
-    batch = _decode_batch(batch, [str(p) for p in paths], cuda)
+    batch = decode_batch(batch, [str(p) for p in paths], cuda)
     spec = [CropSpec(224, 0.14, 1.0), CropSpec(96, 0.05, 0.14)]
-    out = _batch_crops(batch, spec, AugmentSpec(), cuda, 0, 0, 0, 0)
+    out = batch_crops(batch, spec, AugmentSpec(), cuda, 0, 0, 0, 0)
     shapes = [tuple(o.shape) for o in out]
     checks.append(
         _check(

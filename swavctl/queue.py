@@ -8,9 +8,13 @@ batch's own rows of the codes are used for the loss. Then the queue shifts and t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from swavctl.config import Settings
+from swavctl.errors import UserError
 
 
 class EmbeddingQueue:
@@ -66,3 +70,23 @@ class EmbeddingQueue:
             )
         self.buffer = buffer.to(self.buffer.device, self.buffer.dtype).clone()
         self.filled = int(state["filled"])
+
+
+def queue_length_per_rank(settings: Settings, world: int, warn: Callable[[str], None]) -> int:
+    """Official rule: the global length is rounded down to a multiple of the global batch."""
+    requested = settings.swav.queue_length
+    if requested == 0:
+        return 0
+    global_batch = settings.train.batch_size * world
+    rounded = requested - requested % global_batch
+    if rounded == 0:
+        raise UserError(
+            f"swav.queue_length {requested} is smaller than the global batch {global_batch}; "
+            "make it a multiple of the global batch"
+        )
+    if rounded != requested:
+        warn(
+            f"swav.queue_length {requested} rounded down to {rounded}, "
+            f"a multiple of the global batch {global_batch}"
+        )
+    return rounded // world

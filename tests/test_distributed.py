@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from swavctl.sinkhorn import sinkhorn
-from swavctl.train.loop import _read_step
+from swavctl.train.agreement import read_step
 from swavctl.train.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
 from tests.conftest import cli_env, free_port, run_cli, write_image_folder
 
@@ -293,7 +293,7 @@ def _time_up_worker(rank: int, port: int, out: str) -> None:
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2
     )
     try:
-        readout = _read_step(
+        readout = read_step(
             torch.tensor(1.0 + rank),
             torch.tensor(True),
             torch.tensor([0.5, 3.0]),
@@ -310,5 +310,5 @@ def test_all_ranks_stop_after_the_step_any_rank_ran_out_of_time(tmp_path: Path) 
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert [r["time_up"] for r in results] == [True, True]
     assert all(math.isclose(r["loss"], 1.5) for r in results)  # the loss still the ranks' mean
-    one = _read_step(torch.tensor(2.0), torch.tensor(True), torch.tensor([0.5, 3.0]))
+    one = read_step(torch.tensor(2.0), torch.tensor(True), torch.tensor([0.5, 3.0]))
     assert (one.time_up, one.loss, one.prototypes_used) == (False, 2.0, 3)

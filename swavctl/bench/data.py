@@ -3,7 +3,7 @@
 The measurement reproduces the loop's data path exactly: the same dataset
 (:func:`~swavctl.data.dataset.pretrain_dataset`), sampler, DataLoader arguments and a new loader
 per epoch (the loop's epoch restarts are part of the figure), and the same
-``_batch_crops`` that puts the crops on the device (with ``data.augment_on="device"`` that is
+``batch_crops`` that puts the crops on the device (with ``data.augment_on="device"`` that is
 where the batch is decoded and augmented). Only the model is missing, so this is the rate the
 loader can feed, and ``1 / samples_per_s`` is the per-sample share the loop's ``data_wait``
 tends to when the loader is the bottleneck.
@@ -27,7 +27,8 @@ from swavctl.data.images import BadImage, bad_image_text
 from swavctl.data.sampler import EpochBatchSampler, steps_per_epoch
 from swavctl.errors import UserError
 from swavctl.train.build import augment_spec, crop_specs
-from swavctl.train.loop import QuietReporter, Reporter, _batch_crops, _data_paths, _decode_batch, pick_device
+from swavctl.train.device_batch import batch_crops, decode_batch
+from swavctl.train.loop import QuietReporter, Reporter, _data_paths, pick_device
 
 #: Worker counts whose rate is within this fraction of the best count as "enough".
 ENOUGH = 0.95
@@ -88,11 +89,11 @@ def _measure(
         for k, batch in enumerate(loader):
             assert isinstance(batch, Batch)
             if batch.images is not None:
-                batch = _decode_batch(batch, dataset.paths, device)  # type: ignore[attr-defined]
+                batch = decode_batch(batch, dataset.paths, device)  # type: ignore[attr-defined]
             skipped += len(batch.skipped)
             if batch.size:
                 step = epoch * per_epoch + k
-                _batch_crops(batch, crops, augment, device, settings.train.seed, epoch, step, 0)
+                batch_crops(batch, crops, augment, device, settings.train.seed, epoch, step, 0)
                 sync(device)
             done += 1
             if done == warmup:

@@ -29,18 +29,12 @@ from swavctl.bench.common import RN50_SWAV_FLOP_PER_SAMPLE, crops_label, sync
 from swavctl.config import Settings
 from swavctl.errors import UserError
 from swavctl.model.swav import SwAV
-from swavctl.queue import EmbeddingQueue
+from swavctl.queue import EmbeddingQueue, queue_length_per_rank
 from swavctl.train.build import build_model as build_swav
 from swavctl.train.build import build_optimizer, crop_specs
 from swavctl.train.lars import LARC
-from swavctl.train.loop import (
-    _freeze_prototype_grads,
-    _grads_finite,
-    _queue_length_per_rank,
-    autocast_dtype,
-    pick_device,
-)
-from swavctl.train.step import swav_loss_from_outputs
+from swavctl.train.loop import autocast_dtype, pick_device
+from swavctl.train.step import freeze_prototype_grads, grads_finite, swav_loss_from_outputs
 
 
 @dataclass
@@ -100,7 +94,7 @@ def full_queue(settings: Settings, device: torch.device) -> EmbeddingQueue | Non
     """This process's queue as the loop has it once it is in use: full; None without a queue."""
     gpus = settings.dist.gpus or 0
     world = gpus if gpus > 1 else settings.dist.procs
-    length = _queue_length_per_rank(settings, world, lambda _: None)
+    length = queue_length_per_rank(settings, world, lambda _: None)
     if length == 0:
         return None
     queue = EmbeddingQueue(len(settings.swav.assignment_crops), length, settings.model.embedding_dim)
@@ -163,8 +157,8 @@ class StepRunner:
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         if self.steps_done < swav.freeze_prototypes_steps:
-            _freeze_prototype_grads(model)
-        finite = bool(torch.isfinite(out.loss.detach()) & _grads_finite(model))
+            freeze_prototype_grads(model)
+        finite = bool(torch.isfinite(out.loss.detach()) & grads_finite(model))
         self.optimizer.step()
         self.loss = float(out.loss.detach())
         sync(device)

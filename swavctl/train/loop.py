@@ -21,18 +21,19 @@ from torch import nn
 
 from swavctl import dist
 from swavctl.config import Settings, to_toml
-from swavctl.data.augment import AugmentSpec
-from swavctl.data.dataset import Batch, Skipped, decode_images, pretrain_dataset, pretrain_loader, sample_seed
+from swavctl.data.dataset import Batch, pretrain_dataset, pretrain_loader, sample_seed
 from swavctl.data.demo import resolve_data_path
 from swavctl.data.images import BadImage, bad_image_text, list_images, resolve_image_root
 from swavctl.data.sampler import EpochBatchSampler, steps_per_epoch
 from swavctl.errors import UserError
 from swavctl.eval.monitor import KnnMonitor, KnnReading, MonitorError, monitor_split
 from swavctl.model.swav import SwAV
-from swavctl.queue import EmbeddingQueue
+from swavctl.queue import EmbeddingQueue, queue_length_per_rank
 from swavctl.train import checkpoint as ckpt
 from swavctl.train import rng
+from swavctl.train.agreement import agree_on_step_start, read_step
 from swavctl.train.build import augment_spec, build_model, build_optimizer, crop_specs
+from swavctl.train.device_batch import batch_crops, decode_batch
 from swavctl.train.health import CollapseDetector, MetricsLog, code_statistics
 from swavctl.train.prefetch import Prefetcher, side_stream
 from swavctl.train.profiling import WARMUP_STEPS, maybe_profiler, phase
@@ -46,7 +47,7 @@ from swavctl.train.run_dir import (
     settings_diff,
 )
 from swavctl.train.schedule import learning_rate, schedule_conflicts
-from swavctl.train.step import swav_loss_from_outputs
+from swavctl.train.step import freeze_prototype_grads, grads_finite, swav_loss_from_outputs
 from swavctl.train.stop import EXIT_SIGNAL, STOP_SIGNALS, StopFlag
 from swavctl.train.sync_batchnorm import convert_sync_batchnorm
 
@@ -175,39 +176,6 @@ def _unwritable(run_dir: Path) -> str | None:
     return None
 
 
-def _queue_length_per_rank(settings: Settings, world: int, warn: Callable[[str], None]) -> int:
-    """Official rule: the global length is rounded down to a multiple of the global batch."""
-    requested = settings.swav.queue_length
-    if requested == 0:
-        return 0
-    global_batch = settings.train.batch_size * world
-    rounded = requested - requested % global_batch
-    if rounded == 0:
-        raise UserError(
-            f"swav.queue_length {requested} is smaller than the global batch {global_batch}; "
-            "make it a multiple of the global batch"
-        )
-    if rounded != requested:
-        warn(
-            f"swav.queue_length {requested} rounded down to {rounded}, "
-            f"a multiple of the global batch {global_batch}"
-        )
-    return rounded // world
-
-
-def _freeze_prototype_grads(model: SwAV) -> None:
-    for param in model.prototypes.parameters():
-        param.grad = None
-
-
-def _grads_finite(model: nn.Module) -> torch.Tensor:
-    """A bool tensor on the parameters' device: every gradient is finite (no host read)."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
-        return torch.ones((), dtype=torch.bool, device=next(model.parameters()).device)
-    return torch.stack([torch.isfinite(g).all() for g in grads]).all()
-
-
 def _export_backbone(model: SwAV, path: Path, settings: Settings, step: int, epoch: int) -> None:
     from swavctl.export import write_export
 
@@ -292,7 +260,7 @@ def pretrain(
             reporter.warn(f"--fresh: earlier checkpoints moved to {aside}")
     dist.barrier()
 
-    queue_per_rank = _queue_length_per_rank(settings, world, warn_all)
+    queue_per_rank = queue_length_per_rank(settings, world, warn_all)
     for conflict in schedule_conflicts(
         steps_per_epoch=steps_epoch,
         epochs=settings.train.epochs,
@@ -547,10 +515,10 @@ def pretrain(
                 """Decode, then augment or copy to the device: the crops of step first_step + index."""
                 with phase("augment"):
                     if batch.images is not None:
-                        batch = _decode_batch(batch, dataset.paths, device)
+                        batch = decode_batch(batch, dataset.paths, device)
                     if batch.size == 0:
                         return batch, None
-                    crops_t = _batch_crops(
+                    crops_t = batch_crops(
                         batch, crops, augment, device, settings.train.seed, epoch, first_step + index, rank
                     )
                     if channels_last:
@@ -590,7 +558,7 @@ def pretrain(
                             "they were decoded on the CPU (slower; CMYK or unusual JPEGs do this)"
                         )
                     # One small collective per step: signals, empty batches, the global batch, skips.
-                    start = _agree_on_step_start(stop_flag, batch.size, len(batch.skipped), device)
+                    start = agree_on_step_start(stop_flag, batch.size, len(batch.skipped), device)
                     signals, any_empty = start.signals, start.any_empty
                     skipped_total += start.skipped
                     if signals:
@@ -656,20 +624,20 @@ def pretrain(
                         optimizer.zero_grad(set_to_none=True)
                         scaler.scale(loss).backward()
                         if step < settings.swav.freeze_prototypes_steps:
-                            _freeze_prototype_grads(model)
+                            freeze_prototype_grads(model)
                     with phase("checks"):
                         # Checked on every rank with one collective, before the optimizer touches anything.
-                        # The step's only read-back to the host (see _read_step).
+                        # The step's only read-back to the host (see read_step).
                         grads_ok = (
                             torch.ones((), dtype=torch.bool, device=device)
                             if scaler.is_enabled()  # the scaler skips steps with inf/NaN gradients itself
-                            else _grads_finite(model)
+                            else grads_finite(model)
                         )
                         time_up = bool(
                             settings.train.max_seconds
                             and time.perf_counter() - started > settings.train.max_seconds
                         )
-                        readout = _read_step(loss, grads_ok, code_statistics(out.codes[0]), time_up=time_up)
+                        readout = read_step(loss, grads_ok, code_statistics(out.codes[0]), time_up=time_up)
                     if readout.bad_loss or readout.bad_grads:
                         what = (
                             f"non-finite loss on rank {_ranks_text(readout.bad_loss)}"
@@ -802,125 +770,9 @@ def pretrain(
     return summary
 
 
-def _batch_crops(
-    batch: Batch,
-    crops: list[Any],
-    augment: AugmentSpec,
-    device: torch.device,
-    seed: int,
-    epoch: int,
-    step: int,
-    rank: int,
-) -> list[torch.Tensor]:
-    if batch.crops is not None:
-        return [c.to(device, non_blocking=True) for c in batch.crops]
-    from swavctl.data.batch_augment import batch_multicrop
-
-    assert batch.images is not None
-    images = [im.to(device, non_blocking=True) for im in batch.images]  # decoded by _decode_batch
-    generator = torch.Generator(device="cpu").manual_seed(sample_seed(seed, epoch, step * 1_000_003 + rank))
-    return batch_multicrop(images, crops, augment, generator=generator)
-
-
-def _decode_batch(batch: Batch, paths: list[str], device: torch.device) -> Batch:
-    """Decode a device-augmentation batch onto ``device`` (JPEGs by nvjpeg on a GPU).
-
-    Items no decoder can read become :class:`Skipped` records, counted like unreadable files.
-    """
-    assert batch.images is not None
-    images, failures, cpu_decoded = decode_images(batch.images, device)
-    if not failures:
-        return Batch(
-            crops=None, images=images, indices=batch.indices, skipped=batch.skipped, cpu_decoded=cpu_decoded
-        )
-    failed = {position for position, _ in failures}
-    skipped = list(batch.skipped) + [Skipped(paths[batch.indices[pos]], reason) for pos, reason in failures]
-    indices = [index for pos, index in enumerate(batch.indices) if pos not in failed]
-    return Batch(crops=None, images=images or None, indices=indices, skipped=skipped, cpu_decoded=cpu_decoded)
-
-
 def _in_slurm_job() -> bool:
     return bool(os.environ.get("SLURM_JOB_ID") or os.environ.get("SLURM_JOBID"))
 
 
 def _ranks_text(ranks: list[int]) -> str:
     return ", ".join(str(r) for r in ranks)
-
-
-@dataclass(frozen=True)
-class StepReadout:
-    """What the host learns of a step, read back once (see :func:`_read_step`)."""
-
-    bad_loss: list[int]  # ranks whose loss is not finite
-    bad_grads: list[int]  # ranks with a non-finite gradient
-    loss: float  # the mean of the ranks' losses: the loss of the global batch (NaN if any is bad)
-    code_entropy: float  # this rank's, from health.code_statistics
-    prototypes_used: int  # this rank's
-    time_up: bool  # some rank is past train.max_seconds: every rank ends the run after this step
-
-
-def _read_step(
-    loss: torch.Tensor, grads_ok: torch.Tensor, code_stats: torch.Tensor, *, time_up: bool = False
-) -> StepReadout:
-    """The step's single device-to-host read, and with a process group its single collective.
-
-    Every value the host needs from a step (the finiteness checks, the loss, the code statistics)
-    is stacked on the device and read with one ``tolist``. Each separate ``float(tensor)`` /
-    ``bool(tensor)`` on a GPU is a synchronisation after which the GPU idles until the host queues
-    more work. The loop used to make five per step (besides Sinkhorn's underflow check), the last
-    one after the optimizer step, so the host's work on the next batch (loading, decoding, queueing
-    the augmentation) never overlapped the GPU's optimizer step.
-
-    ``time_up`` (this rank's clock is past ``train.max_seconds``) rides along, so all ranks end the
-    run after the same step: each rank's own clock could cross the limit a step apart, and the
-    rank that stopped first would leave the others waiting in a collective.
-    """
-    value = loss.detach().to(torch.float64).reshape(())
-    world, rank = dist.world_size(), dist.rank()  # 1 and 0 without a process group
-    # Per rank: loss not finite, gradients not finite; then time up and the loss, summed over the ranks.
-    shared = torch.zeros(2 * world + 2, dtype=torch.float64, device=value.device)
-    shared[rank] = (~torch.isfinite(value)).to(torch.float64)
-    shared[world + rank] = (~grads_ok.reshape(())).to(torch.float64)
-    shared[-2] = float(time_up)
-    shared[-1] = value
-    dist.all_reduce_sum(shared)  # a no-op on one process
-    flat = torch.cat([shared, code_stats.to(torch.float64)]).tolist()
-    return StepReadout(
-        bad_loss=[r for r in range(world) if flat[r]],
-        bad_grads=[r for r in range(world) if flat[world + r]],
-        loss=flat[2 * world + 1] / world,
-        code_entropy=flat[-2],
-        prototypes_used=int(flat[-1]),
-        time_up=bool(flat[2 * world]),
-    )
-
-
-@dataclass(frozen=True)
-class StepStart:
-    """What every rank agrees on before a step (see :func:`_agree_on_step_start`)."""
-
-    signals: set[int]  # the stop signals any rank received
-    any_empty: bool  # some rank's batch has no readable image: all ranks skip the step
-    images: int  # the global batch: the images all ranks read for this step
-    skipped: int  # the files all ranks could not read for this step
-
-
-def _agree_on_step_start(stop: StopFlag, images: int, skipped: int, device: torch.device) -> StepStart:
-    """One collective (a sum over ranks) before each step, so all ranks checkpoint, skip and count alike.
-
-    The global batch weighs each rank's loss when files were skipped and the ranks' batches differ
-    in size; the skipped count makes ``skipped_images`` the run's, not rank 0's.
-    """
-    local = [float(s in stop.received) for s in STOP_SIGNALS]
-    local += [float(images == 0), float(images), float(skipped)]
-    if dist.is_distributed():
-        tensor = torch.tensor(local, dtype=torch.float64, device=device)
-        dist.all_reduce_sum(tensor)
-        local = tensor.tolist()
-    *flags, empty, total, dropped = local
-    return StepStart(
-        signals={int(s) for s, v in zip(STOP_SIGNALS, flags, strict=True) if v},
-        any_empty=bool(empty),
-        images=int(total),
-        skipped=int(dropped),
-    )

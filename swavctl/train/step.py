@@ -9,8 +9,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from swavctl.loss import swapped_prediction_loss
+from swavctl.model.swav import SwAV
 from swavctl.queue import EmbeddingQueue
 from swavctl.sinkhorn import sinkhorn
 
@@ -59,3 +61,18 @@ def swav_loss_from_outputs(
         codes, per_crop, temperature=temperature, assignment_crops=assignment_crops
     )
     return StepOutputs(loss=loss, codes=codes, queue_in_use=in_use)
+
+
+def freeze_prototype_grads(model: SwAV) -> None:
+    """Drop the prototypes' gradients (the official freeze for the first iterations): used in
+    forward, not updated, and DDP needs no ``find_unused_parameters``."""
+    for param in model.prototypes.parameters():
+        param.grad = None
+
+
+def grads_finite(model: nn.Module) -> torch.Tensor:
+    """A bool tensor on the parameters' device: every gradient is finite (no host read)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.ones((), dtype=torch.bool, device=next(model.parameters()).device)
+    return torch.stack([torch.isfinite(g).all() for g in grads]).all()

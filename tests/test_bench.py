@@ -190,6 +190,25 @@ def test_bench_user_errors_are_one_line(
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_bench_data_stops_on_an_unreadable_file_when_asked(tmp_path: Path) -> None:
+    """data.on_bad_image=error holds in bench data as in pretrain: one line naming the file."""
+    from typer.testing import CliRunner
+
+    from swavctl.cli import app
+
+    data = write_image_folder(tmp_path / "images", per_class=8)
+    (data / "class0" / "zz-broken.png").write_bytes(b"not an image")
+    args = ["bench", "data", *SMOKE, "--data", str(data), "--workers", "0", "--batches", "4"]
+    result = CliRunner().invoke(app, [*args, "--set", "data.on_bad_image=error"])
+    assert result.exit_code == 2, result.output
+    bad = data / "class0" / "zz-broken.png"
+    assert (
+        result.stderr.strip()
+        == f"error: unreadable image (data.on_bad_image=error): {bad}: not a recognised image format"
+    )
+    assert CliRunner().invoke(app, args).exit_code == 0  # skipped and counted by default
+
+
 # ----------------------------------------------------------------------------------------------
 # Sinkhorn baseline, report sections, JPEG folder
 
@@ -338,7 +357,7 @@ def test_encoded_items_are_file_bytes_for_jpegs_and_images_otherwise(tmp_path: P
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(paths[0].read_bytes()[:40])  # a JPEG header, then nothing
     paths.append(broken)
-    dataset = PretrainDataset(paths, seed=0, strict=False, encoded=True)
+    dataset = PretrainDataset(paths, seed=0, encoded=True)
     items = [dataset[(0, i)] for i in range(len(paths))]
     assert [is_encoded(x) for _, x in items] == [True, True, True, False, False, True]
     assert items[0][1].tolist() == list(paths[0].read_bytes())
@@ -349,7 +368,7 @@ def test_encoded_items_are_file_bytes_for_jpegs_and_images_otherwise(tmp_path: P
     for image, path in zip(images, paths[:5], strict=True):
         assert torch.equal(image, decode_file(path))
     with pytest.raises(ValueError):
-        PretrainDataset(paths, seed=0, strict=False, encoded=True, transform=lambda x: x)
+        PretrainDataset(paths, seed=0, encoded=True, transform=lambda x: x)
 
 
 def test_pretrain_dataset_modes() -> None:
@@ -359,17 +378,11 @@ def test_pretrain_dataset_modes() -> None:
         torch.device("cpu"),
         torch.device("cuda"),
     )
-    workers = pretrain_dataset(
-        [], seed=0, crops=crops, augment=augment, augment_on="workers", device=cuda, strict=False
-    )
+    workers = pretrain_dataset([], seed=0, crops=crops, augment=augment, augment_on="workers", device=cuda)
     assert isinstance(workers.transform, FastMultiCrop) and not workers.encoded
-    device_cpu = pretrain_dataset(
-        [], seed=0, crops=crops, augment=augment, augment_on="device", device=cpu, strict=False
-    )
+    device_cpu = pretrain_dataset([], seed=0, crops=crops, augment=augment, augment_on="device", device=cpu)
     assert device_cpu.transform is None and not device_cpu.encoded
-    device_gpu = pretrain_dataset(
-        [], seed=0, crops=crops, augment=augment, augment_on="device", device=cuda, strict=False
-    )
+    device_gpu = pretrain_dataset([], seed=0, crops=crops, augment=augment, augment_on="device", device=cuda)
     assert device_gpu.transform is None and device_gpu.encoded
     decode_in_workers = pretrain_dataset(
         [],
@@ -378,7 +391,6 @@ def test_pretrain_dataset_modes() -> None:
         augment=augment,
         augment_on="device",
         device=cuda,
-        strict=False,
         decode_in_workers=True,
     )
     assert not decode_in_workers.encoded
@@ -394,7 +406,6 @@ def test_worker_crops_depend_only_on_seed_epoch_and_index(folder: Path) -> None:
         augment=AugmentSpec(),
         augment_on="workers",
         device=torch.device("cpu"),
-        strict=False,
     )
     first = a[(0, 1)][1]
     a[(0, 2)]

@@ -22,8 +22,7 @@ import torch
 
 from swavctl.bench.common import crops_label, sync
 from swavctl.config import Settings
-from swavctl.data.dataset import Batch, pretrain_dataset, pretrain_loader
-from swavctl.data.images import BadImage, bad_image_text
+from swavctl.data.dataset import Batch, pretrain_dataset, pretrain_loader, refuse_skipped
 from swavctl.data.sampler import EpochBatchSampler, steps_per_epoch
 from swavctl.errors import UserError
 from swavctl.train.build import augment_spec, crop_specs
@@ -90,6 +89,8 @@ def _measure(
             assert isinstance(batch, Batch)
             if batch.images is not None:
                 batch = decode_batch(batch, dataset.paths, device)  # type: ignore[attr-defined]
+            if settings.data.on_bad_image == "error":
+                refuse_skipped(batch)
             skipped += len(batch.skipped)
             if batch.size:
                 step = epoch * per_epoch + k
@@ -154,7 +155,6 @@ def bench_data(
         augment=augment_spec(settings.data.augment),
         augment_on=settings.data.augment_on,
         device=device,
-        strict=settings.data.on_bad_image == "error",
         decode_in_workers=decode_in_workers,
     )
     result = DataBenchResult(
@@ -167,19 +167,16 @@ def bench_data(
         device=str(device),
     )
     for count in counts:
-        try:
-            figure = _measure(
-                settings,
-                dataset,
-                len(paths),
-                count,
-                batches=batches,
-                warmup=warmup,
-                max_seconds=max_seconds,
-                device=device,
-            )
-        except BadImage as exc:
-            raise UserError(f"unreadable image (data.on_bad_image=error): {bad_image_text(exc)}") from None
+        figure = _measure(
+            settings,
+            dataset,
+            len(paths),
+            count,
+            batches=batches,
+            warmup=warmup,
+            max_seconds=max_seconds,
+            device=device,
+        )
         reporter.info(
             f"workers {count:>2}: {figure.samples_per_s:8.1f} samples/s "
             f"({figure.batches} batches in {figure.seconds:.1f} s, start-up {figure.startup_s:.1f} s)"

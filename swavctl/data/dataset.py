@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from swavctl.data.augment import AugmentSpec, CropSpec
 from swavctl.data.fast_augment import FastMultiCrop
 from swavctl.data.images import BadImage, decode_bytes, decode_file
+from swavctl.errors import UserError
 
 JPEG_MAGIC = b"\xff\xd8\xff"  # start-of-image marker + the first marker's 0xff
 
@@ -89,7 +90,6 @@ class PretrainDataset(Dataset):
         *,
         seed: int,
         transform: Any | None = None,
-        strict: bool,
         encoded: bool = False,
     ) -> None:
         if encoded and transform is not None:
@@ -97,7 +97,6 @@ class PretrainDataset(Dataset):
         self.paths = [str(p) for p in paths]
         self.seed = seed
         self.transform = transform
-        self.strict = strict
         self.encoded = encoded
 
     def __len__(self) -> int:
@@ -114,9 +113,7 @@ class PretrainDataset(Dataset):
                 image = decode_bytes(data, path)
             else:
                 image = decode_file(Path(path))
-        except BadImage as exc:
-            if self.strict:
-                raise BadImage(f"{path}: {exc}") from None
+        except BadImage as exc:  # data.on_bad_image=error is enforced by the reader: refuse_skipped
             return index, Skipped(path, str(exc))
         if self.transform is None:
             return index, image
@@ -241,6 +238,17 @@ def _rgb(image: torch.Tensor) -> torch.Tensor | None:
     return image
 
 
+def refuse_skipped(batch: Batch) -> None:
+    """``data.on_bad_image = "error"``: a :class:`UserError` naming the batch's first unreadable file.
+
+    Checked where batches are read (the training loop, ``bench data``), after the device decode,
+    so files that fail in a loader worker and JPEGs that fail on the GPU stop the run alike.
+    """
+    if batch.skipped:
+        first = batch.skipped[0]
+        raise UserError(f"unreadable image (data.on_bad_image=error): {first.path}: {first.reason}")
+
+
 def pretrain_dataset(
     paths: Sequence[Path],
     *,
@@ -249,7 +257,6 @@ def pretrain_dataset(
     augment: AugmentSpec,
     augment_on: str,
     device: torch.device,
-    strict: bool,
     decode_in_workers: bool = False,
 ) -> PretrainDataset:
     """The dataset the pretrain loop reads (see the module docstring for the three kinds of item).
@@ -262,7 +269,6 @@ def pretrain_dataset(
         paths,
         seed=seed,
         transform=None if on_device else FastMultiCrop(crops, augment),
-        strict=strict,
         encoded=on_device and device.type == "cuda" and not decode_in_workers,
     )
 

@@ -35,18 +35,6 @@ class BadImage(Exception):
     """A file that could not be decoded as an image."""
 
 
-def bad_image_text(exc: BadImage) -> str:
-    """The message of ``exc``, without the worker traceback a DataLoader adds when it re-raises.
-
-    A DataLoader re-raises a worker's exception as ``type("Caught ... Original Traceback ...")``:
-    the original message is the text after the traceback's last ``BadImage:``.
-    """
-    text = str(exc)
-    if text.startswith("Caught BadImage") and "BadImage: " in text:
-        return text.rsplit("BadImage: ", 1)[1].strip()
-    return text
-
-
 def list_images(root: Path) -> list[Path]:
     """All image files under ``root`` (recursively, following folder links), in sorted order."""
     return list(_iter_image_files(root, ordered=True))

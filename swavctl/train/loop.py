@@ -21,9 +21,9 @@ from torch import nn
 
 from swavctl import dist
 from swavctl.config import Settings, to_toml
-from swavctl.data.dataset import Batch, pretrain_dataset, pretrain_loader, sample_seed
+from swavctl.data.dataset import Batch, pretrain_dataset, pretrain_loader, refuse_skipped, sample_seed
 from swavctl.data.demo import resolve_data_path
-from swavctl.data.images import BadImage, bad_image_text, list_images, resolve_image_root
+from swavctl.data.images import list_images, resolve_image_root
 from swavctl.data.sampler import EpochBatchSampler, steps_per_epoch
 from swavctl.errors import UserError
 from swavctl.eval.monitor import KnnMonitor, KnnReading, MonitorError, monitor_split
@@ -397,7 +397,6 @@ def pretrain(
         augment=augment,
         augment_on=settings.data.augment_on,
         device=device,
-        strict=settings.data.on_bad_image == "error",
     )
 
     total_steps = steps_epoch * settings.train.epochs
@@ -536,19 +535,11 @@ def pretrain(
                             ready = next(prefetcher)
                         except StopIteration:
                             break
-                        except BadImage as exc:
-                            raise UserError(
-                                f"unreadable image (data.on_bad_image=error): {bad_image_text(exc)}"
-                            ) from None
                     batch = ready.batch
                     data_wait = time.perf_counter() - wait_start
                     step_start = time.perf_counter()
-                    if batch.skipped and settings.data.on_bad_image == "error":
-                        # Files decoded on the device (nvjpeg) fail here, not in the workers.
-                        first = batch.skipped[0]
-                        raise UserError(
-                            f"unreadable image (data.on_bad_image=error): {first.path}: {first.reason}"
-                        )
+                    if settings.data.on_bad_image == "error":
+                        refuse_skipped(batch)
                     for bad in batch.skipped:
                         reporter.warn(f"skipped unreadable file {bad.path}: {bad.reason}")
                     if batch.cpu_decoded and not warned_cpu_decode:

@@ -336,6 +336,18 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def probe_writable(folder: Path) -> None:
+    """Create ``folder`` (and its parents), then write and remove a probe file in it.
+
+    Raises the ``OSError`` of whatever step fails (a file in the way, no permission, a read-only
+    or full file system), so a command can refuse an output folder before its work starts.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".write-test-{os.getpid()}"
+    probe.write_bytes(b"")
+    probe.unlink()
+
+
 def make_parent(path: Path) -> None:
     """Create the folder that will hold ``path``; a :class:`UserError` naming it when that fails."""
     try:

@@ -11,7 +11,6 @@ Defaults (``swavctl inspect-clusters`` with no arguments):
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from swavctl.data.demo import resolve_data_path
 from swavctl.data.images import IMAGE_SUFFIXES, class_of, list_images
 from swavctl.errors import UserError
 from swavctl.model_io import LoadedModel, run_folder
+from swavctl.safe_io import probe_writable
 
 DEFAULT_MODEL = Path("runs") / "latest"
 SPLITS = ("auto", "val", "train", "none")
@@ -82,11 +82,8 @@ def prepare_out(out: Path) -> Path:
     out = out.expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")
-    probe = out / f".write-test-{os.getpid()}"
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
+        probe_writable(out)
     except OSError as exc:
         raise UserError(f"cannot write to output folder {out}: {exc.strerror or exc}") from None
     return out

@@ -29,6 +29,7 @@ from swavctl.errors import UserError
 from swavctl.eval.monitor import KnnMonitor, KnnReading, MonitorError, monitor_split
 from swavctl.model.swav import SwAV
 from swavctl.queue import EmbeddingQueue, queue_length_per_rank
+from swavctl.safe_io import probe_writable
 from swavctl.train import checkpoint as ckpt
 from swavctl.train import rng
 from swavctl.train.agreement import agree_on_step_start, read_step
@@ -165,10 +166,7 @@ def _unwritable(run_dir: Path) -> str | None:
     """Why files cannot be written in ``run_dir`` (None when they can); a new folder is left absent."""
     existed = run_dir.exists()
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        probe_writable(run_dir)
         if not existed:
             run_dir.rmdir()  # made for real once the run starts
     except OSError as exc:

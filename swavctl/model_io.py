@@ -303,13 +303,14 @@ def export_run(model_path: Path, *, out: Path | None, with_head: bool, dtype: st
     loaded = load_model(model_path)
     if with_head and not loaded.has_head:
         raise UserError(f"{loaded.source} has no projection head or prototypes to export")
+    default_out = out is None
     if out is None:
         out = run_folder(loaded) / ("model.safetensors" if with_head else "backbone.safetensors")
-        if out.resolve() != loaded.source.resolve():
-            contents = "backbone+head" if with_head else "backbone"
-            _check_default_target(out, step=loaded.step, contents=contents, dtype=dtype)
     if out.exists() and out.resolve() == loaded.source.resolve():
         raise UserError(f"the export would overwrite its own source {out}; pass --out OTHER.safetensors")
+    if default_out:
+        contents = "backbone+head" if with_head else "backbone"
+        _check_default_target(out, step=loaded.step, contents=contents, dtype=dtype)
     make_parent(out)
     extra = {"source_file": loaded.source.name, "source_sha256": file_sha256(loaded.source)}
     if loaded.kind == "export":

@@ -125,6 +125,11 @@ def wants_cuda(settings: Settings) -> bool:
     return cuda_by_default(settings.dist.gpus)
 
 
+def processes_asked(gpus: int | None, procs: int) -> int:
+    """The processes ``--gpus``/``--procs`` ask for (one per GPU, or ``procs`` CPU workers), unchecked."""
+    return gpus if gpus and gpus > 1 else procs
+
+
 def plan_local_workers(gpus: int | None, procs: int) -> int:
     """How many worker processes to start on this machine for ``--gpus``/``--procs`` (1 = no launcher)."""
     if gpus is not None and gpus > 0:
@@ -152,7 +157,7 @@ def run_job(job: Job, *, gpus: int | None, procs: int, single: Any) -> Outcome:
     """
     env = dist.detect_env()
     if env is not None:
-        return _run_as_job_worker(job, env=env, launched=gpus if gpus and gpus > 1 else procs)
+        return _run_as_job_worker(job, env=env, launched=processes_asked(gpus, procs))
     nprocs = plan_local_workers(gpus, procs)
     if nprocs > 1:
         return launch_local(job, nprocs=nprocs)

@@ -28,6 +28,7 @@ from torch import nn
 from swavctl.bench.common import RN50_SWAV_FLOP_PER_SAMPLE, crops_label, sync
 from swavctl.config import Settings
 from swavctl.errors import UserError
+from swavctl.launch import processes_asked
 from swavctl.model.swav import SwAV
 from swavctl.queue import EmbeddingQueue, queue_length_per_rank
 from swavctl.train.build import build_model as build_swav
@@ -92,8 +93,7 @@ def synthetic_crops(
 
 def full_queue(settings: Settings, device: torch.device) -> EmbeddingQueue | None:
     """This process's queue as the loop has it once it is in use: full; None without a queue."""
-    gpus = settings.dist.gpus or 0
-    world = gpus if gpus > 1 else settings.dist.procs
+    world = processes_asked(settings.dist.gpus, settings.dist.procs)
     length = queue_length_per_rank(settings, world, lambda _: None)
     if length == 0:
         return None

@@ -28,7 +28,6 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -109,11 +108,3 @@ class StopFlag:
                 with contextlib.suppress(OSError):
                     os.close(fd)
             self._pipe = None
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[StopFlag]:
-        self.install()
-        try:
-            yield self
-        finally:
-            self.restore()

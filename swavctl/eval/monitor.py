@@ -92,16 +92,21 @@ class KnnMonitor:
             return True
         return step % steps_per_epoch == 0 and (step // steps_per_epoch) % self.every_epochs == 0
 
-    def evaluate(self, backbone: nn.Module, *, feature_dim: int, autocast: torch.dtype | None) -> KnnReading:
+    def evaluate(self, backbone: nn.Module, *, feature_dim: int) -> KnnReading:
         """The k-NN top-1 and top-5 of ``backbone`` on the val images; every rank gets the same reading.
 
-        ``autocast`` is the training's autocast dtype (None = fp32) for the feature extraction; the
-        similarities and votes are computed in fp32.
+        The features are extracted in float32 as ``eval-linear`` extracts them, also when the
+        training runs under bf16 autocast: a bf16 extraction moved a demo reading by up to 0.3
+        points, and the reading is meant to be eval-linear's number. One fp32 forward pass over a
+        k-NN subset is small next to an epoch of training.
         """
+        with torch.autocast(self.device.type, enabled=False):  # also inside the training's autocast
+            return self._evaluate(backbone, feature_dim)
+
+    def _evaluate(self, backbone: nn.Module, feature_dim: int) -> KnnReading:
         started = time.perf_counter()
         devices = [self.device] if self.device.type == "cuda" else []
-        amp = torch.autocast(self.device.type, dtype=autocast or torch.float32, enabled=autocast is not None)
-        with torch.random.fork_rng(devices=devices), amp:
+        with torch.random.fork_rng(devices=devices):
             train_f, train_kept = self._features(backbone, self.train_images, feature_dim)
             val_f, val_kept = self._features(backbone, self.val_images, feature_dim)
         reading: KnnReading | None = None

@@ -11,17 +11,20 @@ from swavctl.config import AugmentSettings, Settings
 from swavctl.data.augment import AugmentSpec, CropSpec, expand_crops
 from swavctl.model.swav import SwAV
 from swavctl.train.lars import LARC, parameter_groups
+from swavctl.train.precision import keep_scores_fp32
 
 
 def build_model(settings: Settings) -> SwAV:
-    """The SwAV model of ``settings``, initialised from ``train.seed``."""
+    """The SwAV model of ``settings``, initialised from ``train.seed``, for training: its prototype
+    scores stay float32 under autocast (:mod:`swavctl.train.precision`)."""
     torch.manual_seed(settings.train.seed)
-    return SwAV(
+    model = SwAV(
         settings.model.arch,
         settings.model.hidden_dim,
         settings.model.embedding_dim,
         settings.model.prototypes,
     )
+    return keep_scores_fp32(model)
 
 
 def build_optimizer(model: torch.nn.Module, settings: Settings) -> LARC:

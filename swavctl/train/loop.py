@@ -657,9 +657,7 @@ def pretrain(
                     if monitor is not None and monitor.due(step, steps_epoch, total_steps):
                         with phase("monitor"):
                             try:
-                                knn = monitor.evaluate(
-                                    model.backbone, feature_dim=model.feature_dim, autocast=amp_dtype
-                                )
+                                knn = monitor.evaluate(model.backbone, feature_dim=model.feature_dim)
                             except MonitorError as exc:  # the same on every rank (features are gathered)
                                 warn_all(f"monitor.knn_data: {exc}; k-NN monitoring stops, training goes on")
                                 monitor = None
@@ -732,7 +730,7 @@ def pretrain(
         last_loss = dist.broadcast_object(metrics.loss_at(step) if dist.is_main() else None)
         if monitor is not None:
             try:
-                last_knn = monitor.evaluate(model.backbone, feature_dim=model.feature_dim, autocast=amp_dtype)
+                last_knn = monitor.evaluate(model.backbone, feature_dim=model.feature_dim)
             except MonitorError as exc:
                 warn_all(f"monitor.knn_data: {exc}; the summary has no k-NN reading")
     final_ckpt = save(step // steps_epoch, "final")

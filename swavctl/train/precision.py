@@ -1,0 +1,40 @@
+"""Which parts of the model keep float32 under mixed precision: the prototype scores.
+
+Sinkhorn exponentiates ``scores / epsilon``: at epsilon 0.05 a score's rounding error is
+multiplied by 20 before ``exp``. bf16 keeps 8 bits of mantissa, so a score near 1 is off by up to
+2^-9, which moves its weight in the code by up to exp(20 * 2^-9) - 1 = 4% (4.8% measured for the
+top code of 4096 samples near 3000 prototypes); the original's fp16 (apex O1) keeps 11 bits, 8x
+finer (0.4%). The prototype layer is one K x D matrix product (3000 x 128 for the paper: under
+1 GFLOP for a whole batch of crops), so computing it in float32 costs nothing measurable, and the
+codes and the loss's logits then carry only the embeddings' rounding, which averages over the D
+components instead of rounding their sum.
+
+The model itself knows nothing of autocast (``swavctl/model``); :func:`keep_scores_fp32` changes
+its prototype layer's class at the edge, in place, so the parameter, the state-dict keys and any
+optimizer already holding the parameter are untouched.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from swavctl.model.swav import SwAV
+
+
+class Float32Linear(nn.Linear):
+    """An ``nn.Linear`` that computes in float32 under autocast (a float32 result from any input)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            bias = None if self.bias is None else self.bias.float()
+            return F.linear(x.float(), self.weight.float(), bias)
+
+
+def keep_scores_fp32(model: SwAV) -> SwAV:
+    """Make ``model``'s prototype scores float32 under autocast (in place; returns ``model``)."""
+    layer = model.prototypes
+    if type(layer) is nn.Linear:
+        layer.__class__ = Float32Linear
+    return model

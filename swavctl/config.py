@@ -204,6 +204,13 @@ class DistSettings(_Strict):
     gpus: int | None = Field(None, ge=0, description="GPUs to use (None = 1 if CUDA is available, else 0).")
     procs: int = Field(1, ge=1, description="CPU worker processes when gpus is 0 (gloo on 127.0.0.1).")
     sync_batchnorm: bool = Field(True, description="Use SyncBatchNorm with more than one process.")
+    sync_batchnorm_group: int = Field(
+        0,
+        ge=0,
+        description="Processes per SyncBatchNorm group, of consecutive ranks (0, or at least the "
+        "process count, = all; otherwise it must divide the process count). The official 800-epoch "
+        "run normalised over groups of 8 GPUs.",
+    )
     timeout_s: float = Field(1800, gt=0, description="Process-group timeout in seconds.")
 
 

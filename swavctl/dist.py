@@ -54,11 +54,31 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` over all ranks in place and return it; a no-op on one process."""
+def all_reduce_sum(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """Sum ``tensor`` over all ranks (or ``group``'s) in place and return it; a no-op on one process."""
     if is_distributed():
-        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM, group=group)
     return tensor
+
+
+def subgroups(size: int) -> Any:
+    """This rank's group of ``size`` consecutive ranks (0..size-1, size..2*size-1, ...).
+
+    Every rank must call it (each group is created by all ranks). ``size`` 0, or at least the
+    world size, means every rank: the default group, returned as None. Raises :class:`UserError`
+    when a smaller ``size`` does not divide the world size.
+    """
+    world = world_size()
+    if size == 0 or size >= world or not is_distributed():
+        return None
+    if world % size:
+        raise UserError(f"dist.sync_batchnorm_group={size} must divide the number of processes ({world})")
+    mine = None
+    for start in range(0, world, size):
+        group = torch_dist.new_group(list(range(start, start + size)))
+        if start <= rank() < start + size:
+            mine = group
+    return mine
 
 
 def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,8 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
+from swavctl import dist
+from swavctl.errors import UserError
 from swavctl.sinkhorn import sinkhorn
 from swavctl.train.agreement import read_step
 from swavctl.train.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
@@ -161,6 +163,53 @@ def test_sync_batchnorm_without_a_group_is_batchnorm() -> None:
         torch.testing.assert_close(got[key], value, atol=1e-14, rtol=0)
     # Keys do not change, so checkpoints and exports load into plain BatchNorm.
     assert set(converted.state_dict()) == {f"0.{k}" for k in _fresh_bn("2d").state_dict()}
+
+
+def _four_rank_group_worker(rank: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=4
+    )
+    try:
+        results: dict[str, Any] = {"whole_for_8": dist.subgroups(8) is None}
+        try:
+            dist.subgroups(3)
+            results["error_for_3"] = ""
+        except UserError as exc:
+            results["error_for_3"] = str(exc)
+        data = _bn_inputs()
+        quarter = slice(4 * rank, 4 * rank + 4)
+        bn = convert_sync_batchnorm(_fresh_bn("2d"), device_type="cpu", process_group=dist.subgroups(2))
+        results["bn"] = _bn_pass(bn, data["x2d"][quarter], data["w2d"][quarter])
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_sync_batchnorm_in_groups_of_two_of_four_ranks_equals_two_half_batches(tmp_path: Path) -> None:
+    """dist.sync_batchnorm_group=2 on 4 ranks: ranks 0+1 normalise over their 8 rows, 2+3 over theirs."""
+    mp.start_processes(
+        _four_rank_group_worker, args=(free_port(), str(tmp_path)), nprocs=4, start_method="fork"
+    )
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(4)]
+    data = _bn_inputs()
+    for pair in ((0, 1), (2, 3)):
+        rows = slice(4 * pair[0], 4 * pair[1] + 4)
+        expected = _bn_pass(_fresh_bn("2d"), data["x2d"][rows], data["w2d"][rows])
+        first, second = (got[r]["bn"] for r in pair)
+        for key in ("out", "grad_x"):
+            torch.testing.assert_close(
+                torch.cat([first[key], second[key]]), expected[key], atol=1e-12, rtol=1e-12
+            )
+        for key in ("grad_weight", "grad_bias"):
+            torch.testing.assert_close(first[key] + second[key], expected[key], atol=1e-12, rtol=1e-12)
+        for key in ("running_mean", "running_var"):
+            for res in (first, second):
+                torch.testing.assert_close(res[key], expected[key], atol=1e-12, rtol=1e-12)
+    assert all(res["whole_for_8"] for res in got)  # a group as large as the world is the world
+    assert all(
+        "sync_batchnorm_group=3 must divide the number of processes (4)" in res["error_for_3"] for res in got
+    )
 
 
 @pytest.mark.parametrize("unreadable", [False, True], ids=["all-read", "one-unreadable"])
@@ -312,3 +361,17 @@ def test_all_ranks_stop_after_the_step_any_rank_ran_out_of_time(tmp_path: Path) 
     assert all(math.isclose(r["loss"], 1.5) for r in results)  # the loss still the ranks' mean
     one = read_step(torch.tensor(2.0), torch.tensor(True), torch.tensor([0.5, 3.0]))
     assert (one.time_up, one.loss, one.prototypes_used) == (False, 2.0, 3)
+
+
+def test_a_batchnorm_group_that_does_not_divide_the_processes_is_refused_before_the_run(
+    tmp_path: Path,
+) -> None:
+    data = write_image_folder(tmp_path / "images")
+    result = run_cli(
+        "pretrain", "--data", str(data), "--preset", "smoke", "--gpus", "0", "--procs", "3",
+        "--set", "dist.sync_batchnorm_group=2", "--out", str(tmp_path / "run"),
+        cwd=tmp_path, env=cli_env(),
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "dist.sync_batchnorm_group=2 must divide the number of processes (3)" in result.stderr
+    assert not (tmp_path / "run").exists()

@@ -14,6 +14,9 @@ with xhat = (x - mean) / sqrt(var + eps) and the all-reduced sums of dy and dy *
 
 while dweight = sum_i dy * xhat and dbias = sum_i dy stay local (DDP averages them). Statistics
 are accumulated in float64, so 2 ranks x B/2 equal 1 rank x B to rounding.
+
+With a ``process_group`` the sums run over that group's ranks only (the official 800-epoch run
+normalised over groups of 8 GPUs: apex's ``syncbn_process_group_size``; ``dist.sync_batchnorm_group``).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         running_var: torch.Tensor | None,
         eps: float,
         momentum: float,
+        group: Any,
     ) -> torch.Tensor:
         dims = _channel_dims(x)
         x64 = x.double()
@@ -56,13 +60,13 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 torch.tensor([x.numel() / max(x.shape[1], 1)], dtype=torch.float64, device=x.device),
             ]
         )
-        dist.all_reduce_sum(local)
+        dist.all_reduce_sum(local, group)
         count = float(local[-1])
         if count < 2:
             raise ValueError(f"expected more than 1 value per channel over all ranks, got {count:.0f}")
         mean = local[:-1] / count
         centered = x64 - _shape(mean, x)
-        var = dist.all_reduce_sum((centered * centered).sum(dims)) / count
+        var = dist.all_reduce_sum((centered * centered).sum(dims), group) / count
         invstd = torch.rsqrt(var + eps)
         xhat = centered * _shape(invstd, x)
         out = xhat
@@ -77,6 +81,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
         ctx.save_for_backward(xhat.to(x.dtype), weight, invstd)
         ctx.count = count
+        ctx.group = group
         return out.to(x.dtype)
 
     @staticmethod
@@ -91,17 +96,20 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         grad_bias = sum_dy.to(grad_out.dtype) if ctx.needs_input_grad[2] else None
         grad_x = None
         if ctx.needs_input_grad[0]:
-            both = dist.all_reduce_sum(torch.cat([sum_dy, sum_dy_xhat]))
+            both = dist.all_reduce_sum(torch.cat([sum_dy, sum_dy_xhat]), ctx.group)
             channels = sum_dy.numel()
             mean_dy = _shape(both[:channels] / ctx.count, dy)
             mean_dy_xhat = _shape(both[channels:] / ctx.count, dy)
             scale = invstd if weight is None else invstd * weight.double()
             grad_x = (_shape(scale, dy) * (dy - mean_dy - xhat64 * mean_dy_xhat)).to(grad_out.dtype)
-        return grad_x, grad_weight, grad_bias, None, None, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None
 
 
 class SyncBatchNorm(_BatchNorm):
-    """BatchNorm over the global batch of all ranks; plain BatchNorm without a process group or in eval."""
+    """BatchNorm over the global batch of all ranks (or of ``process_group``'s); plain BatchNorm
+    without a process group or in eval."""
+
+    process_group: Any = None  # None: every rank
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
@@ -134,16 +142,18 @@ class SyncBatchNorm(_BatchNorm):
             self.running_var if track else None,
             self.eps,
             factor,
+            self.process_group,
         )
 
 
-def convert_sync_batchnorm(module: nn.Module, *, device_type: str) -> nn.Module:
+def convert_sync_batchnorm(module: nn.Module, *, device_type: str, process_group: Any = None) -> nn.Module:
     """Replace every BatchNorm layer with a synchronized one (torch's on CUDA, ours elsewhere).
 
-    Parameters and buffers are carried over, so state-dict keys do not change.
+    The statistics are reduced over ``process_group`` (None: every rank). Parameters and buffers
+    are carried over, so state-dict keys do not change.
     """
     if device_type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
     converted = module
     if isinstance(module, _BatchNorm) and not isinstance(module, SyncBatchNorm):
         converted = SyncBatchNorm(
@@ -157,6 +167,9 @@ def convert_sync_batchnorm(module: nn.Module, *, device_type: str) -> nn.Module:
         converted.running_var = module.running_var
         converted.num_batches_tracked = module.num_batches_tracked
         converted.training = module.training
+        converted.process_group = process_group
     for name, child in module.named_children():
-        converted.add_module(name, convert_sync_batchnorm(child, device_type=device_type))
+        converted.add_module(
+            name, convert_sync_batchnorm(child, device_type=device_type, process_group=process_group)
+        )
     return converted

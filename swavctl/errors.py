@@ -15,3 +15,12 @@ class UserError(Exception):
     def __init__(self, message: str) -> None:
         # Keep it to one line: the CLI prints exactly this.
         super().__init__(" ".join(message.split()))
+
+
+class OutputWriteError(UserError):
+    """An output could not be written (disk full, file-size limit, no permission): one line, exit 1.
+
+    Not bad input, so not status 2; the earlier version of the file, if any, is left as it was.
+    """
+
+    exit_code = 1

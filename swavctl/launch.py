@@ -248,7 +248,7 @@ def _guarded(body: Any, *, rank: int, stop: Any = None, reraise_bugs: bool = Tru
     try:
         summary = body(stop)
     except UserError as exc:
-        return Outcome(USER_ERROR, 2, str(exc), rank, error_type="UserError")
+        return Outcome(USER_ERROR, exc.exit_code, str(exc), rank, error_type="UserError")
     except Interrupted as exc:
         return Outcome(INTERRUPTED, exc.exit_code, str(exc), rank, error_type="Interrupted")
     except NonFiniteError as exc:

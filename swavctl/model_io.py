@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,16 +84,23 @@ def _strict_load(module: nn.Module, state: dict[str, torch.Tensor], what: str, s
     module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
 
 
-def resolve_model_path(path: Path) -> Path:
-    """A run folder becomes its newest verified checkpoint (or its export)."""
+def resolve_model_path(path: Path, warn: Callable[[str], None] | None = None) -> Path:
+    """A run folder becomes its newest verified checkpoint (or its export).
+
+    A newer checkpoint that does not verify (truncated, altered) is skipped, with ``warn(message)``
+    naming it and why, as pretrain's resume does: the weights used are then an older step's.
+    """
     path = Path(path).expanduser()
     if not path.exists():
         raise UserError(f"model not found: {path}")
     if path.is_dir():
         committed = ckpt.list_committed(path / ckpt.CHECKPOINT_DIR)
         for checkpoint in reversed(committed):
-            if ckpt.verify(checkpoint) is None:
+            reason = ckpt.verify(checkpoint)
+            if reason is None:
                 return checkpoint.state_path
+            if warn is not None:
+                warn(f"skipping checkpoint {checkpoint.state_path}: {reason}")
         for name in ("model.safetensors", "backbone.safetensors"):
             if (path / name).is_file():
                 return path / name
@@ -113,13 +121,15 @@ def _looks_like_pickle(path: Path) -> bool:
     return head.startswith((b"PK\x03\x04", b"PK\x05\x06", b"\x80"))
 
 
-def load_model(path: Path) -> LoadedModel:
+def load_model(path: Path, warn: Callable[[str], None] | None = None) -> LoadedModel:
     """Load a run folder, a checkpoint (``.pt``) or an export (``.safetensors``) into a SwAV model.
 
     The model is on the CPU, in fp32 and in eval mode. Exports made by ``swavctl export`` and
     official checkpoints imported with ``swavctl export --from-official`` load alike.
     """
-    source = resolve_model_path(Path(path))
+    source = resolve_model_path(Path(path), warn)
+    if source.suffix == ".json" and source.with_suffix(".pt").is_file():
+        raise UserError(f"{source} is a checkpoint's manifest, not weights; pass {source.with_suffix('.pt')}")
     if source.suffix == ".safetensors" or (
         source.suffix not in _PICKLE_SUFFIXES and not _looks_like_pickle(source)
     ):
@@ -288,7 +298,14 @@ def _check_default_target(out: Path, *, step: int | None, contents: str, dtype: 
         )
 
 
-def export_run(model_path: Path, *, out: Path | None, with_head: bool, dtype: str) -> dict[str, Any]:
+def export_run(
+    model_path: Path,
+    *,
+    out: Path | None,
+    with_head: bool,
+    dtype: str,
+    warn: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Export the model at ``model_path`` (run folder, checkpoint or export) to safetensors.
 
     Default ``out``: ``backbone.safetensors`` (``model.safetensors`` with the head) in the run
@@ -300,7 +317,7 @@ def export_run(model_path: Path, *, out: Path | None, with_head: bool, dtype: st
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
     if out is not None and out.suffix != ".safetensors":
         raise UserError(f"--out should end in .safetensors, got {out}")
-    loaded = load_model(model_path)
+    loaded = load_model(model_path, warn)
     if with_head and not loaded.has_head:
         raise UserError(f"{loaded.source} has no projection head or prototypes to export")
     default_out = out is None

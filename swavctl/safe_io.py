@@ -26,15 +26,14 @@ import os
 import pickle
 import struct
 import sys
-import tempfile
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
-from swavctl.errors import UserError
+from swavctl.errors import OutputWriteError, UserError
 
 __all__ = [
     "DTYPES",
@@ -357,18 +356,82 @@ def make_parent(path: Path) -> None:
         raise UserError(f"cannot create the folder {path.parent} for {path.name}: {reason}") from None
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Remove ``.NAME.tmp-PID`` files that a killed writer of ``path`` left (their PID is gone)."""
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary handle whose contents replace ``path`` when the block ends, atomically and durably.
+
+    The data goes to ``.NAME.tmp-PID`` in the same folder, is flushed and fsynced, gets the mode a
+    plain ``open`` would give (0666 less the umask), and is renamed over ``path``; the folder is
+    fsynced last. A reader (or a crash) sees the old file or the complete new one, never a part.
+    Temporaries of killed writers are removed first. An ``OSError`` (disk full, file-size limit,
+    no permission) becomes one :class:`OutputWriteError` naming ``path``; the old file stays, and
+    so it does when the block raises anything else.
+    """
+    path = Path(path)
+    remove_stale_temporaries(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise OutputWriteError(f"{path}: cannot write: {exc.strerror or exc}") from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_atomic(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
+    """Create or replace ``path`` with what ``write(handle)`` writes (see :func:`atomic_file`)."""
+    with atomic_file(path) as handle:
+        write(handle)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """:func:`write_atomic` for UTF-8 text."""
+    data = text.encode("utf-8")
+    write_atomic(path, lambda handle: handle.write(data))
+
+
 def write_safetensors_atomic(
     path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
 ) -> None:
-    """Write ``tensors`` and ``metadata`` to ``path`` as safetensors, atomically.
+    """Write ``tensors`` and ``metadata`` to ``path`` as safetensors, atomically (:func:`write_atomic`).
 
     Tensors are detached, moved to CPU and made contiguous; non-finite values are refused
-    (:func:`assert_finite`) before anything touches the disk. The data goes to a temporary file
-    in the same directory, which is flushed and fsynced, then ``os.replace``-d over ``path``; the
-    directory is fsynced last. On any failure the temporary file is removed and an existing
-    ``path`` is left untouched.
+    (:func:`assert_finite`) before anything touches the disk. The file is serialised in memory
+    and written by :func:`write_atomic`, so the only temporary is ours (``safetensors.save_file``
+    makes its own, which a kill would leave behind) and a write failure is one line.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     path = Path(path)
     meta: dict[str, str] = {}
@@ -380,37 +443,9 @@ def write_safetensors_atomic(
         raise UserError(f"{path}: '__metadata__' cannot be used as a tensor name")
     prepared = _prepare_for_write(tensors, path)
     assert_finite(prepared, source=str(path))
-
-    directory = path.parent
-    try:
-        fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise UserError(f"{path}: cannot write: {exc.strerror or exc}") from None
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        save_file(prepared, str(tmp), metadata=meta)
-        with open(tmp, "rb+") as fh:
-            fh.flush()
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise UserError(f"{path}: cannot write: {exc.strerror or exc}") from None
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(directory)
-
-
-# --------------------------------------------------------------------------------------------
-# Hashing
-# --------------------------------------------------------------------------------------------
+    data = save(prepared, metadata=meta)
+    del prepared
+    write_atomic(path, lambda handle: handle.write(data))
 
 
 def payload_sha256(tensors: Mapping[str, torch.Tensor]) -> str:

@@ -596,3 +596,25 @@ def test_settings_in_an_edited_export_are_bounded_before_they_size_anything(
         assert result.returncode == 2, result.stderr
         assert "invalid value" in result.stderr and key in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_a_checkpoint_manifest_given_as_the_model_names_its_weights_file(
+    run18: dict[str, Any], tmp_path: Path
+) -> None:
+    manifest = run18["ckpt"].with_suffix(".json")
+    refused = _in_process("export", str(manifest), "--out", str(tmp_path / "x.safetensors"), cwd=tmp_path)
+    assert refused.returncode == 2, refused.stderr
+    assert f"is a checkpoint's manifest, not weights; pass {run18['ckpt']}" in refused.stderr
+
+
+def test_export_warns_when_it_skips_a_damaged_newest_checkpoint(
+    run18: dict[str, Any], tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(run18["run"], run)
+    newest = sorted((run / "checkpoints").glob("step-*.pt"))[-1]
+    with open(newest, "r+b") as handle:
+        handle.truncate(1000)
+    done = _in_process("export", str(run), "--out", str(tmp_path / "x.safetensors"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert f"warning: skipping checkpoint {newest}" in done.stderr

@@ -283,8 +283,12 @@ def test_incompatible_resume_exits_2_listing_fields_and_fresh_overrides(
     )
     assert fresh.returncode == 0, fresh.stderr
     assert json.loads(fresh.stdout)["resumed_from_step"] is None
-    moved = [p for p in (tmp_path / "run").iterdir() if p.name.startswith("checkpoints.replaced-")]
-    assert len(moved) == 1 and sorted(p.name for p in moved[0].iterdir()) == before
+    moved = [p for p in (tmp_path / "run").iterdir() if p.name.startswith("replaced-")]
+    assert len(moved) == 1 and sorted(p.name for p in (moved[0] / "checkpoints").iterdir()) == before
+    # The earlier run's record moved with its checkpoints; the new run wrote its own.
+    assert {"metrics.jsonl", "resolved.toml"} <= {p.name for p in moved[0].iterdir()}
+    assert "prototypes = 8" in (moved[0] / "resolved.toml").read_text()
+    assert "prototypes = 16" in (tmp_path / "run" / "resolved.toml").read_text()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from swavctl.data.demo import demo_dataset
 from swavctl.data.images import class_of, list_images
 from swavctl.train.run_dir import (
     SUMMARY_FILE,
+    finished_latest_note,
     incompatible_changes,
     point_latest,
     select_run_dir,
@@ -41,6 +42,28 @@ def test_new_folder_then_reuse_unfinished_latest(tmp_path: Path) -> None:
     assert select_run_dir(explicit, fresh=False, runs_root=runs) == (tmp_path / "mine", False)
 
 
+def test_rerunning_a_finished_latest_says_a_new_run_starts_and_how_to_extend_it(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    settings = config.resolve(preset="smoke", flags={"data.path": "/data"})
+    first = runs / "first"
+    first.mkdir(parents=True)
+    (first / "resolved.toml").write_text(config.to_toml(settings.model_copy(update={"out": str(first)})))
+    point_latest(first, runs)
+    assert finished_latest_note(settings, fresh=False, runs_root=runs) is None  # unfinished: it resumes
+    (first / SUMMARY_FILE).write_text('{"steps": 14}')
+    same = finished_latest_note(settings, fresh=False, runs_root=runs)
+    assert same is not None and "already finished with these settings; starting a new run" in same
+    assert f"pass --out {first.resolve()} with a larger --epochs" in same
+    longer = config.resolve(preset="smoke", flags={"data.path": "/data", "train.epochs": 5})
+    note = finished_latest_note(longer, fresh=False, runs_root=runs)
+    assert note is not None and "finished its 2 epochs; starting a new run of 5" in note
+    other = config.resolve(preset="smoke", flags={"data.path": "/data", "model.prototypes": 9})
+    assert finished_latest_note(other, fresh=False, runs_root=runs) is None  # another experiment
+    assert finished_latest_note(settings, fresh=True, runs_root=runs) is None
+    explicit = config.resolve(preset="smoke", flags={"data.path": "/data", "out": str(first)})
+    assert finished_latest_note(explicit, fresh=False, runs_root=runs) is None
+
+
 def test_incompatible_changes_are_named() -> None:
     old = config.resolve(preset="smoke")
     new = config.resolve(preset="smoke", overrides=["model.prototypes=16", "optim.base_lr=0.2"])
@@ -64,3 +87,12 @@ def test_demo_dataset_is_real_stratified_and_cached() -> None:
         assert np.asarray(image).max() > 200  # real ink, not blank
     stamp = (root / ".complete").stat().st_mtime
     assert demo_dataset() == root and (root / ".complete").stat().st_mtime == stamp
+
+
+def test_a_busy_cpu_gets_the_one_thread_advice_and_an_idle_one_does_not() -> None:
+    from swavctl.train.loop import busy_cpu_note
+
+    note = busy_cpu_note(4.2, 2, 2)
+    assert note is not None and "load average 4.2 on 2 cores" in note and "OMP_NUM_THREADS=1" in note
+    assert busy_cpu_note(1.5, 2, 2) is None  # e.g. right after an install: room for the run
+    assert busy_cpu_note(6.0, 2, 1) is None  # one thread does not spin-wait

@@ -95,7 +95,7 @@ def bench_data_command(
             reporter=RichReporter(),
         )
     except UserError as exc:
-        raise fail(str(exc)) from None
+        raise fail(str(exc), exc.exit_code) from None
     if as_json:
         print(json.dumps(result.as_dict()))
     else:
@@ -133,7 +133,7 @@ def bench_step_command(
         )
         result = bench_step(settings, steps=steps, warmup=warmup, max_seconds=max_seconds)
     except UserError as exc:
-        raise fail(str(exc)) from None
+        raise fail(str(exc), exc.exit_code) from None
     if as_json:
         print(json.dumps(result.as_dict()))
     else:

@@ -171,7 +171,7 @@ def eval_linear_command(
         )
         outcome = launch.run_evaluation(options)
     except UserError as exc:
-        raise fail(str(exc)) from None
+        raise fail(str(exc), exc.exit_code) from None
     finish(outcome, lambda summary: _print_summary(summary, as_json=as_json))
 
 

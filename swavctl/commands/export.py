@@ -97,7 +97,7 @@ def export_command(
     try:
         result = _run(model, out, with_head, dtype, info, verify, from_official, arch, as_json)
     except UserError as exc:
-        raise fail(str(exc)) from None
+        raise fail(str(exc), exc.exit_code) from None
     if as_json:
         print(json.dumps(result))
 
@@ -160,7 +160,13 @@ def _run(
 
     from swavctl.model_io import export_run
 
-    result = export_run(model or Path("runs/latest"), out=out, with_head=with_head, dtype=dtype)
+    result = export_run(
+        model or Path("runs/latest"),
+        out=out,
+        with_head=with_head,
+        dtype=dtype,
+        warn=lambda message: err.print(f"warning: {message}", markup=False),
+    )
     if not as_json:
         err.print(
             f"wrote {result['path']} ({result['tensors']} tensors, {result['contents']}, {dtype})",

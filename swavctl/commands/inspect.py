@@ -159,7 +159,7 @@ def inspect_clusters_command(
     try:
         summary = inspect_clusters(options, StageProgress(err))
     except UserError as exc:
-        raise fail(str(exc)) from None
+        raise fail(str(exc), exc.exit_code) from None
     if as_json:
         print(json.dumps(summary))
     else:

@@ -35,7 +35,7 @@ def presets_show(
     try:
         settings = config.resolve(preset=None if name == "defaults" else name)
     except UserError as exc:
-        raise fail(str(exc)) from None
+        raise fail(str(exc), exc.exit_code) from None
     values = config.dotted(settings.model_dump(mode="json"))
     if as_json:
         print(json.dumps(values))

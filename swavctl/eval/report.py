@@ -1,17 +1,23 @@
 """What an evaluation writes: ``eval.json``, a confusion-matrix picture (drawn with Pillow) and the
-per-image predictions (``predictions.csv``)."""
+per-image predictions (``predictions.csv``).
+
+Each file is replaced atomically, and ``eval.json`` is the commit marker: an evaluation removes
+it before it starts and writes it last, so a folder with an ``eval.json`` holds one evaluation's
+files, and one without it holds no complete evaluation.
+"""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from swavctl.safe_io import write_atomic, write_text_atomic
 
 EVAL_JSON = "eval.json"
 CONFUSION_PNG = "confusion.png"
@@ -19,16 +25,8 @@ PREDICTIONS_CSV = "predictions.csv"
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` as indented JSON to ``path`` via a temporary file and a rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=1)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``data`` as indented JSON to ``path``, atomically (:func:`~swavctl.safe_io.write_atomic`)."""
+    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 def write_predictions_csv(
@@ -40,19 +38,12 @@ def write_predictions_csv(
     weight (knn).
     """
     top_score, predicted = scores.float().max(dim=1)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["path", "label", "prediction", "top_score"])
-            for file, label, pred, score in zip(
-                files, labels, predicted.tolist(), top_score.tolist(), strict=True
-            ):
-                writer.writerow([str(file), label, classes[pred], f"{score:.6g}"])
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["path", "label", "prediction", "top_score"])
+    for file, label, pred, score in zip(files, labels, predicted.tolist(), top_score.tolist(), strict=True):
+        writer.writerow([str(file), label, classes[pred], f"{score:.6g}"])
+    write_text_atomic(path, text.getvalue())
 
 
 def _blue(fraction: float) -> tuple[int, int, int]:
@@ -109,4 +100,5 @@ def confusion_image(confusion: torch.Tensor, classes: Sequence[str], title: str)
 
 def write_confusion_png(path: Path, confusion: torch.Tensor, classes: Sequence[str], title: str) -> None:
     """Save :func:`confusion_image` as a PNG."""
-    confusion_image(confusion, classes, title).save(path, format="PNG")
+    image = confusion_image(confusion, classes, title)
+    write_atomic(path, lambda handle: image.save(handle, format="PNG"))

@@ -43,7 +43,7 @@ from swavctl.eval.report import (
 from swavctl.eval.splits import SPLIT_SEED, VAL_SPLIT, EvalSplit, discover, holdout_split, label_subset
 from swavctl.eval.views import Normalizer, geometry_for
 from swavctl.model_io import LoadedModel, load_model, run_folder
-from swavctl.safe_io import file_sha256
+from swavctl.safe_io import file_sha256, write_text_atomic
 from swavctl.stages import QuietStages, StageReporter
 
 MODES = ("fast", "linear", "knn", "finetune")
@@ -223,7 +223,7 @@ def run_eval(
     if not model_path.exists():
         hint = " (pretrain first, or pass MODEL)" if options.model == Path("runs/latest") else ""
         raise UserError(f"model not found: {model_path}{hint}")
-    loaded = load_model(model_path)
+    loaded = load_model(model_path, warn=report.warn)
     # channels_last (NHWC): faster convolutions and pooling on GPUs and CPUs alike (see train.channels_last).
     loaded.model.backbone.to(device).to(memory_format=torch.channels_last).eval()  # type: ignore[call-overload]
     root = data_root(options, loaded, report)
@@ -244,6 +244,8 @@ def run_eval(
     out = options.out or run_folder(loaded) / f"eval-{options.mode}"
     try:
         out.mkdir(parents=True, exist_ok=True)
+        if dist.is_main():
+            (out / EVAL_JSON).unlink(missing_ok=True)  # written last: the folder's commit marker
     except OSError as exc:
         raise UserError(f"cannot create the output folder {out}: {exc.strerror}; pass --out DIR") from None
     geometry = geometry_for(loaded.settings, options.crop_size, options.min_scale)
@@ -293,7 +295,7 @@ def run_eval(
         "per_class_accuracy": per_class,
         "confusion": acc.confusion.tolist(),
         "model": {
-            "path": str(loaded.source),
+            "path": str(loaded.source.resolve()),  # not through the moving runs/latest link
             "kind": loaded.kind,
             "sha256": sha,
             "arch": loaded.settings.model.arch,
@@ -335,7 +337,7 @@ def run_eval(
     )
     summary = {k: record[k] for k in summary_keys}
     summary["seconds"] = round(total, 3)
-    summary["model"] = str(loaded.source)
+    summary["model"] = str(loaded.source.resolve())
     summary["model_sha256"] = sha
     summary.update(extra_summary)
     return summary
@@ -509,7 +511,7 @@ def _run_finetune(ctx: _Context, out: Path) -> _ModeResult:
     subset_file = out / "subset.txt"
     if dist.is_main():
         lines = [f"{ctx.split.train[int(i)].path}\t{ctx.split.classes[labels[int(i)]]}" for i in subset]
-        subset_file.write_text("".join(f"{line}\n" for line in lines))
+        write_text_atomic(subset_file, "".join(f"{line}\n" for line in lines))
     recipe = paper_recipe(
         o.label_fraction,
         subset_size=len(subset),

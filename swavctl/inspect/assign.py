@@ -68,6 +68,7 @@ class BalancedScaling:
     passes: int  # passes over the data that updated log_b (= Sinkhorn iterations done)
     max_marginal_error: float | None  # max_k |K c_k - 1| measured before the last update (None after 1 pass)
     converged: bool  # stopped because the error fell below the tolerance
+    data_passes: int = 0  # passes over the embeddings: passes, plus the measuring one when converged
 
     def logits(self, scores: torch.Tensor) -> torch.Tensor:
         """``s / epsilon + log b`` (B x K, float64): argmax is the balanced assignment, softmax its codes."""
@@ -135,8 +136,8 @@ def balance(
         if error <= tolerance:
             if on_pass is not None:
                 on_pass(done + 1, error)
-            return BalancedScaling(log_b, epsilon, done, error, True)
+            return BalancedScaling(log_b, epsilon, done, error, True, data_passes=done + 1)
         log_b = log_b - log_c - log_k
         if on_pass is not None:
             on_pass(done + 1, error)
-    return BalancedScaling(log_b, epsilon, iterations, error, False)
+    return BalancedScaling(log_b, epsilon, iterations, error, False, data_passes=iterations)

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from swavctl.errors import OutputWriteError
+
 
 class EmbeddingStore:
     """Append-only float32 N x D rows in ``path``; iterate them back with :meth:`chunks`."""
@@ -30,13 +32,25 @@ class EmbeddingStore:
         if embeddings.dim() != 2 or embeddings.shape[1] != self.dim:
             raise ValueError(f"expected N x {self.dim} embeddings, got {tuple(embeddings.shape)}")
         array = embeddings.detach().to("cpu", torch.float32).contiguous().numpy()
-        self._handle.write(array.tobytes())
+        try:
+            self._handle.write(array.tobytes())
+        except OSError as exc:
+            raise self._write_error(exc) from None
         self.rows += int(array.shape[0])
+
+    def _write_error(self, exc: OSError) -> OutputWriteError:
+        return OutputWriteError(
+            f"cannot write the embeddings to {self.path.parent} ({self.rows} rows so far): "
+            f"{exc.strerror or exc}"
+        )
 
     def finish(self) -> None:
         """Stop writing; the rows become readable."""
         if not self._handle.closed:
-            self._handle.close()
+            try:
+                self._handle.close()
+            except OSError as exc:
+                raise self._write_error(exc) from None
         if self.rows and self._map is None:
             self._map = np.memmap(self.path, dtype=np.float32, mode="r", shape=(self.rows, self.dim))
 

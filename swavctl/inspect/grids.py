@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from swavctl.safe_io import write_atomic
+
 BACKGROUND = (255, 255, 255)
 INK = (30, 30, 30)
 MUTED = (110, 110, 110)
@@ -85,7 +87,7 @@ def cluster_grid(
                 tag_width = draw.textlength(tag, font=_font(10))
                 draw.text((left + thumb - tag_width, top + thumb + 1), tag, fill=INK, font=_font(10))
     out.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(out, format="PNG", optimize=True)
+    write_atomic(out, lambda handle: canvas.save(handle, format="PNG", optimize=True))
 
 
 def _nice_step(span: float, ticks: int = 5) -> float:
@@ -181,4 +183,4 @@ def size_chart(sizes: np.ndarray, out: Path, *, assignment: str) -> None:
             tw = draw.textlength(text, font=_font(10))
             draw.text((left + (i + 0.5) * bar - tw / 2, bottom + 3), text, fill=MUTED, font=_font(10))
     out.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(out, format="PNG", optimize=True)
+    write_atomic(out, lambda handle: canvas.save(handle, format="PNG", optimize=True))

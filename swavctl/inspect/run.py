@@ -17,8 +17,10 @@ dataset, apart from one path and one small integer per image.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,8 +35,9 @@ from swavctl.inspect import assign, grids, metrics, report, stats
 from swavctl.inspect.embeddings import EmbeddingStore
 from swavctl.inspect.extract import Embedder, EvalView, iter_embeddings, pick_devices
 from swavctl.inspect.sort_into import Sorter, folder_name
-from swavctl.inspect.sources import DEFAULT_MODEL, default_out, prepare_out, resolve_images
+from swavctl.inspect.sources import DEFAULT_MODEL, EMBEDDINGS_FILE, default_out, prepare_out, resolve_images
 from swavctl.inspect.topn import Reservoir, TopN
+from swavctl.safe_io import atomic_file, write_text_atomic
 from swavctl.stages import QuietStages, StageReporter
 
 ASSIGNMENTS = ("argmax", "balanced")
@@ -137,7 +140,7 @@ def inspect_clusters(options: InspectOptions, progress: StageReporter | None = N
     started = time.perf_counter()
     _check_options(options)
     progress = progress or QuietStages()
-    loaded = load_model(options.model or DEFAULT_MODEL)
+    loaded = load_model(options.model or DEFAULT_MODEL, warn=progress.warn)
     if not loaded.has_head:
         raise UserError(
             f"{loaded.source} holds no projection head or prototypes (a backbone-only export); "
@@ -165,7 +168,7 @@ def inspect_clusters(options: InspectOptions, progress: StageReporter | None = N
         + f"; writing to {out}"
     )
 
-    store = EmbeddingStore(out / f".embeddings-{time.time_ns()}.f32", settings.model.embedding_dim)
+    store = EmbeddingStore(out / f".{EMBEDDINGS_FILE}.tmp-{os.getpid()}", settings.model.embedding_dim)
     try:
         kept, skipped = _extract(loaded.model, images.paths, view, devices, options, workers, store, progress)
         weight = torch.nn.functional.normalize(prototypes, dim=1).to(devices[0])
@@ -175,7 +178,7 @@ def inspect_clusters(options: InspectOptions, progress: StageReporter | None = N
             for _, z in store.chunks(chunk_rows):
                 yield assign.prototype_scores(z.to(devices[0]), weight)
 
-        with progress.stage("balance", options.sinkhorn_iterations, "Sinkhorn passes") as advance:
+        with progress.stage("balance", options.sinkhorn_iterations, "passes over the embeddings") as advance:
 
             def on_pass(n: int, error: float | None) -> None:
                 advance(1, "" if error is None else f"mass error {error:.2e}")
@@ -277,9 +280,10 @@ def _assign_pass(
     header = ["path", "label", "argmax", "argmax_prob", "top2", "top2_prob", "top3", "top3_prob"]
     header += ["balanced", "balanced_prob"]
     with (
-        open(out / "assignments.csv", "w", newline="") as handle,
+        atomic_file(out / "assignments.csv") as binary,
         progress.stage("assign", store.rows, "images") as advance,
     ):
+        handle = io.TextIOWrapper(binary, encoding="utf-8", newline="")
         writer = csv.writer(handle)
         writer.writerow(header)
         for start, z in store.chunks(chunk_rows):
@@ -317,6 +321,8 @@ def _assign_pass(
                 if sorter is not None:
                     sorter.place(path, path.relative_to(images.folder), int(primary[row]))
             advance(len(index))
+        handle.flush()
+        handle.detach()  # atomic_file closes the file
     assert log_mass is not None
     # Largest deviation of the soft balanced prototype masses from the even share 1/K.
     mass_error = float((torch.exp(log_mass - math.log(store.rows) + math.log(k)) - 1).abs().max())
@@ -345,6 +351,7 @@ def _write_outputs(
     summaries["balanced"]["sinkhorn"] = {
         "epsilon": scaling.epsilon,
         "iterations": scaling.passes,
+        "passes_over_embeddings": scaling.data_passes,  # the progress line's count
         "converged": scaling.converged,
         "tolerance": options.sinkhorn_tolerance,
         "max_marginal_error": result.mass_error,
@@ -376,19 +383,21 @@ def _write_outputs(
                 names[c]: int(column[c]) for c in np.argsort(-column, kind="stable") if column[c]
             }
         entries.append(entry)
-    (out / "clusters.json").write_text(
+    write_text_atomic(
+        out / "clusters.json",
         json.dumps({"num_prototypes": k, "assignment_for_members": primary, "prototypes": entries}, indent=1)
-        + "\n"
+        + "\n",
     )
     if names:
-        with open(out / "label_cluster_table.csv", "w", newline="") as handle:
-            writer = csv.writer(handle)
-            for assignment in ASSIGNMENTS:
-                table = tallies[assignment].table
-                assert table is not None
-                writer.writerow([f"label \\ prototype ({assignment})", *range(k)])
-                for c, name in enumerate(names):
-                    writer.writerow([name, *table[c].tolist()])
+        text = io.StringIO(newline="")
+        writer = csv.writer(text)
+        for assignment in ASSIGNMENTS:
+            table = tallies[assignment].table
+            assert table is not None
+            writer.writerow([f"label \\ prototype ({assignment})", *range(k)])
+            for c, name in enumerate(names):
+                writer.writerow([name, *table[c].tolist()])
+        write_text_atomic(out / "label_cluster_table.csv", text.getvalue())
 
     # Grids: prototypes with members, largest first, at most --max-clusters.
     sizes = tallies[primary].sizes
@@ -466,10 +475,11 @@ def _write_outputs(
         table = tallies[primary].table
         assert table is not None
         table_by_prototype = {str(c["prototype"]): table[:, c["prototype"]].tolist() for c in shown}
-    (out / "index.html").write_text(
-        report.render_report(summary, shown, label_names=names, table=table_by_prototype, chart="sizes.png")
+    write_text_atomic(
+        out / "index.html",
+        report.render_report(summary, shown, label_names=names, table=table_by_prototype, chart="sizes.png"),
     )
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")  # last: the commit
     return summary
 
 

@@ -18,7 +18,7 @@ from swavctl.data.demo import resolve_data_path
 from swavctl.data.images import IMAGE_SUFFIXES, class_of, list_images
 from swavctl.errors import UserError
 from swavctl.model_io import LoadedModel, run_folder
-from swavctl.safe_io import probe_writable
+from swavctl.safe_io import probe_writable, remove_stale_temporaries
 
 DEFAULT_MODEL = Path("runs") / "latest"
 SPLITS = ("auto", "val", "train", "none")
@@ -77,13 +77,27 @@ def default_out(loaded: LoadedModel) -> Path:
     return run_folder(loaded) / "clusters"
 
 
+#: Where the embeddings are kept while an inspection runs (``.NAME.tmp-PID``, removed after).
+EMBEDDINGS_FILE = "embeddings.f32"
+#: Written last, removed first: an output folder with it holds one complete inspection.
+COMMIT_FILES = ("summary.json", "index.html")
+
+
 def prepare_out(out: Path) -> Path:
-    """Create ``out`` and check that files can be written in it; a :class:`UserError` if not."""
+    """Create ``out`` and check that files can be written in it; a :class:`UserError` if not.
+
+    The files that mark a complete inspection (:data:`COMMIT_FILES`) are removed, so an
+    inspection that does not finish leaves no summary or report describing other files; so are
+    the embeddings of inspections that were killed.
+    """
     out = out.expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")
     try:
         probe_writable(out)
+        for name in COMMIT_FILES:
+            (out / name).unlink(missing_ok=True)
     except OSError as exc:
         raise UserError(f"cannot write to output folder {out}: {exc.strerror or exc}") from None
+    remove_stale_temporaries(out / EMBEDDINGS_FILE)
     return out

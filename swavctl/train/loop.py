@@ -6,6 +6,7 @@ modules know nothing of them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -29,7 +30,7 @@ from swavctl.errors import UserError
 from swavctl.eval.monitor import KnnMonitor, KnnReading, MonitorError, monitor_split
 from swavctl.model.swav import SwAV
 from swavctl.queue import EmbeddingQueue, queue_length_per_rank
-from swavctl.safe_io import probe_writable
+from swavctl.safe_io import probe_writable, write_text_atomic
 from swavctl.train import checkpoint as ckpt
 from swavctl.train import rng
 from swavctl.train.agreement import agree_on_step_start, read_step
@@ -41,10 +42,13 @@ from swavctl.train.profiling import WARMUP_STEPS, maybe_profiler, phase
 from swavctl.train.run_dir import (
     RESOLVED_FILE,
     SUMMARY_FILE,
+    finished_latest_note,
     incompatible_changes,
     point_latest,
     read_resolved,
+    run_lock,
     select_run_dir,
+    set_aside_earlier_run,
     settings_diff,
 )
 from swavctl.train.schedule import learning_rate, schedule_conflicts
@@ -143,6 +147,22 @@ def pick_device(settings: Settings) -> torch.device:
     return torch.device("cpu")
 
 
+def busy_cpu_note(load_average: float, cores: int, threads: int) -> str | None:
+    """A warning when torch's CPU threads will compete with other work for too few cores.
+
+    Measured on the 2-core demo machine under a load of 3 to 6: two torch threads spin-waiting on
+    each other ran the demo 4 to 6 times slower than one thread (docs/benchmarks.md). None when
+    torch uses one thread, or when the load (the last minute's runnable tasks, before this run
+    adds its own) is below the core count.
+    """
+    if threads <= 1 or load_average < cores:
+        return None
+    return (
+        f"the CPU is busy (load average {load_average:.1f} on {cores} cores) and torch uses {threads} "
+        "threads, which then spin-wait on each other; OMP_NUM_THREADS=1 can run several times faster"
+    )
+
+
 def autocast_dtype(settings: Settings, device: torch.device) -> torch.dtype | None:
     """The autocast dtype (None = full fp32). The CPU always runs fp32."""
     if device.type != "cuda" or settings.train.precision == "fp32":
@@ -210,6 +230,24 @@ def pretrain(
 ) -> Summary:
     """Run (or resume) SwAV pretraining with ``settings``; returns the run's summary.
 
+    See :func:`_pretrain`; the run folder's lock (:func:`run_lock`) is released when it returns
+    or raises.
+    """
+    with contextlib.ExitStack() as held:
+        return _pretrain(settings, reporter=reporter, fresh=fresh, on_step=on_step, stop=stop, held=held)
+
+
+def _pretrain(
+    settings: Settings,
+    *,
+    reporter: Reporter | None,
+    fresh: bool,
+    on_step: Callable[[int], None] | None,
+    stop: StopFlag | None,
+    held: contextlib.ExitStack,
+) -> Summary:
+    """Run (or resume) SwAV pretraining with ``settings``; returns the run's summary.
+
     With a process group initialized (see :mod:`swavctl.dist`), every rank calls this; the model
     is wrapped in DDP here, at the edge, and rank 0 alone writes files. ``stop`` is a
     :class:`StopFlag` the caller installed already (a launcher does so before the group exists);
@@ -229,6 +267,10 @@ def pretrain(
             reporter.warn(message)
 
     device = pick_device(settings)
+    if device.type == "cpu" and dist.is_main() and hasattr(os, "getloadavg"):
+        busy = busy_cpu_note(os.getloadavg()[0], os.cpu_count() or 1, torch.get_num_threads() * world)
+        if busy:
+            reporter.warn(busy)
     hook_nan, hook_raise, hook_sleep = _parse_hook(HOOK_NAN), _parse_hook(HOOK_RAISE), _hook_sleep()
     image_root, paths = _data_paths(settings, reporter)
     knn_split = monitor_split(settings)  # a bad monitor.knn_data is refused before anything starts
@@ -240,6 +282,10 @@ def pretrain(
             "lower --batch-size"
         )
 
+    if dist.is_main():
+        note = finished_latest_note(settings, fresh=fresh)
+        if note:
+            reporter.info(note)
     run_dir, reused = select_run_dir(settings, fresh=fresh)
     # Rank 0 decides the folder (it may be a new time-stamped one); the others follow.
     run_dir, reused = dist.broadcast_object((run_dir, reused))
@@ -247,15 +293,22 @@ def pretrain(
     problem = dist.broadcast_object(_unwritable(run_dir) if dist.is_main() else None)
     if problem:
         raise UserError(problem)
+    in_use = None
+    if dist.is_main():
+        try:
+            held.enter_context(run_lock(run_dir))  # one run per folder, until this one ends
+        except UserError as exc:
+            in_use = str(exc)
+    in_use = dist.broadcast_object(in_use)
+    if in_use:
+        raise UserError(in_use)
     if reused:
         reporter.info(f"re-running the unfinished run in {run_dir}")
     previous = read_resolved(run_dir)
     if fresh and dist.is_main():
-        old = run_dir / ckpt.CHECKPOINT_DIR
-        if old.is_dir() and any(old.iterdir()):
-            aside = run_dir / f"checkpoints.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
-            old.rename(aside)
-            reporter.warn(f"--fresh: earlier checkpoints moved to {aside}")
+        aside = set_aside_earlier_run(run_dir)
+        if aside is not None:
+            reporter.warn(f"--fresh: the earlier run's files moved to {aside}")
     dist.barrier()
 
     queue_per_rank = queue_length_per_rank(settings, world, warn_all)
@@ -321,7 +374,9 @@ def pretrain(
             checkpoint = ckpt.checkpoint_at(run_dir, chosen)
             state = ckpt.load_state(checkpoint.state_path)
         saved = state.get("settings")
-        if previous is None and isinstance(saved, str):
+        if isinstance(saved, str):
+            # The checkpoint's own settings decide what its state means: resolved.toml is rewritten
+            # at every start, and an edited (or, before atomic writes, a truncated) one must not.
             from swavctl.config import from_toml_text
 
             previous = from_toml_text(saved, source=str(checkpoint.state_path))
@@ -368,7 +423,7 @@ def pretrain(
 
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / RESOLVED_FILE).write_text(to_toml(settings))
+        write_text_atomic(run_dir / RESOLVED_FILE, to_toml(settings))
         try:
             point_latest(run_dir)
         except OSError as exc:  # a convenience link: the run does not need it
@@ -754,7 +809,7 @@ def pretrain(
     )
     if dist.is_main():
         _export_backbone(model, backbone_path, settings, step, step // steps_epoch)
-        (run_dir / SUMMARY_FILE).write_text(json.dumps(summary.as_dict(), indent=1) + "\n")
+        write_text_atomic(run_dir / SUMMARY_FILE, json.dumps(summary.as_dict(), indent=1) + "\n")
     dist.barrier()
     reporter.close()
     return summary

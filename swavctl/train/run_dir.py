@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from swavctl.config import Settings, dotted, from_toml_text
+from swavctl.errors import UserError
 
 RUNS_ROOT = Path("runs")
 LATEST = "latest"
@@ -61,7 +66,11 @@ def read_resolved(run_dir: Path) -> Settings | None:
 
 
 def is_complete(run_dir: Path) -> bool:
-    return (run_dir / SUMMARY_FILE).is_file()
+    """The run finished: its ``summary.json`` (written last, atomically) holds a JSON object."""
+    try:
+        return isinstance(json.loads((run_dir / SUMMARY_FILE).read_text()), dict)
+    except (OSError, ValueError):
+        return False
 
 
 def select_run_dir(settings: Settings, *, fresh: bool, runs_root: Path = RUNS_ROOT) -> tuple[Path, bool]:
@@ -89,6 +98,65 @@ def select_run_dir(settings: Settings, *, fresh: bool, runs_root: Path = RUNS_RO
     return candidate, False
 
 
+def finished_latest_note(settings: Settings, *, fresh: bool, runs_root: Path = RUNS_ROOT) -> str | None:
+    """A line for a command that re-runs a *finished* ``runs/latest`` (the same settings, or more
+    epochs): it starts a new run, which a user who expected a resume should be told, with how to
+    extend the finished one instead. None otherwise (``--out`` given, ``--fresh``, other settings).
+    """
+    latest = runs_root / LATEST
+    if settings.out or fresh or not latest.is_dir() or not is_complete(latest):
+        return None
+    previous = read_resolved(latest)
+    if previous is None:
+        return None
+    changed = settings_diff(previous, settings)
+    if set(changed) - {"train.epochs"}:
+        return None
+    folder = latest.resolve()
+    if "train.epochs" in changed:
+        old, new = changed["train.epochs"]
+        return (
+            f"{folder} (runs/latest) finished its {old} epochs; starting a new run of {new}. "
+            f"To continue that run to {new} epochs instead, pass --out {folder}"
+        )
+    return (
+        f"{folder} (runs/latest) already finished with these settings; starting a new run. "
+        f"To train that one longer, pass --out {folder} with a larger --epochs"
+    )
+
+
+#: What a pretraining run writes in its folder: ``--fresh`` sets these aside together.
+RUN_OUTPUTS = (
+    "checkpoints",
+    "metrics.jsonl",
+    "summary.json",
+    "backbone.safetensors",
+    RESOLVED_FILE,
+    "profile",
+)
+
+
+def set_aside_earlier_run(run_dir: Path) -> Path | None:
+    """Move an earlier run's outputs in ``run_dir`` into ``run_dir/replaced-<time>/`` (``--fresh``).
+
+    The checkpoints keep their metrics, summary, settings and exported backbone beside them, and
+    the new run starts in a clean folder. Only the files a run writes move (a folder given as
+    ``--out`` may hold other things). Returns the new folder, or None when there was nothing.
+    """
+    present = [run_dir / name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+    if not present:
+        return None
+    aside = run_dir / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = run_dir / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
+    aside.mkdir()
+    for path in present:
+        path.rename(aside / path.name)
+    return aside
+
+
 def point_latest(run_dir: Path, runs_root: Path = RUNS_ROOT) -> None:
     """Make ``runs/latest`` a symlink to ``run_dir`` (atomically replaced)."""
     run_dir = run_dir.resolve()
@@ -99,3 +167,46 @@ def point_latest(run_dir: Path, runs_root: Path = RUNS_ROOT) -> None:
     tmp.unlink(missing_ok=True)
     os.symlink(target, tmp)
     os.replace(tmp, root / LATEST)
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``run_dir`` for the duration of a run (rank 0 takes it).
+
+    Two runs writing one folder interleave their metrics, checkpoints and settings without either
+    failing. ``flock`` on ``RUN/.lock`` is released by the kernel when the process ends, however it
+    ends (kill -9 too), so a crashed run never leaves the folder locked. The holder's pid is
+    written into the file for the error message. Raises :class:`UserError` when another process
+    holds it. A folder this call created is removed again if the run leaves nothing but the lock
+    in it (it failed before writing).
+    """
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / LOCK_FILE
+    handle = open(lock, "a+")  # noqa: SIM115 - held open until the run ends
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip()
+            who = f" (pid {holder})" if holder.isdigit() else ""
+            raise UserError(
+                f"{run_dir} is in use by another swavctl run{who}; "
+                "wait for it to finish, stop it, or use another --out"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+        created = False  # the run ended normally: its folder stays, whatever it holds
+    finally:
+        if created and [p.name for p in run_dir.iterdir()] == [LOCK_FILE]:
+            with contextlib.suppress(OSError):
+                lock.unlink()
+                run_dir.rmdir()
+        handle.close()

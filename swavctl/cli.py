@@ -5,6 +5,8 @@ Each command lives in its own module under ``swavctl.commands``; this file only 
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
 from typing import Annotated
 
@@ -55,12 +57,30 @@ app.add_typer(presets_app, name="presets")
 app.add_typer(bench_app, name="bench")
 
 
+def _interrupted(signum: int, frame: object) -> None:
+    """SIGINT outside the training loop (which installs its own handlers): say so, then stop.
+
+    Typer turns a KeyboardInterrupt into a silent exit status 130, so the line is printed here.
+    """
+    global _said_interrupted
+    if not _said_interrupted:
+        _said_interrupted = True
+        print("\nswavctl: interrupted", file=sys.stderr, flush=True)
+    raise KeyboardInterrupt
+
+
+_said_interrupted = False
+
+
 def main() -> None:
     """Console-script entry point."""
+    with contextlib.suppress(ValueError):  # not the main thread (an embedding caller): leave it
+        signal.signal(signal.SIGINT, _interrupted)
     try:
         app()
     except KeyboardInterrupt:
-        print("\nswavctl: interrupted", file=sys.stderr)
+        if not _said_interrupted:
+            print("\nswavctl: interrupted", file=sys.stderr)
         sys.exit(130)
 
 

@@ -98,3 +98,14 @@ def test_one_ctrl_c_in_a_terminal_still_checkpoints_at_the_step_boundary(tmp_pat
     assert "stopped by SIGINT at step" in text and "stopping now" not in text, errors[-2000:]
     stopped_at = int(text.split("stopped by SIGINT at step ")[1].split(";")[0])
     assert [c.step for c in ckpt.list_committed(tmp_path / "run" / "checkpoints")][-1] == stopped_at
+
+
+def test_ctrl_c_while_starting_says_interrupted(tmp_path: Path, images: str) -> None:
+    """Typer turns KeyboardInterrupt into a silent status 130 (every command); the user gets a line."""
+    args = ["pretrain", "--data", images, "--preset", "smoke", "--gpus", "0", "--out", "run"]
+    proc = start_cli(*args, cwd=tmp_path, env=cli_env())
+    time.sleep(0.3)  # importing: before any handler of the training loop
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "swavctl: interrupted" in err

@@ -71,7 +71,7 @@ def pretrain_command(
         )
         outcome = launch.run_pretrain(settings, fresh=fresh)
     except UserError as exc:
-        raise fail(str(exc)) from None
+        raise fail(str(exc), exc.exit_code) from None
     finish(outcome, lambda summary: _print_summary(summary, as_json=as_json))
 
 
@@ -85,7 +85,8 @@ def _print_summary(result: dict[str, object], *, as_json: bool) -> None:
     knn_text = f", {knn['k']}-NN top-1 {100 * knn['top1']:.2f}%" if isinstance(knn, dict) else ""
     err.print(
         f"done: {result['steps']} steps, final loss {loss_text}{knn_text}, "
-        f"{float(result['samples_per_s']):.1f} samples/s, {result['skipped_images']} skipped files\n"  # type: ignore[arg-type]
+        f"{float(result['samples_per_s']):.1f} samples/s, {result['skipped_images']} skipped reads of "  # type: ignore[arg-type]
+        "unreadable files\n"
         f"run folder: {result['out_dir']}\nbackbone: {result['backbone']}",
         markup=False,
     )

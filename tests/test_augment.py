@@ -557,3 +557,62 @@ def test_cuda_matches_cpu() -> None:
     dev_gen = torch.Generator(device="cuda").manual_seed(3)
     out = batch_multicrop(cuda_images, CROPS, AugmentSpec(), generator=dev_gen)
     assert all(o.device.type == "cuda" and torch.isfinite(o).all() for o in out)
+
+
+# ----------------------------------------------------------------------------------------------
+# The paper's recipe, as built
+# ----------------------------------------------------------------------------------------------
+
+
+def test_augment_spec_defaults_are_the_papers() -> None:
+    """SwAV's per-crop photometric recipe (arXiv 2006.09882, App. A; the official normalisation)."""
+    spec = AugmentSpec()
+    assert spec.flip_prob == 0.5
+    assert spec.jitter_prob == 0.8
+    assert (spec.brightness, spec.contrast, spec.saturation, spec.hue) == (0.8, 0.8, 0.8, 0.2)
+    assert spec.grayscale_prob == 0.2
+    assert spec.blur_prob == 0.5
+    assert (spec.blur_sigma_min, spec.blur_sigma_max) == (0.1, 2.0)
+    assert spec.mean == (0.485, 0.456, 0.406)
+    assert spec.std == (0.228, 0.224, 0.225)
+
+
+def test_per_image_pipeline_is_built_from_the_papers_transforms() -> None:
+    """Each crop's pipeline is, in order: RandomResizedCrop(size, its scale, ratio (3/4, 4/3),
+    bilinear, antialiased), a *horizontal* flip p 0.5, then to float, ColorJitter(0.8, 0.8, 0.8, 0.2)
+    with p 0.8, grayscale p 0.2, Gaussian blur p 0.5 with sigma in (0.1, 2.0) and the crop size's
+    kernel, then the normalisation."""
+    from torchvision.transforms import v2
+
+    crops = [CropSpec(16, 0.14, 1.0), CropSpec(8, 0.05, 0.14), CropSpec(16, 0.14, 1.0)]
+    multicrop = PerImageMultiCrop(crops, AugmentSpec())
+    assert len(multicrop._pipelines) == len(crops)
+    for crop, pipeline in zip(crops, multicrop._pipelines, strict=True):
+        geometric, photometric, normalize = pipeline.transforms
+        resized_crop, flip = geometric.transforms
+        assert type(resized_crop) is v2.RandomResizedCrop
+        assert resized_crop.size == (crop.size, crop.size)
+        assert resized_crop.scale == (crop.min_scale, crop.max_scale)
+        assert resized_crop.ratio == pytest.approx((3 / 4, 4 / 3))
+        assert resized_crop.interpolation == v2.InterpolationMode.BILINEAR and resized_crop.antialias
+        assert type(flip) is v2.RandomHorizontalFlip and flip.p == 0.5
+
+        to_float, jitter, grayscale, blur = photometric.transforms
+        assert type(to_float) is v2.ToDtype and to_float.dtype == torch.float32 and to_float.scale
+        assert type(jitter) is v2.RandomApply and jitter.p == 0.8
+        (color,) = jitter.transforms
+        assert type(color) is v2.ColorJitter
+        for strength in (color.brightness, color.contrast, color.saturation):
+            assert strength == pytest.approx((0.2, 1.8))
+        assert color.hue == pytest.approx((-0.2, 0.2))
+        assert type(grayscale) is v2.RandomGrayscale and grayscale.p == 0.2
+        assert type(blur) is v2.RandomApply and blur.p == 0.5
+        (gaussian,) = blur.transforms
+        assert type(gaussian) is v2.GaussianBlur
+        assert list(gaussian.sigma) == pytest.approx([0.1, 2.0])
+        kernel = blur_kernel_size(crop.size, 2.0)
+        assert tuple(gaussian.kernel_size) == (kernel, kernel)
+
+        assert type(normalize) is v2.Normalize
+        assert list(normalize.mean) == pytest.approx([0.485, 0.456, 0.406])
+        assert list(normalize.std) == pytest.approx([0.228, 0.224, 0.225])

@@ -322,3 +322,110 @@ def test_train_view_flip_follows_the_geometry(flip_prob: float) -> None:
     expected = TF.horizontal_flip(whole) if flip_prob else whole
     for seed in range(5):
         assert torch.equal(train_view(image, g, random.Random(seed)), expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# The papers' defaults, and the linear protocol's best epoch
+
+
+def test_knn_defaults_are_dinos_k_20_and_temperature_0_07() -> None:
+    """DINO's k-NN protocol: k = 20 neighbours, votes weighted by exp(s / 0.07), also as the defaults
+    of ``knn_scores`` and of the eval options."""
+    import inspect
+
+    from swavctl.eval import knn
+    from swavctl.eval.run import EvalOptions
+
+    assert knn.KNN_K == 20 and knn.KNN_TEMPERATURE == 0.07
+    defaults = inspect.signature(knn_scores).parameters
+    assert defaults["k"].default == 20 and defaults["temperature"].default == 0.07
+    assert EvalOptions().k == 20 and EvalOptions().temperature == 0.07
+    # Behaviour: with 25 train points only the 20 nearest vote, each with exp(s / 0.07).
+    rng = np.random.default_rng(3)
+    train = rng.normal(size=(25, 6))
+    labels = rng.integers(0, 3, size=25)
+    query = rng.normal(size=(4, 6))
+    got = knn_scores(
+        torch.from_numpy(train).float(),
+        torch.from_numpy(labels),
+        torch.from_numpy(query).float(),
+        num_classes=3,
+    )
+    expected = _knn_reference(train, labels, query, 20, 0.07, 3)
+    np.testing.assert_allclose(got.double().numpy(), expected, rtol=2e-4)
+
+
+def test_linear_recipe_defaults_are_the_papers() -> None:
+    """SwAV's linear evaluation: 100 epochs, lr 0.3, weight decay 1e-6, momentum 0.9, batch 256,
+    classifier weights ~ N(0, 0.01)."""
+    from dataclasses import asdict
+
+    from swavctl.eval.linear import LinearRecipe
+
+    assert asdict(LinearRecipe()) == {
+        "epochs": 100,
+        "lr": 0.3,
+        "weight_decay": 1e-6,
+        "momentum": 0.9,
+        "batch_size": 256,
+        "init_std": 0.01,
+    }
+
+
+def test_new_classifier_has_zero_bias_and_weights_of_std_0_01() -> None:
+    """``Linear(d, C)`` with N(0, init_std) weights (seeded) and a zero bias."""
+    from swavctl.eval.linear import new_classifier
+
+    layer = new_classifier(512, 100, 0.01, seed=4)
+    assert layer.weight.shape == (100, 512) and layer.bias.shape == (100,)
+    assert bool((layer.bias == 0).all())
+    weight = layer.weight.detach()
+    std, mean = float(weight.std()), float(weight.mean())
+    assert std == pytest.approx(0.01, rel=0.02)  # 51 200 draws: the estimate is within ~0.3%
+    assert abs(mean) < 0.01 * 4 / math.sqrt(51_200)
+    assert torch.equal(new_classifier(512, 100, 0.01, seed=4).weight, layer.weight)
+    assert not torch.equal(new_classifier(512, 100, 0.01, seed=5).weight, layer.weight)
+
+
+def test_linear_mode_reports_the_argmax_epoch_on_val_not_the_last(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``best_epoch_selected_on_val`` is the epoch with the highest val top-1 (with that epoch's
+    top-5), while the returned scores stay the final epoch's; the recipe is the paper's unless
+    overridden."""
+    from types import SimpleNamespace
+
+    from swavctl.eval import run as run_mod
+    from swavctl.eval.linear import LinearRecipe, LinearResult
+
+    history = [
+        {"epoch": 1, "lr": 0.3, "train_loss": 2.0, "val_top1": 0.50, "val_top5": 0.90},
+        {"epoch": 2, "lr": 0.2, "train_loss": 1.5, "val_top1": 0.80, "val_top5": 0.97},
+        {"epoch": 3, "lr": 0.1, "train_loss": 1.2, "val_top1": 0.60, "val_top5": 0.95},
+        {"epoch": 4, "lr": 0.0, "train_loss": 1.1, "val_top1": 0.70, "val_top5": 0.99},
+    ]
+    final_scores = torch.randn(3, 2)
+    seen: dict[str, object] = {}
+
+    def fake_protocol(*args: object, recipe: LinearRecipe, **kwargs: object) -> LinearResult:
+        seen["recipe"] = recipe
+        return LinearResult(val_scores=final_scores, history=history)
+
+    monkeypatch.setattr(run_mod, "linear_protocol", fake_protocol)
+    val = (torch.zeros(3, 4), torch.tensor([0, 1, 0]), torch.arange(3))
+    ctx = SimpleNamespace(
+        options=run_mod.EvalOptions(mode="linear", batch_size=64),
+        images=lambda which, augment: list(range(5 if which == "train" else 3)),
+        features=lambda dataset, name: val,
+        loaded=SimpleNamespace(model=SimpleNamespace(backbone=None, feature_dim=4)),
+        split=SimpleNamespace(num_classes=2),
+        normalize=None,
+        device=torch.device("cpu"),
+        workers=0,
+        reporter=None,
+        timings={},
+    )
+    scores, _, _, n_train, extra = run_mod._run_linear(ctx, Path("unused"))  # type: ignore[arg-type]
+    assert scores is final_scores and n_train == 5
+    best = extra["linear"]["best_epoch_selected_on_val"]
+    assert (best["epoch"], best["top1"], best["top5"]) == (2, 0.80, 0.97)
+    assert extra["summary"]["best_epoch_selected_on_val"] == {"epoch": 2, "top1": 0.80}
+    assert seen["recipe"] == LinearRecipe(epochs=100, lr=0.3, weight_decay=1e-6, momentum=0.9, batch_size=64)

@@ -206,3 +206,14 @@ def test_embedding_store_round_trip(tmp_path: Path) -> None:
     assert [start for start, _ in store.chunks(4)] == [0, 4, 8, 12]
     store.remove()
     assert not (tmp_path / "z.f32").exists()
+
+
+def test_unlabelled_images_leave_the_contingency_table_unchanged() -> None:
+    """A label of -1 (no label) is skipped: it must not wrap around to the last label's row."""
+    table = np.zeros((3, 4), dtype=np.int64)
+    metrics.add_to_table(table, np.array([-1, -1, -1]), np.array([0, 3, 3]))
+    assert not table.any()
+    metrics.add_to_table(table, np.array([2, -1, 0, -1, 2]), np.array([3, 3, 1, 0, 3]))
+    expected = np.zeros((3, 4), dtype=np.int64)
+    expected[2, 3], expected[0, 1] = 2, 1
+    np.testing.assert_array_equal(table, expected)

@@ -57,3 +57,13 @@ def test_gradient_flows_to_scores_only() -> None:
     codes = [torch.softmax(torch.randn(4, 5), dim=1) for _ in range(2)]
     swapped_prediction_loss(codes, scores).backward()
     assert all(s.grad is not None and torch.isfinite(s.grad).all() for s in scores)
+
+
+def test_default_temperature_is_the_papers_0_1() -> None:
+    """Without ``temperature`` the predictions are ``softmax(scores / 0.1)`` (the paper's tau)."""
+    g = torch.Generator().manual_seed(3)
+    scores = [torch.randn(6, 5, generator=g) for _ in range(3)]
+    codes = [torch.softmax(torch.randn(6, 5, generator=g), dim=1) for _ in range(2)]
+    got = swapped_prediction_loss(codes, scores)
+    assert float(got) == pytest.approx(reference_loss(codes, scores, 0.1, (0, 1)), rel=1e-5)
+    assert float(got) != pytest.approx(reference_loss(codes, scores, 0.2, (0, 1)), rel=1e-3)

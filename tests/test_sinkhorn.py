@@ -88,15 +88,69 @@ def test_small_epsilon_stays_finite(epsilon: float) -> None:
         )
 
 
-def test_far_sample_switches_to_the_log_domain() -> None:
-    # A sample opposite to every prototype at epsilon 0.005: its whole column underflows float32
-    # after the row shift (exp(-400)); the log-domain path must take over and stay exact.
+def reference_sinkhorn_log(scores: torch.Tensor, epsilon: float, iterations: int) -> torch.Tensor:
+    """The official procedure in float64 log space: exact where ``exp(scores / epsilon)`` is not."""
+    log_q = (scores.double() / epsilon).t()  # K x B
+    prototypes, batch = log_q.shape
+    log_q = log_q - torch.logsumexp(log_q.reshape(-1), dim=0)
+    for _ in range(iterations):
+        log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True) - math.log(prototypes)
+        log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True) - math.log(batch)
+    return torch.exp(log_q + math.log(batch)).t()
+
+
+def _count_log_domain_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Wrap ``_sinkhorn_log_domain`` so that each call is counted and still computed."""
+    import swavctl.sinkhorn as module
+
+    calls: list[int] = []
+    original = module._sinkhorn_log_domain
+
+    def counting(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(1)
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(module, "_sinkhorn_log_domain", counting)
+    return calls
+
+
+def _far_sample_scores() -> torch.Tensor:
+    """Unit scores where sample 5 is opposite to every prototype and every prototype peaks >= 0.35."""
     scores = unit_scores(64, 12)
-    scores[5, :] = -1.0
     scores[:, 0] = scores[:, 0].clamp(min=0.5)
+    scores[5, :] = -1.0  # after the clamp: sample 5 is below every column maximum by more than 1.3
+    return scores
+
+
+def test_far_sample_switches_to_the_log_domain(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sample opposite to every prototype at epsilon 0.005 underflows its whole float32 row after
+    the row shift (exp(-270) and less): the log-domain path takes over and matches both float64
+    references (the literal one is still finite in float64)."""
+    scores = _far_sample_scores()
+    shifted = (scores - scores.amax(dim=0, keepdim=True)) / 0.005
+    assert bool((torch.exp(shifted[5]) == 0).all())  # the float32 row of sample 5 really underflows
+    calls = _count_log_domain_calls(monkeypatch)
     codes = sinkhorn(scores, epsilon=0.005, iterations=3)
-    assert torch.isfinite(codes).all()
+    assert calls == [1]
+    assert codes.dtype == torch.float32 and torch.isfinite(codes).all()
+    torch.testing.assert_close(codes.sum(dim=1), torch.ones(64), atol=1e-5, rtol=0)
     torch.testing.assert_close(codes.double(), reference_sinkhorn(scores, 0.005, 3), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(codes.double(), reference_sinkhorn_log(scores, 0.005, 3), atol=1e-5, rtol=1e-4)
+
+
+def test_log_domain_float64_is_exact_where_the_literal_formula_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At epsilon 0.001 even the float64 row of the far sample underflows (exp(-1000) and less), so
+    the literal formula gives 0/0 there; the float64 log-domain solve equals the exact reference."""
+    scores = _far_sample_scores().double()
+    assert not torch.isfinite(reference_sinkhorn(scores, 0.001, 4)[5]).any()
+    calls = _count_log_domain_calls(monkeypatch)
+    codes = sinkhorn(scores, epsilon=0.001, iterations=4)
+    assert calls == [1]
+    assert codes.dtype == torch.float64
+    torch.testing.assert_close(codes, reference_sinkhorn_log(scores, 0.001, 4), atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(codes.sum(dim=1), torch.ones(64, dtype=torch.float64), atol=1e-12, rtol=0)
 
 
 def test_far_prototype_does_not_underflow() -> None:

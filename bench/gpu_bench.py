@@ -10,7 +10,8 @@ longer fits the overall budget is skipped and reported as such):
    (``swavctl bench step``: bf16 + channels_last), Sinkhorn at B=4096, K=3000 and LARC.
 3. ``gpu_tests``: the test suite's CUDA-only tests of the GPU paths (:data:`GPU_TESTS`: no host
    sync in the augmentation, nvJPEG against memory still in use, the prefetch thread's side
-   stream, CUDA against CPU, the k-NN monitor's reading in fp32 and bf16, eval-linear's modes).
+   stream, CUDA against CPU, the k-NN monitor's fp32 reading also inside bf16 autocast,
+   eval-linear's modes).
 4. ``e2e_device_compile``: ``swavctl pretrain`` from the JPEG folder with device augmentation
    (workers only read bytes; nvjpeg decode and batched augmentation on the GPU, made ready one
    batch ahead by the prefetch thread), bf16 + channels_last, ``train.compile=true``.

@@ -46,6 +46,7 @@ from typing import Any
 from swavctl import dist
 from swavctl.config import Settings
 from swavctl.errors import UserError
+from swavctl.train.stop import EXIT_SIGNAL
 
 # Seconds the agent gives workers to checkpoint and exit after it forwards a signal. A worker that
 # failed makes the agent stop the others with SIGTERM and SIGKILL after torchelastic's own 30 s.
@@ -499,9 +500,23 @@ def combine_outcomes(
     """
     failures = failures or {}
     full: dict[int, Outcome] = {}
+    stop_codes = {code: signal.Signals(signum).name for signum, code in EXIT_SIGNAL.items()}
     for rank_ in range(world):
         if rank_ in outcomes:
             full[rank_] = outcomes[rank_]
+            continue
+        code = failures.get(rank_, "").removeprefix("exit status ")
+        if received in EXIT_SIGNAL or (code.isdigit() and int(code) in stop_codes):
+            # The worker stopped at once on a repeated (or early) stop signal, as its StopFlag does:
+            # an interruption with the signal's status, not a crash.
+            exit_code = EXIT_SIGNAL[signal.Signals(received)] if received in EXIT_SIGNAL else int(code)
+            full[rank_] = Outcome(
+                INTERRUPTED,
+                exit_code,
+                f"stopped at once by {stop_codes[exit_code]}",
+                rank_,
+                error_type="Interrupted",
+            )
             continue
         how = failures.get(rank_) or (
             f"stopped by the launcher after {signal.Signals(received).name}"

@@ -429,3 +429,15 @@ def test_linear_mode_reports_the_argmax_epoch_on_val_not_the_last(monkeypatch: p
     assert (best["epoch"], best["top1"], best["top5"]) == (2, 0.80, 0.97)
     assert extra["summary"]["best_epoch_selected_on_val"] == {"epoch": 2, "top1": 0.80}
     assert seen["recipe"] == LinearRecipe(epochs=100, lr=0.3, weight_decay=1e-6, momentum=0.9, batch_size=64)
+
+
+def test_the_best_val_epoch_on_a_tie_is_the_first_as_in_the_official_script() -> None:
+    from swavctl.eval.run import best_epoch_on_val
+
+    history = [
+        {"epoch": 1, "val_top1": 0.5, "val_top5": 0.9},
+        {"epoch": 2, "val_top1": 0.8, "val_top5": 0.95},
+        {"epoch": 3, "val_top1": 0.7, "val_top5": 0.99},
+        {"epoch": 4, "val_top1": 0.8, "val_top5": 0.97},
+    ]
+    assert best_epoch_on_val(history) == history[1]  # official: `if top1 > best` keeps epoch 2

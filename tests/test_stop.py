@@ -109,3 +109,26 @@ def test_ctrl_c_while_starting_says_interrupted(tmp_path: Path, images: str) -> 
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "swavctl: interrupted" in err
+
+
+def test_ctrl_c_twice_under_the_launcher_exits_130_saying_the_ranks_stopped_at_once(
+    tmp_path: Path, images: str
+) -> None:
+    """A second Ctrl-C 2 s or more after the first ends the workers at once (no checkpoint); the
+    launcher reports that as the interruption it is (130), not as ranks killed without a report."""
+    launcher = start_cli(
+        *SMOKE, "--procs", "2", "--data", images, "--out", "run", cwd=tmp_path,
+        env=cli_env(SWAVCTL_TEST_STEP_SLEEP="4"), start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: last_logged_step(tmp_path / "run") >= 1, timeout=180, proc=launcher)
+        os.killpg(launcher.pid, signal.SIGINT)  # recorded: the step in progress sleeps on
+        time.sleep(2.5)
+        os.killpg(launcher.pid, signal.SIGINT)
+        code, errors = _exit_within(launcher, 60)
+    finally:
+        launcher.kill()
+    assert code == 130, errors[-2000:]
+    assert "swavctl: SIGINT again: stopping now" in errors
+    assert "stopped at once by SIGINT [all 2 ranks stopped, exit status 130]" in errors, errors[-2000:]
+    assert "without a report" not in errors

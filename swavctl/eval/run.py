@@ -482,7 +482,7 @@ def _run_linear(ctx: _Context, out: Path) -> _ModeResult:
         reporter=ctx.reporter,
     )
     ctx.timings["classifier"] = time.perf_counter() - start
-    best = max(result.history, key=lambda h: (h["val_top1"], h["epoch"]))
+    best = best_epoch_on_val(result.history)
     best_epoch = {
         "epoch": int(best["epoch"]),
         "top1": best["val_top1"],
@@ -499,6 +499,12 @@ def _run_linear(ctx: _Context, out: Path) -> _ModeResult:
         "summary": {"best_epoch_selected_on_val": {"epoch": best_epoch["epoch"], "top1": best_epoch["top1"]}},
     }
     return result.val_scores, val_y, val_idx, len(train), extra
+
+
+def best_epoch_on_val(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The epoch the official ``eval_linear.py`` reports: the highest val top-1, the *first* epoch
+    to reach it on a tie (it replaces its best only when ``top1 > best``), with that epoch's top-5."""
+    return max(history, key=lambda h: (h["val_top1"], -h["epoch"]))
 
 
 def _run_finetune(ctx: _Context, out: Path) -> _ModeResult:

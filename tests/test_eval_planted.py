@@ -36,6 +36,7 @@ from swavctl.eval.views import Normalizer, center_view, geometry_for
 from swavctl.export import write_export
 from swavctl.model.swav import SwAV
 from swavctl.safe_io import write_safetensors_atomic
+from swavctl.stages import QuietStages
 
 COLOURS = [(220, 40, 40), (40, 200, 40), (40, 40, 220), (210, 210, 30)]
 TRAIN_PER_CLASS, VAL_PER_CLASS = 20, 8
@@ -151,8 +152,17 @@ def test_planted_backbone_scores_at_least_99_in_every_mode(
         assert all(p.parent.parent == planted / "train" for p in paths)  # never val
         assert summary["n_train"] == len(paths) == quota * len(COLOURS)
         again = tmp_path / "again"
-        run_eval(EvalOptions(model=model, mode=mode, out=again, gpus=0, epochs=1, label_fraction=fraction))
+        said: list[str] = []
+
+        class Listening(QuietStages):
+            def info(self, message: str) -> None:
+                said.append(message)
+
+        options = EvalOptions(model=model, mode=mode, out=again, gpus=0, epochs=1, label_fraction=fraction)
+        run_eval(options, reporter=Listening())
         assert (again / "subset.txt").read_text() == (out / "subset.txt").read_text()
+        total = len(COLOURS) * TRAIN_PER_CLASS
+        assert f"finetune: {len(paths)} of the {total} train images keep their labels" in " ".join(said)
     if mode == "linear":
         history = record["linear"]["history"]
         assert len(history) == 10 and record["linear"]["recipe"]["lr"] == 0.3

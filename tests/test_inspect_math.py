@@ -217,3 +217,12 @@ def test_unlabelled_images_leave_the_contingency_table_unchanged() -> None:
     expected = np.zeros((3, 4), dtype=np.int64)
     expected[2, 3], expected[0, 1] = 2, 1
     np.testing.assert_array_equal(table, expected)
+
+
+def test_one_cluster_has_entropy_plus_zero_not_minus_zero() -> None:
+    import math
+
+    from swavctl.inspect.stats import entropy_ratio, size_entropy
+
+    assert math.copysign(1.0, size_entropy(np.array([7, 0, 0]))) == 1.0
+    assert f"{entropy_ratio(np.array([7, 0, 0])):.3f}" == "0.000"

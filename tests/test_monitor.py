@@ -222,3 +222,16 @@ def test_on_cuda_a_reading_matches_the_cpu_one() -> None:
 
     assert abs(right(fp32) - right(cpu)) <= 1, (fp32, cpu)  # at most one val image apart
     assert (in_amp.top1, in_amp.top5) == (fp32.top1, fp32.top5)
+
+
+def test_with_fewer_than_five_classes_the_second_figure_is_top_k_of_the_classes(tmp_path: Path) -> None:
+    """As eval-linear's top5_k: with 3 classes "top-5" would always be 100%, so it is top-3."""
+    data = write_image_folder(tmp_path / "three", classes=3, per_class=8)
+    settings = config.resolve(preset="smoke", flags={"data.path": str(data), "monitor.knn_data": str(data)})
+    split = monitor_split(settings)
+    assert split is not None
+    model = build_model(settings)
+    reading = KnnMonitor(settings, split, device=torch.device("cpu"), workers=0).evaluate(
+        model.backbone, feature_dim=model.feature_dim
+    )
+    assert reading.top5_k == 3 and reading.as_dict()["top5_k"] == 3

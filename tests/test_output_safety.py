@@ -232,3 +232,19 @@ def test_an_inspection_that_cannot_finish_leaves_no_summary_and_no_stale_embeddi
     assert "summary.json" not in names and "index.html" not in names
     assert not [n for n in names if n.startswith(".")]  # neither its temporary nor its embeddings
     assert (tmp_path / "insp" / "assignments.csv").read_bytes() == assignments
+
+
+def test_eval_names_the_files_it_could_not_read(tmp_path: Path, images: Path, finished: Path) -> None:
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(images, data)
+    bad = data / "class0" / "broken.png"
+    bad.write_bytes(b"not a png")
+    done = run_cli(
+        "eval-linear", str(finished), "--data", str(data), "--mode", "knn", "--val-split", "0.5",
+        "--out", "ev", "--gpus", "0", cwd=tmp_path, env=cli_env(),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    text = " ".join(done.stderr.split())
+    assert "skipped 1 unreadable file(s):" in text and str(bad) in text, done.stderr

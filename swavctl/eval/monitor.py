@@ -51,6 +51,7 @@ class KnnReading:
     train_images: int
     val_images: int
     seconds: float
+    top5_k: int = 5  # top5 is the top-min(5, classes) accuracy, as eval-linear's top5_k
 
     def as_dict(self) -> dict[str, float | int]:
         return asdict(self)
@@ -127,6 +128,7 @@ class KnnMonitor:
                 train_images=int(train_f.shape[0]),
                 val_images=acc.n,
                 seconds=time.perf_counter() - started,
+                top5_k=acc.top5_k,
             )
         shared: KnnReading = dist.broadcast_object(reading)
         return shared

@@ -172,6 +172,11 @@ class _Context:
         except ValueError:
             raise UserError(f"none of the {len(dataset)} {name} images could be decoded") from None
         self.timings["features"] = self.timings.get("features", 0.0) + time.perf_counter() - start
+        if kept.numel() < len(dataset):  # the same on every rank: the indices are gathered
+            lost = sorted(set(range(len(dataset))) - set(kept.tolist()))
+            names = ", ".join(str(dataset.samples[i].path) for i in lost[:5])
+            more = f" and {len(lost) - 5} more" if len(lost) > 5 else ""
+            self.reporter.warn(f"{name}: skipped {len(lost)} unreadable file(s): {names}{more}")
         return feats, dataset.labels[kept].to(self.device), kept
 
 
@@ -514,6 +519,10 @@ def _run_finetune(ctx: _Context, out: Path) -> _ModeResult:
     subset, notes = label_subset(labels, o.label_fraction, o.seed)
     for note in notes:
         ctx.reporter.warn(note)
+    ctx.reporter.info(
+        f"finetune: {len(subset)} of the {len(labels)} train images keep their labels "
+        f"(--label-fraction {o.label_fraction:g}, balanced over classes; listed in subset.txt)"
+    )
     subset_file = out / "subset.txt"
     if dist.is_main():
         lines = [f"{ctx.split.train[int(i)].path}\t{ctx.split.classes[labels[int(i)]]}" for i in subset]

@@ -149,6 +149,8 @@ def inspect_clusters(options: InspectOptions, progress: StageReporter | None = N
     settings = loaded.settings
     devices = pick_devices(options.gpus)
     images = resolve_images(options.data, split=options.split, loaded=loaded, max_images=options.max_images)
+    if images.note:
+        progress.warn(images.note)
     out = prepare_out(options.out or default_out(loaded))
     k = loaded.model.prototypes.weight.shape[0]
     # Checked (and prepared) before the expensive passes, so a bad folder fails at once.

@@ -32,6 +32,7 @@ class ImageSet:
     paths: list[Path]
     label_names: list[str] | None  # sorted class folder names
     labels: list[int] | None  # index into label_names, per path
+    note: str | None = None  # why labels were dropped, when only some images lie outside class folders
 
 
 def resolve_images(data: str | None, *, split: str, loaded: LoadedModel, max_images: int | None) -> ImageSet:
@@ -65,8 +66,16 @@ def resolve_images(data: str | None, *, split: str, loaded: LoadedModel, max_ima
     if not paths:
         raise UserError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {folder}{hint}")
     classes = [class_of(p, folder) for p in paths]
-    if any(c is None for c in classes):
-        return ImageSet(folder, paths, None, None)
+    loose = [p for p, c in zip(paths, classes, strict=True) if c is None]
+    if loose:
+        note = None
+        if len(loose) < len(paths):
+            note = (
+                f"{len(loose)} image(s) lie directly in {folder}, outside class folders "
+                f"(e.g. {loose[0].name}): the images are reported without labels (no NMI, ARI, "
+                "purity or label table); move them into a class folder to get them"
+            )
+        return ImageSet(folder, paths, None, None, note)
     names = sorted({c for c in classes if c is not None})
     index = {name: i for i, name in enumerate(names)}
     return ImageSet(folder, paths, names, [index[c] for c in classes if c is not None])

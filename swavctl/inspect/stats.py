@@ -23,7 +23,7 @@ def size_entropy(sizes: np.ndarray) -> float:
     if total <= 0:
         return 0.0
     p = counts[counts > 0] / total
-    return float(-(p * np.log(p)).sum())
+    return float(-(p * np.log(p)).sum()) + 0.0  # + 0.0: one cluster gives -0.0, printed "-0.000"
 
 
 def entropy_ratio(sizes: np.ndarray) -> float:

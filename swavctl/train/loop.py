@@ -739,8 +739,8 @@ def _pretrain(
                             record["knn_top5"] = knn.top5
                             reporter.info(
                                 f"step {step} ({step / steps_epoch:.3g} epochs): {knn.k}-NN top-1 "
-                                f"{100 * knn.top1:.2f}% top-5 {100 * knn.top5:.2f}% on {knn.val_images} "
-                                f"val images ({knn.seconds:.1f} s)"
+                                f"{100 * knn.top1:.2f}% top-{knn.top5_k} {100 * knn.top5:.2f}% "
+                                f"on {knn.val_images} val images ({knn.seconds:.1f} s)"
                             )
                         periodic = step % settings.train.log_every == 0 or step == total_steps
                         if dist.is_main() and (periodic or knn is not None):

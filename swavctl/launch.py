@@ -460,6 +460,22 @@ def launch_local(job: Job, *, nprocs: int) -> Outcome:
     return combined
 
 
+def _ranks_label(ranks: list[int]) -> str:
+    """``rank 3``, or ``ranks 0, 2-5, 7`` (consecutive ranks as ranges): 100 ranks in one line."""
+    if len(ranks) == 1:
+        return f"rank {ranks[0]}"
+    parts: list[str] = []
+    start = previous = ranks[0]
+    for r in [*ranks[1:], None]:
+        if r is not None and r == previous + 1:
+            previous = r
+            continue
+        parts.append(str(start) if start == previous else f"{start}-{previous}")
+        if r is not None:
+            start = previous = r
+    return "ranks " + ", ".join(parts)
+
+
 def _status_text(outcome: Outcome) -> str:
     if outcome.status == KILLED:
         return outcome.message
@@ -506,7 +522,16 @@ def combine_outcomes(
             full[rank_] = outcomes[rank_]
             continue
         code = failures.get(rank_, "").removeprefix("exit status ")
-        if received in EXIT_SIGNAL or (code.isdigit() and int(code) in stop_codes):
+        stopped = code.isdigit() and int(code) in stop_codes
+        peer_failed = any(o.status not in (OK, INTERRUPTED) for o in outcomes.values())
+        if stopped and received is None and peer_failed:
+            # The launcher's own SIGTERM after a peer failed (the worker's StopFlag exits 143 at once).
+            full[rank_] = Outcome(
+                KILLED, 1, "stopped by the launcher after a peer failed", rank_, error_type="Killed",
+                peer_failure=True,
+            )  # fmt: skip
+            continue
+        if received in EXIT_SIGNAL or stopped:
             # The worker stopped at once on a repeated (or early) stop signal, as its StopFlag does:
             # an interruption with the signal's status, not a crash.
             exit_code = EXIT_SIGNAL[signal.Signals(received)] if received in EXIT_SIGNAL else int(code)
@@ -538,7 +563,11 @@ def combine_outcomes(
         return first
     failed = [o for o in full.values() if o.status != OK]
     primary = min(failed, key=lambda o: (_PRIORITY.get(o.status, 9) + (10 if o.peer_failure else 0), o.rank))
-    others = [f"rank {r}: {text}" for r, text in statuses.items() if int(r) != primary.rank]
+    alike: dict[str, list[int]] = {}
+    for r, text in statuses.items():
+        if int(r) != primary.rank:
+            alike.setdefault(text, []).append(int(r))
+    others = [f"{_ranks_label(ranks)}: {text}" for text, ranks in alike.items()]
     message = f"rank {primary.rank} failed: {primary.message}"
     if others:
         message += "; other ranks: " + ", ".join(others)

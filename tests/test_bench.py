@@ -209,6 +209,19 @@ def test_bench_data_stops_on_an_unreadable_file_when_asked(tmp_path: Path) -> No
     assert CliRunner().invoke(app, args).exit_code == 0  # skipped and counted by default
 
 
+def test_bench_data_says_when_decode_in_workers_cannot_apply(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from swavctl.cli import app
+
+    data = write_image_folder(tmp_path / "images", per_class=8)
+    args = ["bench", "data", *SMOKE, "--data", str(data), "--workers", "0", "--batches", "2"]
+    result = CliRunner().invoke(app, [*args, "--gpus", "0", "--decode-in-workers"])
+    assert result.exit_code == 0, result.output
+    assert "--decode-in-workers has no effect here" in " ".join(result.stderr.split())
+    assert "no effect" not in CliRunner().invoke(app, [*args, "--gpus", "0"]).stderr
+
+
 # ----------------------------------------------------------------------------------------------
 # Sinkhorn baseline, report sections, JPEG folder
 

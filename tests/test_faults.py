@@ -180,3 +180,24 @@ def test_workers_given_rank_and_world_without_a_master_address_meet_on_this_mach
     results = [w.communicate(timeout=180) for w in workers]
     assert [w.returncode for w in workers] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
     assert "Traceback" not in results[0][1] + results[1][1]
+
+
+def test_the_launchers_summary_groups_alike_ranks_and_blames_only_the_rank_that_failed() -> None:
+    """With many workers, ranks the launcher stopped after a peer's error are said to be that, in
+    one group, not "killed by the out-of-memory killer" one by one; Ctrl-C twice is an interruption."""
+    from swavctl.launch import INTERRUPTED, KILLED, USER_ERROR, Outcome, combine_outcomes
+
+    error = Outcome(USER_ERROR, 2, "32 images are fewer than one global batch of 48", 1)
+    failures = {r: "exit status 143" for r in (0, 2, 3, 4)} | {5: "killed by SIGKILL"}
+    combined = combine_outcomes({1: error}, 6, failures=failures)
+    assert combined.status == USER_ERROR and combined.exit_code == 2
+    assert combined.message == (
+        "rank 1 failed: 32 images are fewer than one global batch of 48; other ranks: "
+        "ranks 0, 2-4: stopped by the launcher after a peer failed, "
+        "rank 5: exited without a report (killed by SIGKILL)"
+    )
+    twice = combine_outcomes({}, 3, failures={r: "exit status 130" for r in range(3)}, received=2)
+    assert (twice.status, twice.exit_code) == (INTERRUPTED, 130)
+    assert twice.message == "stopped at once by SIGINT [all 3 ranks stopped, exit status 130]"
+    lost = combine_outcomes({}, 2, failures={1: "killed by SIGKILL"})
+    assert lost.status == KILLED and "out-of-memory" in lost.message  # no peer error to explain it

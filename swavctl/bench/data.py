@@ -142,6 +142,11 @@ def bench_data(
     if any(w < 0 for w in counts):
         raise UserError("worker counts must be 0 or more")
     device = pick_device(settings)
+    if decode_in_workers and (device.type != "cuda" or settings.data.augment_on != "device"):
+        reporter.warn(
+            "--decode-in-workers has no effect here: it applies with data.augment_on=device on a GPU "
+            f"(now augment_on={settings.data.augment_on}, device {device.type}); the workers decode anyway"
+        )
     folder, paths = _data_paths(settings, reporter)
     if steps_per_epoch(len(paths), settings.train.batch_size) == 0:
         raise UserError(

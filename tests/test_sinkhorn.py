@@ -155,7 +155,7 @@ def test_log_domain_float64_is_exact_where_the_literal_formula_fails(
 
 def test_far_prototype_does_not_underflow() -> None:
     # A prototype opposite to every sample: exp((s - max) / 0.01) underflows float32 in the
-    # official formula, giving an all-zero row and 0/0. The log-domain solve keeps it exact.
+    # official formula, giving an all-zero row and 0/0. The per-prototype maximum shift keeps it exact.
     scores = unit_scores(64, 12)
     scores[:, 0] = -1.0
     codes = sinkhorn(scores, epsilon=0.01, iterations=3)

@@ -132,3 +132,23 @@ def test_ctrl_c_twice_under_the_launcher_exits_130_saying_the_ranks_stopped_at_o
     assert "swavctl: SIGINT again: stopping now" in errors
     assert "stopped at once by SIGINT [all 2 ranks stopped, exit status 130]" in errors, errors[-2000:]
     assert "without a report" not in errors
+
+
+def test_a_signal_after_the_last_step_ends_the_process_at_once() -> None:
+    """After the loop no step boundary comes to act on a recorded signal: a rank waiting in the
+    final barrier for a dead peer must leave on the launcher's SIGTERM, not sit until SIGKILL."""
+    import sys
+
+    code = (
+        "import os, signal, time\n"
+        "from swavctl.train.stop import StopFlag\n"
+        "flag = StopFlag(); flag.install(); flag.watching = True\n"
+        "flag.watching, flag.finished = False, True  # as the loop leaves it\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(30)\n"
+    )
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 143, done.stderr
+    assert "swavctl: SIGTERM after the last step: stopping now" in done.stderr
+    assert time.monotonic() - started < 20

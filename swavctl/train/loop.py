@@ -769,6 +769,9 @@ def _pretrain(
                     "skipped); check --data"
                 )
     finally:
+        # No step boundary is coming: a signal from here on (the launcher's SIGTERM after a peer
+        # died in the final barrier) ends this process at once instead of being recorded.
+        stop_flag.watching, stop_flag.finished = False, True
         if profiler is not None:
             profiler.close()
         if owns_stop:

@@ -43,6 +43,7 @@ class StopFlag:
     def __init__(self) -> None:
         self.received: set[int] = set()
         self.watching = False  # set by the training loop once it acts on signals at step boundaries
+        self.finished = False  # set by the training loop after its last step (no boundary to come)
         self._first_at: float | None = None  # monotonic time of the first SIGTERM/SIGINT
         self._previous: dict[int, Any] = {}
         self._previous_wakeup: int | None = None
@@ -93,7 +94,9 @@ class StopFlag:
 
     def _exit_now(self, signum: int) -> None:
         name = signal.Signals(signum).name
-        why = "again" if self.watching else "before the first step"
+        why = "again"
+        if not self.watching:
+            why = "after the last step" if self.finished else "before the first step"
         with contextlib.suppress(OSError):
             os.write(2, f"\nswavctl: {name} {why}: stopping now; committed checkpoints are kept\n".encode())
         os._exit(EXIT_SIGNAL[signal.Signals(signum)])

@@ -248,3 +248,23 @@ def test_eval_names_the_files_it_could_not_read(tmp_path: Path, images: Path, fi
     assert done.returncode == 0, done.stderr
     text = " ".join(done.stderr.split())
     assert "skipped 1 unreadable file(s):" in text and str(bad) in text, done.stderr
+
+
+def test_a_file_system_without_locks_runs_unlocked_with_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Some Lustre and NFS mounts refuse flock (ENOLCK): a cluster run must not fail for a missing
+    guard. (Such a mount is not available here, so flock itself is made to answer as it does.)"""
+    import errno
+    import fcntl
+
+    from swavctl.train.run_dir import run_lock
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    said: list[str] = []
+    with run_lock(tmp_path / "run", said.append):
+        (tmp_path / "run" / "metrics.jsonl").write_text("")
+    assert len(said) == 1 and "cannot lock" in said[0] and "would not be refused" in said[0]

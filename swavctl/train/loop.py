@@ -296,7 +296,7 @@ def _pretrain(
     in_use = None
     if dist.is_main():
         try:
-            held.enter_context(run_lock(run_dir))  # one run per folder, until this one ends
+            held.enter_context(run_lock(run_dir, reporter.warn))  # one run per folder, until it ends
         except UserError as exc:
             in_use = str(exc)
     in_use = dist.broadcast_object(in_use)

@@ -7,7 +7,7 @@ import fcntl
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -173,7 +173,7 @@ LOCK_FILE = ".lock"
 
 
 @contextlib.contextmanager
-def run_lock(run_dir: Path) -> Iterator[None]:
+def run_lock(run_dir: Path, warn: Callable[[str], None] | None = None) -> Iterator[None]:
     """Hold an exclusive lock on ``run_dir`` for the duration of a run (rank 0 takes it).
 
     Two runs writing one folder interleave their metrics, checkpoints and settings without either
@@ -181,7 +181,8 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     ends (kill -9 too), so a crashed run never leaves the folder locked. The holder's pid is
     written into the file for the error message. Raises :class:`UserError` when another process
     holds it. A folder this call created is removed again if the run leaves nothing but the lock
-    in it (it failed before writing).
+    in it (it failed before writing). On a file system without locks (some Lustre or NFS mounts
+    answer ENOLCK or EOPNOTSUPP) the run goes on unlocked, after ``warn(message)``.
     """
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -198,6 +199,12 @@ def run_lock(run_dir: Path) -> Iterator[None]:
                 f"{run_dir} is in use by another swavctl run{who}; "
                 "wait for it to finish, stop it, or use another --out"
             ) from None
+        except OSError as exc:  # no locking on this file system: a missing guard, not a failed run
+            if warn is not None:
+                warn(
+                    f"cannot lock {run_dir} ({exc.strerror or exc}): a second run started on this folder "
+                    "would not be refused"
+                )
         handle.seek(0)
         handle.truncate()
         handle.write(f"{os.getpid()}\n")

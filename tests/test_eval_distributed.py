@@ -221,6 +221,8 @@ def test_two_processes_equal_one(data: Path, tmp_path: Path, mode: str) -> None:
         env=cli_env(),
     )
     assert done.returncode == 0, done.stderr
+    if mode == "knn":  # the progress lines are rank 0's and say they count its share
+        assert "val features (rank 0's share of 11)" in " ".join(done.stderr.split()), done.stderr
     two = json.loads(done.stdout)  # rank 0's summary, once
     assert set(two) == set(one)
     a = json.loads((tmp_path / "one" / "eval.json").read_text())

@@ -55,6 +55,8 @@ def extract_features(
     )
     parts: list[torch.Tensor] = [torch.empty(0, feature_dim, device=device)]
     kept: list[torch.Tensor] = [torch.empty(0, dtype=torch.int64)]
+    if dist.world_size() > 1:  # the progress line is rank 0's: say it counts its share
+        name = f"{name} (rank {dist.rank()}'s share of {len(dataset)})"
     try:
         with report.stage(name, len(share), "images") as advance:
             for batch in loader:

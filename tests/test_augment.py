@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -40,13 +40,7 @@ from swavctl.data.batch_augment import (
 NO_PHOTOMETRIC = AugmentSpec(jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny tensors: intra-op threads only add overhead (and DataLoader workers use one thread).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: intra-op threads only add waiting
 
 
 def smooth_image(h: int, w: int, seed: int, channels: int = 3) -> torch.Tensor:

@@ -6,7 +6,7 @@ import json
 import math
 import statistics
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -30,13 +30,7 @@ Cli = Callable[..., subprocess.CompletedProcess[str]]
 SMOKE = ("--preset", "smoke", "--gpus", "0")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Small tensors on a shared machine: intra-op threads only add waiting.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: intra-op threads only add waiting
 
 
 @pytest.fixture

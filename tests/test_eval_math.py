@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,14 +25,7 @@ from swavctl.eval.metrics import accuracy, confusion_matrix, topk_correct
 from swavctl.eval.splits import discover, holdout_split, label_subset, per_class_quota, stratified_split
 from swavctl.eval.views import center_view, geometry_for, random_crop_box, train_view
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: one intra-op thread is faster, and far faster on a loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: intra-op threads only add waiting
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -54,12 +53,7 @@ def _assert_same_distribution(a: torch.Tensor, b: torch.Tensor, what: str) -> No
 CROPS = [CropSpec(32, 0.14, 1.0), CropSpec(32, 0.14, 1.0), CropSpec(16, 0.05, 0.14), CropSpec(5, 0.05, 0.14)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: intra-op threads only add waiting
 
 
 def _v2_reference(image: torch.Tensor, d: CropDraw, size: int, augment: AugmentSpec) -> torch.Tensor:

@@ -10,7 +10,6 @@ forward (one backbone call per run of equal-size crops).
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -26,13 +25,7 @@ BATCH, PROTOTYPES, DIM, CROPS, QUEUE_BATCHES = 3, 5, 4, 4, 2
 TEMPERATURE, EPSILON, ITERATIONS = 0.1, 0.05, 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: one intra-op thread is faster, and far faster on a loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: intra-op threads only add waiting
 
 
 def _unit(rows: int, generator: torch.Generator) -> torch.Tensor:

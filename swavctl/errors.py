@@ -21,6 +21,14 @@ class OutputWriteError(UserError):
     """An output could not be written (disk full, file-size limit, no permission): one line, exit 1.
 
     Not bad input, so not status 2; the earlier version of the file, if any, is left as it was.
+    ``path``, ``errno`` and ``reason`` are those of the failed write, for callers that report it
+    their own way (a checkpoint names its errno).
     """
 
     exit_code = 1
+
+    def __init__(self, path: object, errno: int | None, reason: str) -> None:
+        super().__init__(f"{path}: cannot write: {reason}")
+        self.path = path
+        self.errno = errno
+        self.reason = reason

@@ -517,13 +517,13 @@ def combine_outcomes(
     failures = failures or {}
     full: dict[int, Outcome] = {}
     stop_codes = {code: signal.Signals(signum).name for signum, code in EXIT_SIGNAL.items()}
+    peer_failed = any(o.status not in (OK, INTERRUPTED) for o in outcomes.values())
     for rank_ in range(world):
         if rank_ in outcomes:
             full[rank_] = outcomes[rank_]
             continue
         code = failures.get(rank_, "").removeprefix("exit status ")
         stopped = code.isdigit() and int(code) in stop_codes
-        peer_failed = any(o.status not in (OK, INTERRUPTED) for o in outcomes.values())
         if stopped and received is None and peer_failed:
             # The launcher's own SIGTERM after a peer failed (the worker's StopFlag exits 143 at once).
             full[rank_] = Outcome(

@@ -323,7 +323,8 @@ def _prepare_for_write(tensors: Mapping[str, torch.Tensor], path: Path) -> dict[
     return out
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (best effort: some systems cannot open folders)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:  # e.g. Windows cannot open directories
@@ -356,7 +357,10 @@ def make_parent(path: Path) -> None:
         raise UserError(f"cannot create the folder {path.parent} for {path.name}: {reason}") from None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (this one does): a temporary named after it may be in use."""
+    if pid == os.getpid():
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -370,7 +374,7 @@ def remove_stale_temporaries(path: Path) -> None:
     """Remove ``.NAME.tmp-PID`` files that a killed writer of ``path`` left (their PID is gone)."""
     for tmp in path.parent.glob(f".{path.name}.tmp-*"):
         pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             with contextlib.suppress(OSError):
                 tmp.unlink()
 
@@ -379,8 +383,8 @@ def remove_stale_temporaries(path: Path) -> None:
 def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
     """A binary handle whose contents replace ``path`` when the block ends, atomically and durably.
 
-    The data goes to ``.NAME.tmp-PID`` in the same folder, is flushed and fsynced, gets the mode a
-    plain ``open`` would give (0666 less the umask), and is renamed over ``path``; the folder is
+    The data goes to ``.NAME.tmp-PID`` in the same folder (created as ``open`` creates any file:
+    0666 less the umask), is flushed and fsynced, and is renamed over ``path``; the folder is
     fsynced last. A reader (or a crash) sees the old file or the complete new one, never a part.
     Temporaries of killed writers are removed first. An ``OSError`` (disk full, file-size limit,
     no permission) becomes one :class:`OutputWriteError` naming ``path``; the old file stays, and
@@ -394,19 +398,16 @@ def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except OSError as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise OutputWriteError(f"{path}: cannot write: {exc.strerror or exc}") from None
+        raise OutputWriteError(path, exc.errno, str(exc.strerror or exc)) from None
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def write_atomic(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
@@ -446,6 +447,11 @@ def write_safetensors_atomic(
     data = save(prepared, metadata=meta)
     del prepared
     write_atomic(path, lambda handle: handle.write(data))
+
+
+# --------------------------------------------------------------------------------------------
+# Hashing
+# --------------------------------------------------------------------------------------------
 
 
 def payload_sha256(tensors: Mapping[str, torch.Tensor]) -> str:

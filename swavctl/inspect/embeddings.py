@@ -39,10 +39,8 @@ class EmbeddingStore:
         self.rows += int(array.shape[0])
 
     def _write_error(self, exc: OSError) -> OutputWriteError:
-        return OutputWriteError(
-            f"cannot write the embeddings to {self.path.parent} ({self.rows} rows so far): "
-            f"{exc.strerror or exc}"
-        )
+        where = f"the embeddings in {self.path.parent} ({self.rows} rows so far)"
+        return OutputWriteError(where, exc.errno, str(exc.strerror or exc))
 
     def finish(self) -> None:
         """Stop writing; the rows become readable."""

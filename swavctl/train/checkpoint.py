@@ -21,7 +21,6 @@ from __future__ import annotations
 import errno as errno_names
 import hashlib
 import json
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -30,7 +29,8 @@ from typing import Any
 
 import torch
 
-from swavctl.errors import UserError
+from swavctl.errors import OutputWriteError, UserError
+from swavctl.safe_io import pid_alive, write_atomic, write_text_atomic
 
 FORMAT = "swavctl-checkpoint-1"
 CHECKPOINT_DIR = "checkpoints"
@@ -43,32 +43,6 @@ class Checkpoint:
     state_path: Path
     manifest_path: Path
     serial: int = 0  # commit order; 0 for manifests written before serials, -1 for an unreadable one
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 class _ErrorKeepingWriter:
@@ -123,7 +97,9 @@ def save_checkpoint(run_dir: Path, step: int, epoch: int, state: dict[str, Any],
     manifest_path = folder / f"step-{step:09d}.json"
     serial = 1 + max((c.serial for c in list_committed(folder)), default=0)
     try:
-        _write_atomic(state_path, lambda handle: _torch_save(state, handle))
+        # Each file is committed by safe_io.write_atomic (temporary, fsync, rename, folder fsync);
+        # the manifest, written last, commits the checkpoint.
+        write_atomic(state_path, lambda handle: _torch_save(state, handle))
         manifest = {
             "format": FORMAT,
             "step": step,
@@ -134,18 +110,23 @@ def save_checkpoint(run_dir: Path, step: int, epoch: int, state: dict[str, Any],
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "serial": serial,
         }
-        _write_atomic(manifest_path, lambda handle: handle.write(json.dumps(manifest, indent=1).encode()))
-        _fsync_dir(folder)
-    except OSError as exc:
+        write_text_atomic(manifest_path, json.dumps(manifest, indent=1))
+    except OutputWriteError as exc:  # writing the state or the manifest
+        raise _write_failed(exc.path, exc.errno, exc.reason) from None
+    except OSError as exc:  # reading the state back for its size and digest
         target = Path(exc.filename) if exc.filename else state_path
-        name = errno_names.errorcode.get(exc.errno or 0, "")
-        raise CheckpointWriteError(
-            f"could not write checkpoint {target}: [errno {exc.errno}{' ' + name if name else ''}] "
-            f"{exc.strerror or exc}; the earlier checkpoints are intact",
-            exc.errno,
-        ) from None
+        raise _write_failed(target, exc.errno, str(exc.strerror or exc)) from None
     purge(folder, keep=keep)
     return state_path
+
+
+def _write_failed(target: object, errno: int | None, reason: str) -> CheckpointWriteError:
+    name = errno_names.errorcode.get(errno or 0, "")
+    return CheckpointWriteError(
+        f"could not write checkpoint {target}: [errno {errno}{' ' + name if name else ''}] "
+        f"{reason}; the earlier checkpoints are intact",
+        errno,
+    )
 
 
 class CheckpointWriteError(Exception):
@@ -197,20 +178,8 @@ def purge(folder: Path, *, keep: int) -> None:
                 path.unlink(missing_ok=True)  # an older state file that never committed
         elif path.name.startswith(".step-") and ".tmp-" in path.name:
             pid = path.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and not _pid_alive(int(pid)):
+            if pid.isdigit() and not pid_alive(int(pid)):
                 path.unlink(missing_ok=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def verify(checkpoint: Checkpoint) -> str | None:

@@ -151,7 +151,8 @@ def busy_cpu_note(load_average: float, cores: int, threads: int) -> str | None:
     """A warning when torch's CPU threads will compete with other work for too few cores.
 
     Measured on the 2-core demo machine under a load of 3 to 6: two torch threads spin-waiting on
-    each other ran the demo 4 to 6 times slower than one thread (docs/benchmarks.md). None when
+    each other ran the demo's steps about 4.6 times slower than one thread (2.7 times in
+    docs/benchmarks.md's earlier measurement: 6 min 24 s against about 140 s). None when
     torch uses one thread, or when the load (the last minute's runnable tasks, before this run
     adds its own) is below the core count.
     """
@@ -304,7 +305,6 @@ def _pretrain(
         raise UserError(in_use)
     if reused:
         reporter.info(f"re-running the unfinished run in {run_dir}")
-    previous = read_resolved(run_dir)
     if fresh and dist.is_main():
         aside = set_aside_earlier_run(run_dir)
         if aside is not None:
@@ -374,12 +374,16 @@ def _pretrain(
             checkpoint = ckpt.checkpoint_at(run_dir, chosen)
             state = ckpt.load_state(checkpoint.state_path)
         saved = state.get("settings")
+        # The checkpoint's own settings decide what its state means: resolved.toml is rewritten at
+        # every start, and an edited (or, before atomic writes, a truncated) one must not. It is
+        # only the fallback for a checkpoint that carries no settings.
+        previous: Settings | None
         if isinstance(saved, str):
-            # The checkpoint's own settings decide what its state means: resolved.toml is rewritten
-            # at every start, and an edited (or, before atomic writes, a truncated) one must not.
             from swavctl.config import from_toml_text
 
             previous = from_toml_text(saved, source=str(checkpoint.state_path))
+        else:
+            previous = read_resolved(run_dir)
         if previous is not None:
             incompatible = incompatible_changes(
                 previous, settings, old_world=int(state.get("world_size", 1)), new_world=world

@@ -89,13 +89,16 @@ def select_run_dir(settings: Settings, *, fresh: bool, runs_root: Path = RUNS_RO
             return latest.resolve(), True
     label = (settings.preset or settings.model.arch).replace("/", "_").replace(".toml", "")
     label = Path(label).name
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    candidate = runs_root / f"{stamp}-{label}"
-    n = 1
+    return _unused(runs_root / f"{time.strftime('%Y%m%d-%H%M%S')}-{label}"), False
+
+
+def _unused(path: Path) -> Path:
+    """``path``, or the first of ``path-2``, ``path-3``, ... that does not exist yet."""
+    candidate, n = path, 1
     while candidate.exists():
         n += 1
-        candidate = runs_root / f"{stamp}-{label}-{n}"
-    return candidate, False
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
 
 
 def finished_latest_note(settings: Settings, *, fresh: bool, runs_root: Path = RUNS_ROOT) -> str | None:
@@ -129,7 +132,7 @@ def finished_latest_note(settings: Settings, *, fresh: bool, runs_root: Path = R
 RUN_OUTPUTS = (
     "checkpoints",
     "metrics.jsonl",
-    "summary.json",
+    SUMMARY_FILE,
     "backbone.safetensors",
     RESOLVED_FILE,
     "profile",
@@ -146,11 +149,7 @@ def set_aside_earlier_run(run_dir: Path) -> Path | None:
     present = [run_dir / name for name in RUN_OUTPUTS if (run_dir / name).exists()]
     if not present:
         return None
-    aside = run_dir / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
-    n = 1
-    while aside.exists():
-        n += 1
-        aside = run_dir / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
+    aside = _unused(run_dir / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}")
     aside.mkdir()
     for path in present:
         path.rename(aside / path.name)

@@ -151,8 +151,9 @@ def busy_cpu_note(load_average: float, cores: int, threads: int) -> str | None:
     """A warning when torch's CPU threads will compete with other work for too few cores.
 
     Measured on the 2-core demo machine under a load of 3 to 6: two torch threads spin-waiting on
-    each other ran the demo's steps about 4.6 times slower than one thread (2.7 times in
-    docs/benchmarks.md's earlier measurement: 6 min 24 s against about 140 s). None when
+    each other ran the demo's steps about 4 times slower than one thread (8 min 22 s for 365 steps,
+    then 62 s for the other 185 with OMP_NUM_THREADS=1; 2.7 times in docs/benchmarks.md's earlier
+    measurement: 6 min 24 s against about 140 s). None when
     torch uses one thread, or when the load (the last minute's runnable tasks, before this run
     adds its own) is below the core count.
     """

@@ -23,9 +23,11 @@ from swavctl.sinkhorn import sinkhorn
 from swavctl.train.agreement import read_step
 from swavctl.train.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
 from tests.conftest import cli_env, free_port, run_cli, write_image_folder
+from tests.test_sinkhorn import far_sample_scores, reference_sinkhorn_log
 
 GLOBAL_BATCH, PROTOTYPES = 48, 30
 SPLITS = {"halves": (24, 24), "uneven": (31, 17)}  # rows per rank
+FAR_SPLIT, FAR_EPSILON = 40, 0.005  # rank 0 holds rows 0-39 of far_sample_scores(), with its far sample
 
 
 def official_sinkhorn(scores: torch.Tensor, epsilon: float, iterations: int) -> torch.Tensor:
@@ -95,6 +97,10 @@ def _two_rank_worker(rank: int, port: int, out_dir: str) -> None:
             for dtype in (torch.float64, torch.float32):
                 mine = _scores(dtype)[rows]
                 results[f"sinkhorn/{name}/{dtype}"] = sinkhorn(mine, epsilon=0.05, iterations=3)
+        # Only rank 0 holds the sample that underflows: both ranks must take the log domain.
+        far = far_sample_scores()
+        mine = far[:FAR_SPLIT] if rank == 0 else far[FAR_SPLIT:]
+        results["sinkhorn/log-domain"] = sinkhorn(mine, epsilon=FAR_EPSILON, iterations=3)
         data = _bn_inputs()
         half = slice(0, 8) if rank == 0 else slice(8, 16)
         for kind in ("2d", "1d"):
@@ -129,6 +135,18 @@ def test_sinkhorn_on_two_ranks_equals_one_process(two_rank_results: list[dict[st
         # The last normalisation is over samples: every code sums to 1.
         ones = torch.ones(GLOBAL_BATCH, dtype=torch.float64)
         torch.testing.assert_close(codes.double().sum(1), ones, atol=tol, rtol=0)
+
+
+def test_log_domain_sinkhorn_on_two_ranks_equals_one_process(two_rank_results: list[dict[str, Any]]) -> None:
+    """A sample on rank 0 underflows its whole float32 row: both ranks switch to the log domain
+    (rank 1 on rank 0's word; otherwise their collectives would not match), and the codes equal the
+    one-process solve and the float64 log-domain reference."""
+    codes = torch.cat([two_rank_results[r]["sinkhorn/log-domain"] for r in range(2)])
+    whole = far_sample_scores()
+    assert codes.shape == whole.shape and torch.isfinite(codes).all()
+    torch.testing.assert_close(codes, sinkhorn(whole, epsilon=FAR_EPSILON, iterations=3), atol=1e-6, rtol=0)
+    reference = reference_sinkhorn_log(whole, FAR_EPSILON, 3)
+    torch.testing.assert_close(codes.double(), reference, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["2d", "1d"])

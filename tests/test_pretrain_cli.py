@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import tomllib
 from pathlib import Path
 
@@ -78,6 +79,33 @@ def test_resnet18_backbone_loads_strictly_into_torchvision(cli, image_folder: Pa
     model = torchvision.models.resnet18()
     model.fc = torch.nn.Identity()
     model.load_state_dict(load_file(tmp_path / "r18" / "backbone.safetensors"), strict=True)
+
+
+@pytest.mark.skipif(
+    shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler"
+)
+def test_compiled_training_matches_eager_and_saves_the_same_names(
+    cli, image_folder: Path, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """``train.compile=true`` (torch.compile with inductor, here on the CPU) trains the same steps as
+    eager: the losses agree to float32 rounding, and the checkpoint and the export carry the model's
+    own parameter names (no ``_orig_mod.`` of the compiled wrapper)."""
+    runs = {"eager": (), "compiled": ("--set", "train.compile=true")}
+    losses: dict[str, list[float]] = {}
+    for name, extra in runs.items():
+        result = cli(*SMOKE, "--data", str(image_folder), "--max-steps", "3", "--out", name, *extra)
+        assert result.returncode == 0, result.stderr
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        losses[name] = [json.loads(line)["loss"] for line in lines]
+    assert len(losses["compiled"]) == 3
+    np.testing.assert_allclose(losses["compiled"], losses["eager"], rtol=1e-4)
+    names = {name: sorted(load_file(tmp_path / name / "backbone.safetensors")) for name in runs}
+    assert names["compiled"] == names["eager"]
+    checkpoints = {
+        name: torch.load(next((tmp_path / name / "checkpoints").glob("*.pt")), weights_only=False)["model"]
+        for name in runs
+    }
+    assert sorted(checkpoints["compiled"]) == sorted(checkpoints["eager"])
 
 
 def test_train_subfolder_is_used_and_announced(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

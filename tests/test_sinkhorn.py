@@ -114,7 +114,7 @@ def _count_log_domain_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
-def _far_sample_scores() -> torch.Tensor:
+def far_sample_scores() -> torch.Tensor:
     """Unit scores where sample 5 is opposite to every prototype and every prototype peaks >= 0.35."""
     scores = unit_scores(64, 12)
     scores[:, 0] = scores[:, 0].clamp(min=0.5)
@@ -126,7 +126,7 @@ def test_far_sample_switches_to_the_log_domain(monkeypatch: pytest.MonkeyPatch) 
     """A sample opposite to every prototype at epsilon 0.005 underflows its whole float32 row after
     the row shift (exp(-270) and less): the log-domain path takes over and matches both float64
     references (the literal one is still finite in float64)."""
-    scores = _far_sample_scores()
+    scores = far_sample_scores()
     shifted = (scores - scores.amax(dim=0, keepdim=True)) / 0.005
     assert bool((torch.exp(shifted[5]) == 0).all())  # the float32 row of sample 5 really underflows
     calls = _count_log_domain_calls(monkeypatch)
@@ -143,7 +143,7 @@ def test_log_domain_float64_is_exact_where_the_literal_formula_fails(
 ) -> None:
     """At epsilon 0.001 even the float64 row of the far sample underflows (exp(-1000) and less), so
     the literal formula gives 0/0 there; the float64 log-domain solve equals the exact reference."""
-    scores = _far_sample_scores().double()
+    scores = far_sample_scores().double()
     assert not torch.isfinite(reference_sinkhorn(scores, 0.001, 4)[5]).any()
     calls = _count_log_domain_calls(monkeypatch)
     codes = sinkhorn(scores, epsilon=0.001, iterations=4)

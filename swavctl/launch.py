@@ -398,12 +398,23 @@ def _apply_thread_count() -> None:
         torch.set_num_threads(int(threads))
 
 
+def crowded_cpu_note(processes: int, cores: int) -> str | None:
+    """A warning when the launcher starts more CPU worker processes than it has cores.
+
+    Each step ends in all-reduces, so every step waits for the slowest process, and processes
+    that share a core take turns: the run is slower than with one process per core. More
+    processes than cores only serve to try the distributed path on a small machine.
+    """
+    if processes <= cores:
+        return None
+    return (
+        f"{processes} CPU worker processes share {cores} core{'s' if cores != 1 else ''}: every step waits "
+        f"for the slowest, so this is slower than {'one process' if cores == 1 else f'--procs {cores}'}"
+    )
+
+
 def _threads_per_worker(nprocs: int) -> int:
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores // nprocs)
+    return max(1, dist.usable_cores() // nprocs)
 
 
 def launch_local(job: Job, *, nprocs: int) -> Outcome:
@@ -413,6 +424,9 @@ def launch_local(job: Job, *, nprocs: int) -> Outcome:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     _quiet_elastic_logs()
+    crowded = None if job.use_cuda else crowded_cpu_note(nprocs, dist.usable_cores())
+    if crowded:
+        print(f"warning: {crowded}", file=sys.stderr)
     outcome_dir = Path(tempfile.mkdtemp(prefix="swavctl-launch-"))
     payload = {"job": asdict(job), "outcome_dir": str(outcome_dir)}
     start_method = os.environ.get(START_METHOD_ENV) or ("spawn" if job.use_cuda else "fork")

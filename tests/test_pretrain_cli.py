@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -323,3 +326,27 @@ def test_collapse_and_small_batch_warnings(cli, image_folder: Path) -> None:  # 
 def test_no_data_at_all_exits_2(cli) -> None:  # type: ignore[no-untyped-def]
     result = cli("pretrain", "--preset", "smoke")
     assert result.returncode == 2 and "--data" in result.stderr
+
+
+def test_more_cpu_workers_than_cores_are_warned_about(image_folder: Path, tmp_path: Path) -> None:
+    """``--procs 2`` on a process allowed one core (real CPU affinity, inherited by the workers):
+    the run still trains, after one warning that the two workers share the core."""
+    from swavctl.launch import crowded_cpu_note
+
+    assert crowded_cpu_note(2, 2) is None and crowded_cpu_note(1, 1) is None
+    assert "3 CPU worker processes share 2 cores" in (crowded_cpu_note(3, 2) or "")
+    result = subprocess.run(
+        [sys.executable, "-m", "swavctl", *SMOKE, "--procs", "2", "--batch-size", "4"]
+        + ["--data", str(image_folder), "--max-steps", "1", "--out", "run"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=lambda: os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]}),
+    )
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "share 1 core" in line]
+    assert warnings == [
+        "warning: 2 CPU worker processes share 1 core: every step waits for the slowest, "
+        "so this is slower than one process"
+    ]

@@ -31,10 +31,8 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import time
 import traceback
 import uuid
@@ -43,9 +41,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from swavctl import dist
+from swavctl import dist, scratch
 from swavctl.config import Settings
 from swavctl.errors import UserError
+from swavctl.scratch import scratch_folder
 from swavctl.train.stop import EXIT_SIGNAL
 
 # Seconds the agent gives workers to checkpoint and exit after it forwards a signal. A worker that
@@ -55,6 +54,8 @@ SIGNAL_GRACE_S = 120
 # fork), "fork" for CPU workers (no re-import of torch per worker: several seconds each). The
 # environment variable overrides it.
 START_METHOD_ENV = "SWAVCTL_START_METHOD"
+# Name of the launcher's scratch folders in the temporary directory (outcomes and worker logs).
+SCRATCH_PREFIX = "swavctl-launch-"
 
 OK, USER_ERROR, INTERRUPTED, NON_FINITE, CHECKPOINT_WRITE, CRASH, KILLED = (
     "ok",
@@ -358,6 +359,7 @@ def _elastic_worker(payload: dict[str, Any]) -> dict[str, Any]:
     """Entry point of a worker started by :func:`launch_local` (a forked or spawned process)."""
     job = Job(**payload["job"])
     stop = _install_signal_handling(job)  # first: for pretraining, a signal is now a checkpoint request
+    scratch.join(Path(payload["outcome_dir"]))  # the folder stays while this worker lives
     _apply_thread_count()
     env = dist.detect_env()
     if env is None:  # pragma: no cover - elastic always sets RANK/WORLD_SIZE/LOCAL_RANK
@@ -418,16 +420,43 @@ def _threads_per_worker(nprocs: int) -> int:
 
 
 def launch_local(job: Job, *, nprocs: int) -> Outcome:
-    """Start ``nprocs`` workers of ``job`` here (torch.distributed.elastic); combine their outcomes."""
-    from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs, SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    """Start ``nprocs`` workers of ``job`` here (torch.distributed.elastic); combine their outcomes.
 
+    The workers' outcomes and logs go to a scratch folder (:mod:`swavctl.scratch`), removed when
+    the launch ends, or by a later launch when this one was killed.
+    """
     _quiet_elastic_logs()
     crowded = None if job.use_cuda else crowded_cpu_note(nprocs, dist.usable_cores())
     if crowded:
         print(f"warning: {crowded}", file=sys.stderr)
-    outcome_dir = Path(tempfile.mkdtemp(prefix="swavctl-launch-"))
+    saved_env = {key: os.environ.get(key) for key in ("OMP_NUM_THREADS",)}
+    if "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(_threads_per_worker(nprocs))
+    started = time.monotonic()
+    try:
+        with scratch_folder(SCRATCH_PREFIX) as outcome_dir:
+            outcomes, failures, received = _run_elastic(job, nprocs, outcome_dir)
+    finally:
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    combined = combine_outcomes(outcomes, nprocs, failures=failures, received=received)
+    combined.summary = combined.summary if combined.status == OK else None
+    if combined.status != OK:
+        combined.message += f" [after {time.monotonic() - started:.1f} s]"
+    return combined
+
+
+def _run_elastic(
+    job: Job, nprocs: int, outcome_dir: Path
+) -> tuple[dict[int, Outcome], dict[int, str], int | None]:
+    """Run the workers through torch.distributed.elastic: their outcomes, failures and any signal."""
+    from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs, SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
     payload = {"job": asdict(job), "outcome_dir": str(outcome_dir)}
     start_method = os.environ.get(START_METHOD_ENV) or ("spawn" if job.use_cuda else "fork")
     config = LaunchConfig(
@@ -445,33 +474,16 @@ def launch_local(job: Job, *, nprocs: int) -> Outcome:
         signals_to_handle="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
         shutdown_timeout=SIGNAL_GRACE_S,
     )
-    saved_env = {key: os.environ.get(key) for key in ("OMP_NUM_THREADS",)}
-    if "OMP_NUM_THREADS" not in os.environ:
-        os.environ["OMP_NUM_THREADS"] = str(_threads_per_worker(nprocs))
     failures: dict[int, str] = {}
     received: int | None = None
-    started = time.monotonic()
     try:
-        try:
-            elastic_launch(config, _elastic_worker)(payload)
-        except ChildFailedError as exc:
-            for rank_, failure in exc.failures.items():
-                failures[rank_] = _describe_exit(failure.exitcode)
-        except SignalException as exc:
-            received = int(exc.sigval)
-        outcomes = _read_outcomes(outcome_dir, nprocs)
-    finally:
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        shutil.rmtree(outcome_dir, ignore_errors=True)
-    combined = combine_outcomes(outcomes, nprocs, failures=failures, received=received)
-    combined.summary = combined.summary if combined.status == OK else None
-    if combined.status != OK:
-        combined.message += f" [after {time.monotonic() - started:.1f} s]"
-    return combined
+        elastic_launch(config, _elastic_worker)(payload)
+    except ChildFailedError as exc:
+        for rank_, failure in exc.failures.items():
+            failures[rank_] = _describe_exit(failure.exitcode)
+    except SignalException as exc:
+        received = int(exc.sigval)
+    return _read_outcomes(outcome_dir, nprocs), failures, received
 
 
 def _ranks_label(ranks: list[int]) -> str:

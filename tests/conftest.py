@@ -66,14 +66,18 @@ def run_cli(
     """Run ``python -m swavctl ARGS`` in a real subprocess."""
     full_env = dict(os.environ)
     full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "swavctl", *args],
-        cwd=cwd,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "swavctl", *args],
+            cwd=cwd,
+            env=full_env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as exc:  # say where it hung: what it printed so far
+        errors = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
+        pytest.fail(f"swavctl {' '.join(args)} timed out after {timeout} s; its stderr:\n{errors[-4000:]}")
 
 
 @pytest.fixture

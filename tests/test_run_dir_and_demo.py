@@ -90,7 +90,7 @@ def test_demo_dataset_is_real_stratified_and_cached() -> None:
 
 
 def test_a_busy_cpu_gets_the_one_thread_advice_and_an_idle_one_does_not() -> None:
-    from swavctl.train.loop import busy_cpu_note
+    from swavctl.train.plan import busy_cpu_note
 
     note = busy_cpu_note(4.2, 2, 2)
     assert note is not None and "load average 4.2 on 2 cores" in note and "OMP_NUM_THREADS=1" in note

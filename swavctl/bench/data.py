@@ -27,7 +27,8 @@ from swavctl.data.sampler import EpochBatchSampler, steps_per_epoch
 from swavctl.errors import UserError
 from swavctl.train.build import augment_spec, crop_specs
 from swavctl.train.device_batch import batch_crops, decode_batch
-from swavctl.train.loop import QuietReporter, Reporter, _data_paths, pick_device
+from swavctl.train.plan import data_paths, pick_device
+from swavctl.train.report import QuietReporter, Reporter
 
 #: Worker counts whose rate is within this fraction of the best count as "enough".
 ENOUGH = 0.95
@@ -147,7 +148,7 @@ def bench_data(
             "--decode-in-workers has no effect here: it applies with data.augment_on=device on a GPU "
             f"(now augment_on={settings.data.augment_on}, device {device.type}); the workers decode anyway"
         )
-    folder, paths = _data_paths(settings, reporter)
+    folder, paths = data_paths(settings, reporter)
     if steps_per_epoch(len(paths), settings.train.batch_size) == 0:
         raise UserError(
             f"{len(paths)} images under {folder} are fewer than one batch of {settings.train.batch_size}; "

@@ -34,7 +34,8 @@ from swavctl.queue import EmbeddingQueue, queue_length_per_rank
 from swavctl.train.build import build_model as build_swav
 from swavctl.train.build import build_optimizer, crop_specs
 from swavctl.train.lars import LARC
-from swavctl.train.loop import autocast_dtype, pick_device
+from swavctl.train.plan import pick_device
+from swavctl.train.precision import autocast_dtype
 from swavctl.train.step import freeze_prototype_grads, grads_finite, swav_loss_from_outputs
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from swavctl.config import Settings
 from swavctl.model.swav import SwAV
 
 
@@ -38,3 +39,10 @@ def keep_scores_fp32(model: SwAV) -> SwAV:
     if type(layer) is nn.Linear:
         layer.__class__ = Float32Linear
     return model
+
+
+def autocast_dtype(settings: Settings, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype (None = full fp32). The CPU always runs fp32."""
+    if device.type != "cuda" or settings.train.precision == "fp32":
+        return None
+    return torch.float16 if settings.train.precision == "fp16" else torch.bfloat16

@@ -179,7 +179,10 @@ class TrainSettings(_Strict):
         description="Model and crops in the channels_last memory format (NHWC): tensor-core "
         "convolutions on GPUs, vectorised convolutions and pooling on CPUs.",
     )
-    compile: bool = Field(False, description="torch.compile the model (GPU).")
+    compile: bool = Field(
+        False,
+        description="torch.compile the model (inductor; the first steps compile; for GPUs, runs on CPUs).",
+    )
     log_every: int = Field(1, ge=1, description="Steps between metrics lines.")
     profile_steps: int = Field(
         0,

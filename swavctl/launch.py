@@ -425,7 +425,6 @@ def launch_local(job: Job, *, nprocs: int) -> Outcome:
     The workers' outcomes and logs go to a scratch folder (:mod:`swavctl.scratch`), removed when
     the launch ends, or by a later launch when this one was killed.
     """
-    _quiet_elastic_logs()
     crowded = None if job.use_cuda else crowded_cpu_note(nprocs, dist.usable_cores())
     if crowded:
         print(f"warning: {crowded}", file=sys.stderr)
@@ -457,6 +456,7 @@ def _run_elastic(
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    _quiet_elastic_logs()  # after the imports: they set their loggers' levels
     payload = {"job": asdict(job), "outcome_dir": str(outcome_dir)}
     start_method = os.environ.get(START_METHOD_ENV) or ("spawn" if job.use_cuda else "fork")
     config = LaunchConfig(

@@ -32,11 +32,16 @@ MIN_AGE_S = 60.0
 _held: list[IO[str]] = []  # shared locks this process keeps until it exits (workers)
 
 
-def _lock_shared(folder: Path) -> IO[str] | None:
-    """Open ``folder/.lock`` and hold a shared lock on it (None where the file system has no locks)."""
-    handle = open(folder / LOCK_FILE, "a")  # noqa: SIM115 - held until released or the process ends
+def _lock_shared(folder: Path, *, create: bool) -> IO[str] | None:
+    """Hold a shared lock on ``folder/.lock`` (None when it cannot be taken).
+
+    Read-write, not append-only: NFSv4 refuses a shared lock on a file open for writing only
+    (EBADF) while it grants an exclusive one, which would let another launch judge a live folder
+    abandoned. Never blocks: an exclusive holder is a launch removing the folder.
+    """
+    handle = open(folder / LOCK_FILE, "a+" if create else "r+")  # noqa: SIM115 - held until closed
     try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_SH)
+        fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError:
         handle.close()
         return None
@@ -52,7 +57,7 @@ def remove_abandoned(parent: Path, prefix: str, *, min_age_s: float = MIN_AGE_S)
         try:
             if folder.stat().st_uid != os.getuid() or now - lock.stat().st_mtime < min_age_s:
                 continue
-            with open(lock, "a") as handle:
+            with open(lock, "r+") as handle:  # read-write, as the holders open it; never creates it
                 fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: in use
                 shutil.rmtree(folder)
         except OSError:  # in use, already gone, no lock file (not ours to judge), or not removable
@@ -67,8 +72,11 @@ def scratch_folder(prefix: str) -> Iterator[Path]:
     parent = Path(tempfile.gettempdir())
     remove_abandoned(parent, prefix)
     folder = Path(tempfile.mkdtemp(prefix=prefix))
-    handle = _lock_shared(folder)
+    handle = None
     try:
+        handle = _lock_shared(folder, create=True)
+        if handle is None:  # no locks here: without its lock file, no launch will judge the folder
+            (folder / LOCK_FILE).unlink(missing_ok=True)
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -77,8 +85,11 @@ def scratch_folder(prefix: str) -> Iterator[Path]:
 
 
 def join(folder: Path) -> None:
-    """Hold a shared lock on ``folder`` until this process exits (a worker of its launcher)."""
-    with contextlib.suppress(OSError):
-        handle = _lock_shared(folder)
+    """Hold a shared lock on ``folder`` until this process exits (a worker of its launcher).
+
+    Where the lock cannot be taken, the launcher's own lock (or its missing lock file) keeps the
+    folder while the launcher lives."""
+    with contextlib.suppress(OSError):  # no lock file: the launcher could not lock it either
+        handle = _lock_shared(folder, create=False)
         if handle is not None:
             _held.append(handle)

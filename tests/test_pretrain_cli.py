@@ -95,9 +95,14 @@ def test_compiled_training_matches_eager_and_saves_the_same_names(
     own parameter names (no ``_orig_mod.`` of the compiled wrapper)."""
     runs = {"eager": (), "compiled": ("--set", "train.compile=true")}
     losses: dict[str, list[float]] = {}
+    kernels = tmp_path / "inductor"  # a cache of its own: the compiled run must fill it
     for name, extra in runs.items():
-        result = cli(*SMOKE, "--data", str(image_folder), "--max-steps", "3", "--out", name, *extra)
+        result = cli(
+            *SMOKE, "--data", str(image_folder), "--max-steps", "3", "--out", name, *extra,
+            env={"TORCHINDUCTOR_CACHE_DIR": str(kernels)},
+        )  # fmt: skip
         assert result.returncode == 0, result.stderr
+        assert any(kernels.rglob("*.py")) == (name == "compiled")  # inductor wrote kernels, eager none
         lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
         losses[name] = [json.loads(line)["loss"] for line in lines]
     assert len(losses["compiled"]) == 3

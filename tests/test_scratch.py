@@ -48,8 +48,13 @@ def _hold(folder: Path) -> subprocess.Popen[str]:
 
 
 def _has_open(pid: int, path: Path) -> bool:
-    fds = Path(f"/proc/{pid}/fd")
-    return any(os.readlink(fd) == str(path) for fd in fds.iterdir())
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if os.readlink(fd) == str(path):
+                return True
+        except OSError:  # closed since the listing
+            continue
+    return False
 
 
 def test_only_folders_nobody_holds_and_old_enough_are_removed(tmp_path: Path) -> None:
@@ -73,8 +78,10 @@ def test_only_folders_nobody_holds_and_old_enough_are_removed(tmp_path: Path) ->
 
 @pytest.mark.usefixtures("one_thread")
 def test_a_launch_removes_the_folder_a_killed_launcher_left(tmp_path: Path) -> None:
-    """kill -9 of the launcher mid-run leaves its scratch folder behind; the next launch removes
-    it (once it is older than MIN_AGE_S: aged here by hand) and its own."""
+    """kill -9 of the launcher mid-run leaves its scratch folder behind. While its workers live
+    (stopped here with SIGSTOP, so they cannot follow the launcher out) they hold it; once they
+    are gone too, the next launch removes it (the lock file is aged past MIN_AGE_S by hand), and
+    its own folder at its end."""
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     images = str(write_image_folder(tmp_path / "images", per_class=8))
@@ -96,13 +103,20 @@ def test_a_launch_removes_the_folder_a_killed_launcher_left(tmp_path: Path) -> N
         pid for pid in pids_with_env(marker) if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
     ]
     assert len(workers) == 2 and all(_has_open(pid, left[0] / LOCK_FILE) for pid in workers)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=30)
-    assert left[0].exists()  # nobody removed it
-    past = time.time() - 2 * MIN_AGE_S
-    os.utime(left[0] / LOCK_FILE, (past, past))
-    # The workers follow the launcher out (until then they hold the lock, and the folder stays).
+    for pid in workers:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)  # (its pipes stay open in the stopped workers)
+        past = time.time() - 2 * MIN_AGE_S
+        os.utime(left[0] / LOCK_FILE, (past, past))
+        assert remove_abandoned(scratch, SCRATCH_PREFIX) == []  # the orphaned workers hold it
+        assert left[0].exists()
+    finally:
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
     wait_until(lambda: pids_with_env(marker) == [], timeout=60)
+    proc.communicate(timeout=30)
     result = run_cli(
         *SMOKE,
         "--data",

@@ -10,8 +10,8 @@ evaluation, :func:`swavctl.eval.run.run_eval`). Three ways in, one result shape
    ``dist.timeout_s``) and works; rank 0 prints the summary.
 2. **``--gpus N`` (N > 1) or ``--gpus 0 --procs N`` (N > 1)**: this process becomes a
    torch.distributed.elastic agent (:func:`torch.distributed.launcher.api.elastic_launch`) that
-   starts N workers on this machine, with a c10d rendezvous on 127.0.0.1 and no restarts (forked
-   for CPU workers, spawned for GPU workers). Each worker gets the job as JSON and builds its
+   starts N workers on this machine, with a c10d rendezvous on 127.0.0.1 and no restarts
+   (spawned: see :data:`START_METHOD_ENV`). Each worker gets the job as JSON and builds its
    own reporter (a console is not picklable); rank 0 draws the progress bar.
    Each worker leaves an :class:`Outcome` file; the agent combines them into one (naming the
    rank that failed first and why) and prints it here.
@@ -50,9 +50,12 @@ from swavctl.train.stop import EXIT_SIGNAL
 # Seconds the agent gives workers to checkpoint and exit after it forwards a signal. A worker that
 # failed makes the agent stop the others with SIGTERM and SIGKILL after torchelastic's own 30 s.
 SIGNAL_GRACE_S = 120
-# Start method of local workers: "spawn" for GPU workers (CUDA must not be initialized before a
-# fork), "fork" for CPU workers (no re-import of torch per worker: several seconds each). The
-# environment variable overrides it.
+# Start method of local workers: "spawn", for CPU workers too. A fork copies the agent while its
+# rendezvous store's threads run, and a lock one of them holds stays locked in the child: about
+# one --procs 3 launch in 50 hung for good in the worker's TCPStore constructor (on a futex; the
+# others waited in the gloo rendezvous). Spawning costs one torch import per worker (about 2.5 s
+# more per launch here) and is what torchrun does. The environment variable overrides it ("fork"
+# starts faster and may hang).
 START_METHOD_ENV = "SWAVCTL_START_METHOD"
 # Name of the launcher's scratch folders in the temporary directory (outcomes and worker logs).
 SCRATCH_PREFIX = "swavctl-launch-"
@@ -389,9 +392,10 @@ def _quiet_elastic_logs() -> None:
 def _apply_thread_count() -> None:
     """Use ``OMP_NUM_THREADS`` threads in this worker.
 
-    A forked worker inherits the parent's torch, whose thread pool size was fixed before the
-    launcher set the variable; without this, N workers each ran the parent's thread count and
-    spin-waited on each other (2 CPU workers on 2 cores were 2x slower than one process).
+    A forked worker (``SWAVCTL_START_METHOD=fork``) inherits the parent's torch, whose thread pool
+    size was fixed before the launcher set the variable; without this, N workers each ran the
+    parent's thread count and spin-waited on each other (2 CPU workers on 2 cores were 2x slower
+    than one process).
     """
     threads = os.environ.get("OMP_NUM_THREADS", "")
     if threads.isdigit() and int(threads) > 0:
@@ -458,7 +462,7 @@ def _run_elastic(
 
     _quiet_elastic_logs()  # after the imports: they set their loggers' levels
     payload = {"job": asdict(job), "outcome_dir": str(outcome_dir)}
-    start_method = os.environ.get(START_METHOD_ENV) or ("spawn" if job.use_cuda else "fork")
+    start_method = os.environ.get(START_METHOD_ENV) or "spawn"
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,

@@ -159,6 +159,19 @@ def wait_until(
         time.sleep(0.02)
 
 
+def spawned_workers(marker: str) -> list[int]:
+    """The launcher's live worker processes among those with ``marker`` in their environment
+    (spawned: ``multiprocessing.spawn``; not the launcher, nor multiprocessing's resource tracker)."""
+    found = []
+    for pid in pids_with_env(marker):
+        try:
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+        except OSError:  # exited since
+            continue
+    return found
+
+
 def pids_with_env(marker: str) -> list[int]:
     """Live processes whose environment contains ``marker`` (to find workers, or leftovers)."""
     found = []

@@ -28,6 +28,7 @@ from tests.conftest import (
     last_logged_step,
     pids_with_env,
     run_cli,
+    spawned_workers,
     start_cli,
     wait_until,
     write_image_folder,
@@ -163,13 +164,6 @@ def test_kill_9_single_process_with_truncated_latest_then_resume_is_bitwise_equa
     assert_same_final_state(run_dir, reference_single)
 
 
-def _workers_of(launcher: int, marker: str) -> list[int]:
-    def parent(pid: int) -> int:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-
-    return [pid for pid in pids_with_env(marker) if pid != launcher and parent(pid) == launcher]
-
-
 def test_kill_9_one_worker_mid_epoch_then_resume_is_bitwise_equal(
     tmp_path: Path, images: str, reference_two: Path
 ) -> None:
@@ -178,7 +172,7 @@ def test_kill_9_one_worker_mid_epoch_then_resume_is_bitwise_equal(
     command = (*SMOKE, *QUEUE, *TWO, "--data", images, "--out", "run")
     proc = start_cli(*command, cwd=tmp_path, env=cli_env(**SLOW, SWAVCTL_TEST_MARKER=marker.split("=")[1]))
     wait_until(lambda: last_logged_step(tmp_path / "run") >= k, timeout=180, proc=proc)
-    workers = _workers_of(proc.pid, marker)
+    workers = spawned_workers(marker)
     assert len(workers) == 2, workers
     victim = max(workers)
     killed_at = time.monotonic()

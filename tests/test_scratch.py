@@ -18,6 +18,7 @@ from tests.conftest import (
     last_logged_step,
     pids_with_env,
     run_cli,
+    spawned_workers,
     start_cli,
     wait_until,
     write_image_folder,
@@ -90,7 +91,6 @@ def test_a_launch_removes_the_folder_a_killed_launcher_left(tmp_path: Path) -> N
         TMPDIR=str(scratch),
         SWAVCTL_TEST_STEP_SLEEP="0.2",
         SWAVCTL_TEST_MARKER=marker,
-        SWAVCTL_START_METHOD="spawn",
     )
     proc = start_cli(
         *SMOKE, "--data", images, "--out", "killed", "--set", "train.epochs=50", cwd=tmp_path, env=env
@@ -98,10 +98,8 @@ def test_a_launch_removes_the_folder_a_killed_launcher_left(tmp_path: Path) -> N
     wait_until(lambda: last_logged_step(tmp_path / "killed") >= 2, timeout=120, proc=proc)
     left = [p for p in scratch.iterdir() if p.name.startswith(SCRATCH_PREFIX)]
     assert len(left) == 1 and (left[0] / LOCK_FILE).exists()
-    # Spawned workers (as on GPUs) inherit no file from the launcher: each opens the lock itself.
-    workers = [
-        pid for pid in pids_with_env(marker) if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    ]
+    # Spawned workers inherit no file from the launcher: each opens the lock itself.
+    workers = spawned_workers(marker)
     assert len(workers) == 2 and all(_has_open(pid, left[0] / LOCK_FILE) for pid in workers)
     for pid in workers:
         os.kill(pid, signal.SIGSTOP)

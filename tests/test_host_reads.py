@@ -10,6 +10,7 @@ CUDA's own sync detector.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import Counter
 from pathlib import Path
@@ -111,7 +112,7 @@ def test_a_training_step_reads_the_device_only_for_sinkhorn_and_its_one_readout(
         ],
     )
     reads_at_step: dict[int, int] = {}
-    with HostDeviceLog() as log:
+    with HostDeviceLog() as log, contextlib.chdir(tmp_path):  # runs/latest: not the checkout's
         pretrain(settings, on_step=lambda step: reads_at_step.__setitem__(step, log.scalar_reads))
     per_step = [reads_at_step[s + 1] - reads_at_step[s] for s in range(1, 5)]
     assert per_step == [len(settings.swav.assignment_crops)] * 4

@@ -6,6 +6,7 @@ and must stop when the loop stops.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -97,7 +98,8 @@ def _run(tmp_path: Path, name: str, data: Path, *overrides: str) -> list[dict[st
             *overrides,
         ],
     )
-    pretrain(settings)
+    with contextlib.chdir(tmp_path):  # runs/latest goes under the working folder: not the checkout's
+        pretrain(settings)
     return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
 
 

@@ -54,14 +54,6 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def usable_cores() -> int:
-    """The CPU cores this process may run on (its affinity: taskset, cgroup cpusets, SLURM)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
 def all_reduce_sum(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
     """Sum ``tensor`` over all ranks (or ``group``'s) in place and return it; a no-op on one process."""
     if is_distributed():

@@ -43,6 +43,7 @@ from typing import Any
 
 from swavctl import dist, scratch
 from swavctl.config import Settings
+from swavctl.cores import usable_cores
 from swavctl.errors import UserError
 from swavctl.scratch import scratch_folder
 from swavctl.train.stop import EXIT_SIGNAL
@@ -420,7 +421,7 @@ def crowded_cpu_note(processes: int, cores: int) -> str | None:
 
 
 def _threads_per_worker(nprocs: int) -> int:
-    return max(1, dist.usable_cores() // nprocs)
+    return max(1, usable_cores() // nprocs)
 
 
 def launch_local(job: Job, *, nprocs: int) -> Outcome:
@@ -429,7 +430,7 @@ def launch_local(job: Job, *, nprocs: int) -> Outcome:
     The workers' outcomes and logs go to a scratch folder (:mod:`swavctl.scratch`), removed when
     the launch ends, or by a later launch when this one was killed.
     """
-    crowded = None if job.use_cuda else crowded_cpu_note(nprocs, dist.usable_cores())
+    crowded = None if job.use_cuda else crowded_cpu_note(nprocs, usable_cores())
     if crowded:
         print(f"warning: {crowded}", file=sys.stderr)
     saved_env = {key: os.environ.get(key) for key in ("OMP_NUM_THREADS",)}

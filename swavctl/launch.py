@@ -420,22 +420,19 @@ def crowded_cpu_note(processes: int, cores: int) -> str | None:
     )
 
 
-def _threads_per_worker(nprocs: int) -> int:
-    return max(1, usable_cores() // nprocs)
-
-
 def launch_local(job: Job, *, nprocs: int) -> Outcome:
     """Start ``nprocs`` workers of ``job`` here (torch.distributed.elastic); combine their outcomes.
 
     The workers' outcomes and logs go to a scratch folder (:mod:`swavctl.scratch`), removed when
     the launch ends, or by a later launch when this one was killed.
     """
-    crowded = None if job.use_cuda else crowded_cpu_note(nprocs, usable_cores())
+    cores = usable_cores()
+    crowded = None if job.use_cuda else crowded_cpu_note(nprocs, cores)
     if crowded:
         print(f"warning: {crowded}", file=sys.stderr)
     saved_env = {key: os.environ.get(key) for key in ("OMP_NUM_THREADS",)}
     if "OMP_NUM_THREADS" not in os.environ:
-        os.environ["OMP_NUM_THREADS"] = str(_threads_per_worker(nprocs))
+        os.environ["OMP_NUM_THREADS"] = str(max(1, cores // nprocs))  # threads per worker
     started = time.monotonic()
     try:
         with scratch_folder(SCRATCH_PREFIX) as outcome_dir:

@@ -422,6 +422,11 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     write_atomic(path, lambda handle: handle.write(data))
 
 
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """:func:`write_text_atomic` of ``data`` as indented JSON, with a final newline."""
+    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
+
+
 def write_safetensors_atomic(
     path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
 ) -> None:

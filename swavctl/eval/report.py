@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,11 +21,6 @@ from swavctl.safe_io import write_atomic, write_text_atomic
 EVAL_JSON = "eval.json"
 CONFUSION_PNG = "confusion.png"
 PREDICTIONS_CSV = "predictions.csv"
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` as indented JSON to ``path``, atomically (:func:`~swavctl.safe_io.write_atomic`)."""
-    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 def write_predictions_csv(

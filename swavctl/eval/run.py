@@ -37,13 +37,12 @@ from swavctl.eval.report import (
     EVAL_JSON,
     PREDICTIONS_CSV,
     write_confusion_png,
-    write_json_atomic,
     write_predictions_csv,
 )
 from swavctl.eval.splits import SPLIT_SEED, VAL_SPLIT, EvalSplit, discover, holdout_split, label_subset
 from swavctl.eval.views import Normalizer, geometry_for
 from swavctl.model_io import LoadedModel, load_model, run_folder
-from swavctl.safe_io import file_sha256, write_text_atomic
+from swavctl.safe_io import file_sha256, write_json_atomic, write_text_atomic
 from swavctl.stages import QuietStages, StageReporter
 
 MODES = ("fast", "linear", "knn", "finetune")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 import time
@@ -37,7 +36,7 @@ from swavctl.inspect.extract import Embedder, EvalView, iter_embeddings, pick_de
 from swavctl.inspect.sort_into import Sorter, folder_name
 from swavctl.inspect.sources import DEFAULT_MODEL, EMBEDDINGS_FILE, default_out, prepare_out, resolve_images
 from swavctl.inspect.topn import Reservoir, TopN
-from swavctl.safe_io import atomic_file, write_text_atomic
+from swavctl.safe_io import atomic_file, write_json_atomic, write_text_atomic
 from swavctl.stages import QuietStages, StageReporter
 
 ASSIGNMENTS = ("argmax", "balanced")
@@ -385,10 +384,9 @@ def _write_outputs(
                 names[c]: int(column[c]) for c in np.argsort(-column, kind="stable") if column[c]
             }
         entries.append(entry)
-    write_text_atomic(
+    write_json_atomic(
         out / "clusters.json",
-        json.dumps({"num_prototypes": k, "assignment_for_members": primary, "prototypes": entries}, indent=1)
-        + "\n",
+        {"num_prototypes": k, "assignment_for_members": primary, "prototypes": entries},
     )
     if names:
         text = io.StringIO(newline="")
@@ -481,7 +479,7 @@ def _write_outputs(
         out / "index.html",
         report.render_report(summary, shown, label_names=names, table=table_by_prototype, chart="sizes.png"),
     )
-    write_text_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")  # last: the commit
+    write_json_atomic(out / "summary.json", summary)  # last: the commit
     return summary
 
 

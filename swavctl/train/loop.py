@@ -7,7 +7,6 @@ modules know nothing of them.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import signal
@@ -28,7 +27,7 @@ from swavctl.errors import UserError
 from swavctl.eval.monitor import KnnMonitor, KnnReading, MonitorError
 from swavctl.model.swav import SwAV
 from swavctl.queue import EmbeddingQueue
-from swavctl.safe_io import write_text_atomic
+from swavctl.safe_io import write_json_atomic, write_text_atomic
 from swavctl.train import checkpoint as ckpt
 from swavctl.train import rng
 from swavctl.train.agreement import StepReadout, agree_on_step_start, read_step
@@ -736,7 +735,7 @@ class _Run:
         )
         if dist.is_main():
             _export_backbone(self.model, backbone_path, settings, step, step // steps_epoch)
-            write_text_atomic(run_dir / SUMMARY_FILE, json.dumps(summary.as_dict(), indent=1) + "\n")
+            write_json_atomic(run_dir / SUMMARY_FILE, summary.as_dict())
         dist.barrier()
         reporter.close()
         return summary

@@ -52,11 +52,11 @@ from swavctl.train.stop import EXIT_SIGNAL
 # failed makes the agent stop the others with SIGTERM and SIGKILL after torchelastic's own 30 s.
 SIGNAL_GRACE_S = 120
 # Start method of local workers: "spawn", for CPU workers too. A fork copies the agent while its
-# rendezvous store's threads run, and a lock one of them holds stays locked in the child: about
-# one --procs 3 launch in 50 hung for good in the worker's TCPStore constructor (on a futex; the
-# others waited in the gloo rendezvous). Spawning costs one torch import per worker (about 2.5 s
-# more per launch here) and is what torchrun does. The environment variable overrides it ("fork"
-# starts faster and may hang).
+# rendezvous store's threads run, and a lock one of them holds stays locked in the child: 1 of 60
+# --procs 3 launches hung for good in a worker's TCPStore constructor (on a futex; the others
+# waited in the gloo rendezvous), 0 of 60 spawned (docs/multi-node.md). Spawning costs one torch
+# import per worker (about 2.5 s more per launch here) and is what torchrun does. The environment
+# variable overrides it ("fork" starts faster and may hang).
 START_METHOD_ENV = "SWAVCTL_START_METHOD"
 # Name of the launcher's scratch folders in the temporary directory (outcomes and worker logs).
 SCRATCH_PREFIX = "swavctl-launch-"

@@ -276,10 +276,23 @@ def _guarded(body: Any, *, rank: int, stop: Any = None, reraise_bugs: bool = Tru
     return Outcome(OK, 0, "", rank, summary=summary if isinstance(summary, dict) else summary.as_dict())
 
 
-def _job_body(job: Job, env: dist.DistEnv) -> Any:
-    """``body(stop)`` for :func:`_guarded`: join the process group, then run the job's work."""
+def _job_body(job: Job, env: dist.DistEnv, *, announce_join: bool = False) -> Any:
+    """``body(stop)`` for :func:`_guarded`: join the process group, then run the job's work.
+
+    With ``announce_join`` (a worker of torchrun or srun, whose peers may be slow to come or never
+    come), rank 0 says where it waits for them, just before the blocking join: the signal handlers
+    are already installed, so from that line on a Ctrl-C or SIGTERM ends the wait at once.
+    """
 
     def body(stop_flag: Any) -> Any:
+        if announce_join and env.rank == 0:
+            print(
+                f"waiting for all {env.world_size} processes to join the process group at "
+                f"{env.master_addr}:{env.master_port} (rank 0; gives up after dist.timeout_s = "
+                f"{job.timeout_s:g} s)",
+                file=sys.stderr,
+                flush=True,
+            )
         device = dist.init_process_group(env, use_cuda=job.use_cuda, timeout_s=job.timeout_s)
         if job.kind == "pretrain":
             from swavctl.train.loop import pretrain
@@ -298,9 +311,10 @@ def _job_body(job: Job, env: dist.DistEnv) -> Any:
     return body
 
 
-def _work_as_worker(job: Job, *, env: dist.DistEnv, stop: Any) -> Outcome:
+def _work_as_worker(job: Job, *, env: dist.DistEnv, stop: Any, announce_join: bool = False) -> Outcome:
     """Join the group, do the job, and report; never raises (a crash becomes an Outcome)."""
-    outcome = _guarded(_job_body(job, env), rank=env.rank, stop=stop, reraise_bugs=False)
+    body = _job_body(job, env, announce_join=announce_join)
+    outcome = _guarded(body, rank=env.rank, stop=stop, reraise_bugs=False)
     if outcome.status == CRASH:
         prefix = f"[rank {env.rank}] "
         if outcome.peer_failure:
@@ -353,7 +367,7 @@ def _run_as_job_worker(job: Job, *, env: dist.DistEnv, launched: int) -> Outcome
             f"{launched} only chooses GPU or CPU workers here",
             file=sys.stderr,
         )
-    outcome = _work_as_worker(job, env=env, stop=stop)
+    outcome = _work_as_worker(job, env=env, stop=stop, announce_join=True)
     if outcome.exit_code == 0:
         dist.destroy_process_group()
     return outcome

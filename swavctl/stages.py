@@ -17,7 +17,7 @@ says nothing, for library use and tests.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Protocol
 
@@ -70,9 +70,16 @@ class QuietStages:
 class StageProgress:
     """A rich bar per stage on a terminal; timed lines otherwise. Messages and yellow warnings."""
 
-    def __init__(self, console: Console | None = None, *, quiet: bool = False) -> None:
+    def __init__(
+        self,
+        console: Console | None = None,
+        *,
+        quiet: bool = False,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
         self.console = console or Console(stderr=True, soft_wrap=True, highlight=False)
         self.quiet = quiet
+        self.clock = clock  # seconds; what the timed lines are spaced by
 
     @property
     def live(self) -> bool:
@@ -101,7 +108,7 @@ class StageProgress:
         )
         task = progress.add_task(name, total=total, note="")
         done, note_now = 0, ""
-        start = last_line = time.perf_counter()
+        start = last_line = self.clock()
 
         def advance(n: int = 1, note: str = "") -> None:
             nonlocal done, note_now, last_line
@@ -109,8 +116,8 @@ class StageProgress:
             if note:
                 note_now = note
             progress.update(task, advance=n, note=note_now)
-            if not self.live and not self.quiet and time.perf_counter() - last_line >= LOG_EVERY_S:
-                last_line = time.perf_counter()
+            if not self.live and not self.quiet and self.clock() - last_line >= LOG_EVERY_S:
+                last_line = self.clock()
                 self.info(f"{name} {done}/{total} {unit}" + (f", {note_now}" if note_now else ""))
 
         with progress:
@@ -118,5 +125,5 @@ class StageProgress:
             # A stage may end early (a balanced solve converges): show it complete.
             progress.update(task, total=max(done, 1), completed=done)
         if not self.live:
-            seconds = time.perf_counter() - start
+            seconds = self.clock() - start
             self.info(f"{name}: {done} {unit} in {seconds:.1f} s" + (f", {note_now}" if note_now else ""))

@@ -127,6 +127,64 @@ def start_cli(
     )
 
 
+class Watched:
+    """A CLI process whose stderr goes to a file, so that a test can wait for a line it prints
+    (a state the process reached) while it runs, instead of sleeping for a guessed time."""
+
+    def __init__(self, proc: subprocess.Popen[str], stderr_path: Path) -> None:
+        self.proc = proc
+        self.stderr_path = stderr_path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stderr(self) -> str:
+        """What the process has written to stderr so far."""
+        try:
+            return self.stderr_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def wait_for(self, text: str, *, timeout: float = 180) -> None:
+        """Wait until ``text`` appears in stderr; fail if the process exits first."""
+        wait_until(lambda: text in self.stderr(), timeout=timeout, proc=self.proc, stderr=self.stderr)
+
+    def exit_within(self, seconds: float) -> tuple[int, str]:
+        """Wait for the exit, failing unless it comes within ``seconds``; (status, stderr)."""
+        import time
+
+        started = time.monotonic()
+        try:
+            self.proc.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"no exit within {seconds} s; stderr so far:\n{self.stderr()[-3000:]}")
+        assert time.monotonic() - started < seconds
+        return self.proc.returncode, self.stderr()
+
+    def kill(self) -> None:
+        """Kill the process (if it still runs) and reap it."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+def start_watched(*args: str, cwd: Path, env: dict[str, str] | None = None, **popen: object) -> Watched:
+    """Start ``python -m swavctl ARGS`` with stderr to a file in ``cwd`` (see :class:`Watched`)."""
+    stderr_path = cwd / f"stderr-{len(list(cwd.glob('stderr-*.txt')))}.txt"
+    with stderr_path.open("w") as sink:
+        proc = subprocess.Popen(  # type: ignore[call-overload]
+            [sys.executable, "-m", "swavctl", *args],
+            cwd=cwd,
+            env=env or cli_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=sink,
+            text=True,
+            **popen,
+        )
+    return Watched(proc, stderr_path)
+
+
 def last_logged_step(run_dir: Path) -> int:
     """The last step in ``run_dir/metrics.jsonl`` (0 when there is none yet)."""
     import json
@@ -144,18 +202,27 @@ def last_logged_step(run_dir: Path) -> int:
 
 
 def wait_until(
-    predicate: Callable[[], bool], *, timeout: float, proc: subprocess.Popen[str] | None = None
+    predicate: Callable[[], bool],
+    *,
+    timeout: float,
+    proc: subprocess.Popen[str] | None = None,
+    stderr: Callable[[], str] | None = None,
 ) -> None:
-    """Poll ``predicate`` every 20 ms; fail on timeout or when ``proc`` exits first."""
+    """Poll ``predicate`` every 20 ms; fail on timeout or when ``proc`` exits first.
+
+    ``stderr`` reads the process's stderr for the failure message where it is not piped.
+    """
     import time
 
     deadline = time.monotonic() + timeout
     while not predicate():
         if proc is not None and proc.poll() is not None:
-            out, errs = proc.communicate()
+            _, errs = proc.communicate()
+            errs = stderr() if stderr is not None else errs or ""
             pytest.fail(f"process exited ({proc.returncode}) before the condition held:\n{errs[-3000:]}")
         if time.monotonic() > deadline:
-            pytest.fail("timed out waiting for the condition")
+            errs = stderr() if stderr is not None else ""
+            pytest.fail(f"timed out after {timeout} s waiting for the condition\n{errs[-3000:]}")
         time.sleep(0.02)
 
 

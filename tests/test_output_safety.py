@@ -13,7 +13,6 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ from swavctl.errors import OutputWriteError
 from swavctl.safe_io import write_safetensors_atomic, write_text_atomic
 from swavctl.train import checkpoint as ckpt
 from swavctl.train.run_dir import is_complete
-from tests.conftest import cli_env, run_cli, start_cli, write_image_folder
+from tests.conftest import cli_env, run_cli, start_cli, wait_until, write_image_folder
 
 SMOKE = ("pretrain", "--preset", "smoke", "--gpus", "0")
 
@@ -73,12 +72,10 @@ def test_a_second_run_on_a_folder_in_use_is_refused_and_a_killed_run_leaves_it_f
     tmp_path: Path, images: Path
 ) -> None:
     args = (*SMOKE, "--data", str(images), "--out", "run")
-    first = start_cli(*args, cwd=tmp_path, env=cli_env(SWAVCTL_TEST_STEP_SLEEP="2"))
+    first = start_cli(*args, cwd=tmp_path, env=cli_env(SWAVCTL_TEST_STEP_SLEEP="600"))  # killed below
     try:
         lock = tmp_path / "run" / ".lock"
-        deadline = time.monotonic() + 60
-        while not (lock.is_file() and lock.read_text().strip()) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: lock.is_file() and bool(lock.read_text().strip()), timeout=120, proc=first)
         assert lock.read_text().strip() == str(first.pid)
         second = run_cli(*args, "--set", "optim.base_lr=0.05", cwd=tmp_path, env=cli_env())
         assert second.returncode == 2, second.stderr

@@ -22,14 +22,13 @@ from swavctl.data.images import BadImage
 from swavctl.errors import UserError
 from swavctl.train.loop import pretrain
 from swavctl.train.prefetch import Prefetcher, side_stream
-from tests.conftest import write_image_folder
+from tests.conftest import wait_until, write_image_folder
 
 
-def _batches(n: int, *, fail_at: int | None = None, delay: float = 0.0) -> Iterator[Batch]:
+def _batches(n: int, *, fail_at: int | None = None) -> Iterator[Batch]:
     for i in range(n):
         if i == fail_at:
             raise BadImage(f"image {i} is broken")
-        time.sleep(delay)
         yield Batch(crops=[torch.full((2, 3), float(i))], images=None, indices=[2 * i, 2 * i + 1])
 
 
@@ -77,9 +76,7 @@ def test_close_stops_a_thread_that_waits_on_a_full_queue() -> None:
 
     prefetcher = Prefetcher(_batches(1000), counting, device=torch.device("cpu"), depth=2)
     next(prefetcher)
-    deadline = time.monotonic() + 10
-    while len(made) < 3 and time.monotonic() < deadline:  # one taken, two queued, one waiting
-        time.sleep(0.01)
+    wait_until(lambda: len(made) >= 3, timeout=60)  # one taken, two queued, one waiting
     started = time.monotonic()
     prefetcher.close()
     assert time.monotonic() - started < 2

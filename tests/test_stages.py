@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import time
 
 import pytest
 from rich.console import Console
@@ -32,9 +31,10 @@ def test_off_terminal_a_stage_ends_with_its_count_time_and_last_note() -> None:
 def test_off_terminal_a_long_stage_prints_timed_lines(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(stages, "LOG_EVERY_S", 0.05)
     console, buffer = _console(terminal=False)
-    with StageProgress(console).stage("linear", 3, "steps") as advance:
+    now = [100.0]  # a clock the test moves: lines are counted, not waited for
+    with StageProgress(console, clock=lambda: now[0]).stage("linear", 3, "steps") as advance:
         advance(1, "epoch 1/3 loss 2.000")
-        time.sleep(0.1)
+        now[0] += 0.1
         advance(1, "epoch 2/3 loss 1.500")
         advance(1)
     lines = buffer.getvalue().splitlines()

@@ -11,13 +11,23 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from swavctl.train import checkpoint as ckpt
-from tests.conftest import cli_env, free_port, last_logged_step, start_cli, wait_until, write_image_folder
+from swavctl.train.stop import REPEAT_AFTER_S
+from tests.conftest import (
+    Watched,
+    cli_env,
+    free_port,
+    last_logged_step,
+    start_watched,
+    wait_until,
+    write_image_folder,
+)
 
 SMOKE = ("pretrain", "--preset", "smoke", "--gpus", "0", "--batch-size", "4")
 # A process-group timeout far beyond the test's patience: waiting for it is the bug.
@@ -29,29 +39,26 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(write_image_folder(tmp_path_factory.mktemp("data") / "images", per_class=32))
 
 
-def _worker(rank: int, port: int, images: str, cwd: Path, *extra: str) -> subprocess.Popen[str]:
+def _worker(rank: int, port: int, images: str, cwd: Path, *extra: str) -> Watched:
     """Rank ``rank`` of 2, as torchrun would start it (the peer is started, or not, by the test)."""
     env = cli_env(
         RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), SWAVCTL_TEST_STEP_SLEEP="0.1",
     )  # fmt: skip
-    return start_cli(*SMOKE, *PATIENT, *extra, "--data", images, "--out", "run", cwd=cwd, env=env)
+    return start_watched(*SMOKE, *PATIENT, *extra, "--data", images, "--out", "run", cwd=cwd, env=env)
 
 
-def _exit_within(proc: subprocess.Popen[str], seconds: float) -> tuple[int, str]:
-    started = time.monotonic()
-    _, errors = proc.communicate(timeout=seconds)
-    assert time.monotonic() - started < seconds
-    return proc.returncode, errors
+#: What rank 0 says on its first SIGINT while training: it checkpoints at the step's end.
+SIGINT_HEARD = "swavctl: SIGINT received: checkpointing at the end of this step"
 
 
 def test_ctrl_c_in_a_rendezvous_whose_peer_never_comes_exits_at_once(tmp_path: Path, images: str) -> None:
     lonely = _worker(0, free_port(), images, tmp_path)
     try:
-        time.sleep(4)  # past start-up, waiting in the rendezvous for rank 1
-        assert lonely.poll() is None
-        lonely.send_signal(signal.SIGINT)
-        code, errors = _exit_within(lonely, 15)
+        # Printed after the signal handlers are installed, just before the blocking join.
+        lonely.wait_for("waiting for all 2 processes to join the process group at 127.0.0.1:")
+        lonely.proc.send_signal(signal.SIGINT)
+        code, errors = lonely.exit_within(15)
     finally:
         lonely.kill()
     assert code == 130, errors[-2000:]
@@ -64,17 +71,19 @@ def test_a_second_signal_ends_a_worker_stuck_in_a_collective_with_a_hung_peer(
     port = free_port()
     ranks = [_worker(rank, port, images, tmp_path) for rank in range(2)]
     try:
-        wait_until(lambda: last_logged_step(tmp_path / "run") >= 3, timeout=180, proc=ranks[0])
-        ranks[1].send_signal(signal.SIGSTOP)  # hung, not dead: its connections stay open
-        ranks[0].send_signal(signal.SIGINT)  # recorded; the next step's agreement never completes
-        time.sleep(3)
-        assert ranks[0].poll() is None  # the first signal waits for a step boundary that never comes
-        ranks[0].send_signal(signal.SIGINT)
-        code, errors = _exit_within(ranks[0], 15)
+        wait_until(lambda: last_logged_step(tmp_path / "run") >= 3, timeout=180, proc=ranks[0].proc)
+        ranks[1].proc.send_signal(signal.SIGSTOP)  # hung, not dead: its connections stay open
+        ranks[0].proc.send_signal(signal.SIGINT)  # recorded; the next step's agreement never completes
+        ranks[0].wait_for(SIGINT_HEARD)
+        # About time itself: the first signal waits for a step boundary that never comes, and a
+        # second one counts as "stop now" only REPEAT_AFTER_S after the first.
+        time.sleep(REPEAT_AFTER_S + 1)
+        assert ranks[0].proc.poll() is None
+        ranks[0].proc.send_signal(signal.SIGINT)
+        code, errors = ranks[0].exit_within(15)
     finally:
-        for proc in ranks:
-            proc.kill()
-            proc.communicate()
+        for rank in ranks:
+            rank.kill()
     assert code == 130, errors[-2000:]
     assert "swavctl: SIGINT again: stopping now; committed checkpoints are kept" in errors
     assert all(ckpt.verify(c) is None for c in ckpt.list_committed(tmp_path / "run" / "checkpoints"))
@@ -83,33 +92,46 @@ def test_a_second_signal_ends_a_worker_stuck_in_a_collective_with_a_hung_peer(
 def test_one_ctrl_c_in_a_terminal_still_checkpoints_at_the_step_boundary(tmp_path: Path, images: str) -> None:
     """The terminal signals the whole process group: each worker gets SIGINT from it and again from
     the launcher, within milliseconds. That is one request: checkpoint, then exit 130."""
-    launcher = start_cli(
+    launcher = start_watched(
         *SMOKE, "--procs", "2", "--data", images, "--out", "run", cwd=tmp_path,
         env=cli_env(SWAVCTL_TEST_STEP_SLEEP="0.1"), start_new_session=True,
     )  # fmt: skip
     try:
-        wait_until(lambda: last_logged_step(tmp_path / "run") >= 3, timeout=180, proc=launcher)
+        wait_until(lambda: last_logged_step(tmp_path / "run") >= 3, timeout=180, proc=launcher.proc)
         os.killpg(launcher.pid, signal.SIGINT)
-        code, errors = _exit_within(launcher, 120)
+        code, errors = launcher.exit_within(120)
     finally:
         launcher.kill()
     assert code == 130, errors[-2000:]
     text = " ".join(errors.split())
     assert "stopped by SIGINT at step" in text and "stopping now" not in text, errors[-2000:]
+    assert text.count("SIGINT received") == 1, errors[-2000:]  # rank 0 says it, once
     # torchelastic's own log lines ("Received 2 death signal, shutting down workers") stay quiet.
     assert "elastic/" not in errors and "death signal" not in errors, errors[-2000:]
     stopped_at = int(text.split("stopped by SIGINT at step ")[1].split(";")[0])
     assert [c.step for c in ckpt.list_committed(tmp_path / "run" / "checkpoints")][-1] == stopped_at
 
 
+def _maps_torch(pid: int) -> bool:
+    """Whether process ``pid`` has loaded torch's shared library (it is importing torch, or past it)."""
+    try:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
 def test_ctrl_c_while_starting_says_interrupted(tmp_path: Path, images: str) -> None:
     """Typer turns KeyboardInterrupt into a silent status 130 (every command); the user gets a line."""
     args = ["pretrain", "--data", images, "--preset", "smoke", "--gpus", "0", "--out", "run"]
-    proc = start_cli(*args, cwd=tmp_path, env=cli_env())
-    time.sleep(0.3)  # importing: before any handler of the training loop
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    proc = start_watched(*args, cwd=tmp_path, env=cli_env())
+    try:
+        # Importing torch: past the interpreter's start, long before any handler of the training loop.
+        wait_until(lambda: _maps_torch(proc.pid), timeout=60, proc=proc.proc, stderr=proc.stderr)
+        proc.proc.send_signal(signal.SIGINT)
+        code, err = proc.exit_within(60)
+    finally:
+        proc.kill()
+    assert code == 130, err
     assert "swavctl: interrupted" in err
 
 
@@ -118,16 +140,17 @@ def test_ctrl_c_twice_under_the_launcher_exits_130_saying_the_ranks_stopped_at_o
 ) -> None:
     """A second Ctrl-C 2 s or more after the first ends the workers at once (no checkpoint); the
     launcher reports that as the interruption it is (130), not as ranks killed without a report."""
-    launcher = start_cli(
+    launcher = start_watched(
         *SMOKE, "--procs", "2", "--data", images, "--out", "run", cwd=tmp_path,
         env=cli_env(SWAVCTL_TEST_STEP_SLEEP="4"), start_new_session=True,
     )  # fmt: skip
     try:
-        wait_until(lambda: last_logged_step(tmp_path / "run") >= 1, timeout=180, proc=launcher)
+        wait_until(lambda: last_logged_step(tmp_path / "run") >= 1, timeout=180, proc=launcher.proc)
         os.killpg(launcher.pid, signal.SIGINT)  # recorded: the step in progress sleeps on
-        time.sleep(2.5)
+        launcher.wait_for(SIGINT_HEARD)
+        time.sleep(REPEAT_AFTER_S + 0.5)  # about time itself: a repeat counts from REPEAT_AFTER_S on
         os.killpg(launcher.pid, signal.SIGINT)
-        code, errors = _exit_within(launcher, 60)
+        code, errors = launcher.exit_within(60)
     finally:
         launcher.kill()
     assert code == 130, errors[-2000:]
@@ -139,8 +162,6 @@ def test_ctrl_c_twice_under_the_launcher_exits_130_saying_the_ranks_stopped_at_o
 def test_a_signal_after_the_last_step_ends_the_process_at_once() -> None:
     """After the loop no step boundary comes to act on a recorded signal: a rank waiting in the
     final barrier for a dead peer must leave on the launcher's SIGTERM, not sit until SIGKILL."""
-    import sys
-
     code = (
         "import os, signal, time\n"
         "from swavctl.train.stop import StopFlag\n"

@@ -89,8 +89,22 @@ class StopFlag:
                     self._exit_now(signum)
                 if self._first_at is None:
                     self._first_at = now
+                    self._say_recorded(signum)
                 elif now - self._first_at >= REPEAT_AFTER_S:
                     self._exit_now(signum)
+
+    def _say_recorded(self, signum: int) -> None:
+        """Tell the user that the first SIGTERM/SIGINT was heard (rank 0 only: a terminal's Ctrl-C
+        reaches every worker), and how to stop at once instead."""
+        if os.environ.get("RANK", "0") != "0":
+            return
+        name = signal.Signals(signum).name
+        with contextlib.suppress(OSError):
+            os.write(
+                2,
+                f"\nswavctl: {name} received: checkpointing at the end of this step, then stopping "
+                f"({name} again, {REPEAT_AFTER_S:g} s or more later, stops at once)\n".encode(),
+            )
 
     def _exit_now(self, signum: int) -> None:
         name = signal.Signals(signum).name

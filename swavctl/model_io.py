@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from swavctl.config import Settings, from_toml_text, validate
+from swavctl.config import Settings, from_toml_text, read_tree
 from swavctl.errors import UserError
 from swavctl.model.swav import SwAV
 from swavctl.safe_io import (
@@ -219,7 +219,7 @@ def _load_export(source: Path) -> LoadedModel:
         raise UserError(f"{source}: its settings metadata is not valid JSON") from None
     if not isinstance(tree, dict):
         raise UserError(f"{source}: its settings metadata is not a JSON object")
-    settings = validate(tree, source=f"{source} metadata")
+    settings = read_tree(tree, source=f"{source} metadata")
     stated = meta.get("payload_sha256")
     if stated and payload_sha256(tensors) != stated:
         raise UserError(f"{source}: tensors do not match the metadata's payload_sha256 (altered or corrupt)")

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from swavctl.config import Settings, from_toml_text, read_tree
+from swavctl.data.demo import DEMO_NAME
 from swavctl.errors import UserError
 from swavctl.model.swav import SwAV
 from swavctl.safe_io import (
@@ -49,6 +50,14 @@ class LoadedModel:
     epoch: int | None
     source: Path
     kind: str  # "checkpoint" or "export"
+
+
+def no_recorded_data(source: Path) -> str:
+    """The error for a model that records no dataset (eval-linear and inspect-clusters say the same)."""
+    return (
+        f"{source} records no dataset (an imported model, or an export of one); pass --data DIR "
+        f"(a labelled image folder), or --data {DEMO_NAME} for the built-in digits"
+    )
 
 
 def _short(keys: list[str], limit: int = 8) -> str:

@@ -66,6 +66,8 @@ def test_an_old_export_still_loads_with_its_head(tmp_path: Path) -> None:
     assert info.returncode == 0, info.stderr
     settings = json.loads(json.loads(info.stdout)["metadata"]["settings"])
     assert settings["schema_version"] == config.SCHEMA_VERSION and "out" not in settings
+    made = json.loads(json.loads(info.stdout)["metadata"]["provenance"])  # what wrote this file
+    assert made["command"].startswith("swavctl export ") and made["torch"]
 
 
 def test_an_old_run_resumes_and_exports_with_the_new_code(tmp_path: Path) -> None:

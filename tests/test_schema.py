@@ -119,3 +119,23 @@ def test_an_unreadable_unfinished_latest_is_named_not_silently_replaced(tmp_path
     note = unfinished_latest_note(settings, fresh=False, runs_root=runs)
     assert note is not None and "unfinished run whose settings cannot be read" in note
     assert "schema version 99 is newer" in note and "starting a new run" in note
+
+
+def test_a_run_whose_checkpoints_are_all_unusable_is_not_silently_restarted(tmp_path: Path) -> None:
+    images = _fixture_images(tmp_path)
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURE / "run", run)
+    state = run / "checkpoints" / "step-000000002.pt"
+    state.write_bytes(state.read_bytes()[:1000])  # truncated
+    metrics = (run / "metrics.jsonl").read_text()
+    result = run_cli(
+        "pretrain", "--preset", "smoke", "--gpus", "0", "--data", str(images), "--out", str(run),
+        "--set", "optim.momentum=0", cwd=tmp_path, env=cli_env(),
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert f"warning: skipping checkpoint {state}" in result.stderr
+    line = next(x for x in result.stderr.splitlines() if x.startswith("error:"))
+    assert f"cannot resume {run}: none of its 1 committed checkpoint(s) can be used" in line
+    assert "--fresh" in line
+    assert (run / "metrics.jsonl").read_text() == metrics  # nothing was rewritten
+    assert "schema_version" not in (run / "resolved.toml").read_text()

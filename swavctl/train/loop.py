@@ -262,8 +262,19 @@ class _Run:
     def resume(self) -> None:
         run_dir, settings = self.plan.run_dir, self.settings
         found = ckpt.latest_checkpoint(run_dir, warn=self.reporter.warn) if dist.is_main() else None
-        chosen = dist.broadcast_object(found[0].step if found is not None else None)
+        unusable = (
+            len(ckpt.list_committed(run_dir / ckpt.CHECKPOINT_DIR)) if dist.is_main() and found is None else 0
+        )
+        chosen, unusable = dist.broadcast_object((found[0].step if found is not None else None, unusable))
         if chosen is None:
+            if unusable:
+                # Starting from step 0 here would rewrite the run's metrics and settings over a run
+                # that exists: a user who meant to resume must hear it, and choose.
+                raise UserError(
+                    f"cannot resume {run_dir}: none of its {unusable} committed checkpoint(s) can be used "
+                    "(the warnings above say why); nothing was changed there; pass --fresh to set them "
+                    "aside and start over, or use another --out"
+                )
             return
         if found is not None:
             checkpoint, state = found

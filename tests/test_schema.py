@@ -57,6 +57,8 @@ def test_an_old_export_still_loads_with_its_head(tmp_path: Path) -> None:
     loaded = load_model(FIXTURE / "export-head-fp16.safetensors")
     assert loaded.settings.model.arch == "convnet-tiny" and loaded.settings.schema_version == 1
     assert loaded.has_head and loaded.step == 2
+    old_run = load_model(FIXTURE / "run")  # its checkpoint, as eval-linear and inspect-clusters read it
+    assert old_run.step == 2 and old_run.settings.model.prototypes == 8 and old_run.settings.out is None
     result = run_cli(
         "export", str(FIXTURE / "export-head-fp16.safetensors"), "--out", str(tmp_path / "again.safetensors"),
         cwd=tmp_path, env=cli_env(),

@@ -9,13 +9,18 @@ Settings come from four sources, each overriding the one before:
 
 Every model forbids unknown keys, so a typo anywhere is refused with the dotted path and the
 nearest valid key.
+
+The tree has a schema version (``schema_version``, :data:`SCHEMA_VERSION`). Settings read back from
+a file a run or an export wrote (``resolved.toml``, a checkpoint, an export's metadata, a preset)
+are first brought to the current version by :func:`migrate`, so runs and exports made by an older
+swavctl still resume and load.
 """
 
 from __future__ import annotations
 
 import difflib
 import tomllib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +28,9 @@ import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from swavctl.errors import UserError
+
+#: The name of the settings file a run writes into its folder (``swavctl.train.run_dir``).
+RESOLVED_NAME = "resolved.toml"
 
 PRESET_DIRS = (
     Path(__file__).resolve().parent / "presets",  # installed copy (package data)
@@ -35,6 +43,13 @@ PRESET_DIRS = (
 # an evaluation upscale every image to 3000 px or start hundreds of loader processes.
 MAX_CROP_SIZE = 1024
 MAX_WORKERS = 256
+
+
+#: Version of the layout of the settings tree. Bump it with every change after which a file written
+#: before would not read as it was meant (a key renamed, moved, removed or given another meaning),
+#: and add the step from the previous version to :data:`MIGRATIONS`. Adding a key with a default
+#: that keeps the old behaviour needs no new version.
+SCHEMA_VERSION = 1
 
 
 class _Strict(BaseModel):
@@ -243,8 +258,18 @@ class MonitorSettings(_Strict):
 class Settings(_Strict):
     """All settings of a pretraining run."""
 
+    schema_version: int = Field(
+        SCHEMA_VERSION,
+        ge=SCHEMA_VERSION,
+        le=SCHEMA_VERSION,
+        description="Version of this settings layout; files of older versions are migrated when read.",
+    )
     preset: str | None = Field(None, description="Preset the run started from (informational).")
-    out: str | None = Field(None, description="Output folder (default: a new folder under runs/).")
+    out: str | None = Field(
+        None,
+        description="Output folder (default: a new folder under runs/); not written to resolved.toml, "
+        "checkpoints or exports, so a resolved.toml passed to --preset starts a new run.",
+    )
     data: DataSettings = Field(default_factory=DataSettings, description="Data and multi-crop.")
     model: ModelSettings = Field(default_factory=ModelSettings, description="Model.")
     swav: SwavSettings = Field(default_factory=SwavSettings, description="SwAV objective.")
@@ -406,6 +431,50 @@ def _set_path(tree: dict[str, Any], path: Sequence[str], value: Any) -> None:
     node[path[-1]] = value
 
 
+def _v0_to_v1(tree: dict[str, Any]) -> dict[str, Any]:
+    """v0 (no ``schema_version``; swavctl 0.1.0 up to commit 5ec31d5) to v1.
+
+    v0 recorded the run folder, ``out``, in ``resolved.toml``, checkpoints and exports, so a
+    ``resolved.toml`` passed to ``--preset`` resumed the old run instead of starting a new one. v1
+    records no folder: ``out`` is dropped. Nothing else changed.
+    """
+    tree.pop("out", None)
+    return tree
+
+
+#: ``MIGRATIONS[v]`` brings a tree of version ``v`` to ``v + 1``. A migration touches only the keys
+#: it is about, so a file without a version that already uses the new layout (a preset written by
+#: hand) passes through unchanged.
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {0: _v0_to_v1}
+
+
+def migrate(tree: Mapping[str, Any], source: str = "settings") -> dict[str, Any]:
+    """A settings tree of any older schema version (none = 0) brought to :data:`SCHEMA_VERSION`.
+
+    Raises a one-line :class:`UserError` for a version this swavctl does not know (a newer one).
+    """
+    version = tree.get("schema_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise UserError(f"{source}: schema_version must be a whole number, got {version!r}")
+    if version > SCHEMA_VERSION:
+        from swavctl import __version__
+
+        raise UserError(
+            f"{source}: settings schema version {version} is newer than this swavctl {__version__} "
+            f"reads (up to {SCHEMA_VERSION}); use the swavctl that wrote it, or a newer one"
+        )
+    migrated = {k: v for k, v in tree.items() if k != "schema_version"}
+    for step in range(version, SCHEMA_VERSION):
+        migrated = MIGRATIONS[step](migrated)
+    migrated["schema_version"] = SCHEMA_VERSION
+    return migrated
+
+
+def read_tree(tree: Mapping[str, Any], source: str) -> Settings:
+    """Settings read back from a file (resolved.toml, a checkpoint, an export): migrated, validated."""
+    return validate(migrate(tree, source), source=source)
+
+
 def validate(tree: Mapping[str, Any], source: str = "settings") -> Settings:
     """Validate a nested mapping into :class:`Settings`, or raise a one-line :class:`UserError`."""
     try:
@@ -428,10 +497,15 @@ def resolve(
     tree: dict[str, Any] = {}
     if preset is not None:
         path = preset_path(preset)
-        preset_tree = load_toml(path)
+        # A preset is a recipe, not a run folder: an ``out`` in it (an older run's resolved.toml has
+        # one) is dropped, so the run goes to --out or a new folder.
+        preset_tree = migrate(load_toml(path), source=f"preset {path.name}")
+        preset_tree.pop("out", None)
         validate(preset_tree, source=f"preset {path.name}")
         tree = _deep_merge(tree, preset_tree)
-        tree["preset"] = preset
+        # A run's resolved.toml keeps naming the preset the recipe came from.
+        if not isinstance(preset_tree.get("preset"), str) or path.name != RESOLVED_NAME:
+            tree["preset"] = preset
     for dotted, value in (flags or {}).items():
         if value is not None:
             _set_path(tree, dotted.split("."), value)
@@ -444,13 +518,23 @@ def resolve(
     return validate(tree, source="--set" if overrides else "settings")
 
 
+#: Settings a run does not record (in resolved.toml, checkpoints, exports): where it writes.
+NOT_RECORDED = {"out"}
+
+
+def recorded_json(settings: Settings) -> str:
+    """The settings as JSON, as an export's metadata records them (no ``out``)."""
+    return settings.model_dump_json(exclude=NOT_RECORDED)
+
+
 def to_toml(settings: Settings) -> str:
-    """The settings as TOML (``None`` values are omitted, as TOML has no null)."""
-    return tomli_w.dumps(settings.model_dump(mode="json", exclude_none=True))
+    """The settings as TOML (``None`` values are omitted, as TOML has no null; ``out`` is not written)."""
+    return tomli_w.dumps(settings.model_dump(mode="json", exclude_none=True, exclude=NOT_RECORDED))
 
 
 def from_toml_text(text: str, source: str) -> Settings:
+    """Settings from the TOML a run wrote (``resolved.toml``, a checkpoint's), migrated and validated."""
     try:
-        return validate(tomllib.loads(text), source=source)
+        return read_tree(tomllib.loads(text), source=source)
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"{source}: not valid TOML: {exc}") from None

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from swavctl import __version__
-from swavctl.config import Settings, validate
+from swavctl.config import Settings, recorded_json, validate
 from swavctl.errors import UserError
 from swavctl.safe_io import (
     assert_finite,
@@ -96,6 +96,7 @@ METADATA_KEYS = (
     "source",  # "swavctl" (trained here) or "official" (imported)
     "source_file",  # the checkpoint the weights came from (file name)
     "source_sha256",  # SHA-256 of that file's bytes ("" for an in-memory model)
+    "provenance",  # JSON: versions, devices, command line, git commit, host, times (swavctl.provenance)
     "payload_sha256",  # SHA-256 of the tensors as stored (swavctl.safe_io.payload_sha256)
 )
 
@@ -173,7 +174,7 @@ def export_metadata(
         "crop_size": str(settings.data.crop_sizes[0]),
         "crop_sizes": json.dumps(list(settings.data.crop_sizes)),
         "swavctl_version": __version__,
-        "settings": settings.model_dump_json(),
+        "settings": recorded_json(settings),
         "step": "" if step is None else str(step),
         "epoch": "" if epoch is None else str(epoch),
         "source": "swavctl",
@@ -181,6 +182,10 @@ def export_metadata(
         "source_sha256": "",
     }
     meta.update(extra or {})
+    if "provenance" not in meta:  # what made this file: the process writing it (a run passes its own)
+        from swavctl.provenance import record
+
+        meta["provenance"] = json.dumps(record())
     meta["payload_sha256"] = payload_sha256(tensors)
     return meta
 

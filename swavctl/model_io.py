@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from swavctl.config import Settings, from_toml_text, validate
+from swavctl.config import Settings, from_toml_text, read_tree
+from swavctl.data.demo import DEMO_NAME
 from swavctl.errors import UserError
 from swavctl.model.swav import SwAV
 from swavctl.safe_io import (
@@ -49,6 +50,14 @@ class LoadedModel:
     epoch: int | None
     source: Path
     kind: str  # "checkpoint" or "export"
+
+
+def no_recorded_data(source: Path) -> str:
+    """The error for a model that records no dataset (eval-linear and inspect-clusters say the same)."""
+    return (
+        f"{source} records no dataset (an imported model, or an export of one); pass --data DIR "
+        f"(a labelled image folder), or --data {DEMO_NAME} for the built-in digits"
+    )
 
 
 def _short(keys: list[str], limit: int = 8) -> str:
@@ -219,7 +228,7 @@ def _load_export(source: Path) -> LoadedModel:
         raise UserError(f"{source}: its settings metadata is not valid JSON") from None
     if not isinstance(tree, dict):
         raise UserError(f"{source}: its settings metadata is not a JSON object")
-    settings = validate(tree, source=f"{source} metadata")
+    settings = read_tree(tree, source=f"{source} metadata")
     stated = meta.get("payload_sha256")
     if stated and payload_sha256(tensors) != stated:
         raise UserError(f"{source}: tensors do not match the metadata's payload_sha256 (altered or corrupt)")

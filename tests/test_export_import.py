@@ -192,6 +192,33 @@ def test_official_bare_state_dict_resnet18(tmp_path: Path) -> None:
     assert not loaded.has_head and loaded.settings.model.prototypes == 10 and loaded.epoch is None
 
 
+@pytest.mark.parametrize("command", ["eval-linear", "inspect-clusters"])
+def test_an_imported_model_records_no_data_so_evaluation_asks_for_data(tmp_path: Path, command: str) -> None:
+    """No guess: the demo digits upscaled to 224 px once gave an imported model a meaningless score."""
+    torch.manual_seed(0)
+    torch.save(_official_state(_tv("resnet18"), hidden=16, out=8, k=10, seed=2), tmp_path / "bare.pth")
+    made = _in_process(
+        "export",
+        "--from-official",
+        "bare.pth",
+        "--arch",
+        "resnet18",
+        "--with-head",
+        "--out",
+        "r18.safetensors",
+        cwd=tmp_path,
+    )
+    assert made.returncode == 0, made.stderr
+    result = _in_process(command, "r18.safetensors", "--gpus", "0", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = [x for x in result.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: r18.safetensors records no dataset"), lines
+    assert "pass --data DIR" in lines[0] and "--data demo for the built-in digits" in lines[0]
+    assert not any(
+        (tmp_path / name).exists() for name in ("eval-knn", "eval-fast", "eval-linear", "clusters")
+    )
+
+
 def test_official_missing_and_unexpected_keys_are_listed(tmp_path: Path) -> None:
     state = _official_state(_tv("resnet18"), hidden=16, out=8, k=10, seed=3)
     del state["module.layer4.1.bn2.weight"]

@@ -363,5 +363,5 @@ def test_split_choice_prefers_held_out_images(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="no val/ folder"):
         resolve_images(str(root / "train"), split="val", loaded=loaded, max_images=None)
     loaded.settings.data.path = None
-    with pytest.raises(UserError, match="record no data folder"):
+    with pytest.raises(UserError, match="records no dataset .*; pass --data DIR"):
         resolve_images(None, split="auto", loaded=loaded, max_images=None)

@@ -355,3 +355,48 @@ def test_more_cpu_workers_than_cores_are_warned_about(image_folder: Path, tmp_pa
         "warning: 2 CPU worker processes share 1 core: every step waits for the slowest, "
         "so this is slower than one process"
     ]
+
+
+def test_the_summary_and_the_export_record_how_the_run_was_made(
+    cli, image_folder: Path, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    import platform
+    import socket
+    import subprocess
+    from datetime import datetime
+
+    import torchvision
+    from safetensors import safe_open
+
+    import swavctl
+
+    work = tmp_path / "work"
+    work.mkdir()
+    git = ("git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false")
+    subprocess.run(("git", "init", "-q"), cwd=work, check=True)
+    (work / "notes.txt").write_text("a tracked file\n")
+    subprocess.run(("git", "add", "notes.txt"), cwd=work, check=True)
+    subprocess.run((*git, "commit", "-qm", "one"), cwd=work, check=True)
+    head = subprocess.run(("git", "rev-parse", "HEAD"), cwd=work, capture_output=True, text=True, check=True)
+    args = (*SMOKE, "--data", str(image_folder), "--out", "run", "--max-steps", "1", "--json")
+    result = cli(*args, cwd=work)
+    assert result.returncode == 0, result.stderr
+    made = json.loads(result.stdout)["provenance"]
+    assert made["swavctl"] == swavctl.__version__ and made["torch"] == torch.__version__
+    assert made["torchvision"] == torchvision.__version__ and made["python"] == platform.python_version()
+    assert made["cuda"] is None and made["cudnn"] is None  # it ran on the CPU
+    assert len(made["devices"]) == 1 and made["devices"][0]
+    assert made["command"] == "swavctl " + " ".join(args)
+    assert made["git_commit"] == head.stdout.strip() and made["host"] == socket.gethostname()
+    started = datetime.fromisoformat(made["started_utc"])
+    assert started.utcoffset() is not None and started.utcoffset().total_seconds() == 0  # type: ignore[union-attr]
+    assert started <= datetime.fromisoformat(made["ended_utc"])
+    assert json.loads((work / "run" / "summary.json").read_text())["provenance"] == made
+    with safe_open(work / "run" / "backbone.safetensors", framework="pt") as handle:
+        assert json.loads(handle.metadata()["provenance"]) == made
+    # A changed tracked file is recorded as such; outside a git work tree there is no commit.
+    (work / "notes.txt").write_text("changed\n")
+    again = cli(*SMOKE, "--data", str(image_folder), "--out", "run2", "--max-steps", "1", "--json", cwd=work)
+    assert json.loads(again.stdout)["provenance"]["git_commit"] == head.stdout.strip() + "+dirty"
+    outside = cli(*SMOKE, "--data", str(image_folder), "--out", "run3", "--max-steps", "1", "--json")
+    assert json.loads(outside.stdout)["provenance"]["git_commit"] is None

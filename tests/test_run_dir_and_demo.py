@@ -50,10 +50,12 @@ def test_rerunning_a_finished_latest_says_a_new_run_starts_and_how_to_extend_it(
     (first / "resolved.toml").write_text(config.to_toml(settings.model_copy(update={"out": str(first)})))
     point_latest(first, runs)
     assert finished_latest_note(settings, fresh=False, runs_root=runs) is None  # unfinished: it resumes
-    (first / SUMMARY_FILE).write_text('{"steps": 14}')
+    (first / SUMMARY_FILE).write_text('{"steps": 14, "steps_per_epoch": 7}')
     same = finished_latest_note(settings, fresh=False, runs_root=runs)
     assert same is not None and "already finished with these settings; starting a new run" in same
-    assert f"pass --out {first.resolve()} with a larger --epochs" in same
+    # A command that does it (tests/test_suggestions.py runs each one), with nothing of --fresh.
+    resume = f"swavctl pretrain --preset {first.resolve()}/resolved.toml --out {first.resolve()}"
+    assert f"To continue it to 4 epochs: {resume} --epochs 4" in same
     longer = config.resolve(preset="smoke", flags={"data.path": "/data", "train.epochs": 5})
     note = finished_latest_note(longer, fresh=False, runs_root=runs)
     assert note is not None and "finished its 2 epochs; starting a new run of 5" in note

@@ -105,6 +105,7 @@ def test_one_ctrl_c_in_a_terminal_still_checkpoints_at_the_step_boundary(tmp_pat
     assert code == 130, errors[-2000:]
     text = " ".join(errors.split())
     assert "stopped by SIGINT at step" in text and "stopping now" not in text, errors[-2000:]
+    assert text.endswith("re-run the same command to resume"), errors[-2000:]
     assert text.count("SIGINT received") == 1, errors[-2000:]  # rank 0 says it, once
     # torchelastic's own log lines ("Received 2 death signal, shutting down workers") stay quiet.
     assert "elastic/" not in errors and "death signal" not in errors, errors[-2000:]

@@ -38,7 +38,7 @@ def eval_linear_command(
             "--data",
             metavar="DIR",
             help="ImageFolder with train/ and val/, or one folder (split by --val-split), or 'demo' "
-            "(default: the dataset recorded in the model).",
+            "(default: the dataset recorded in the model; a model that records none needs --data).",
         ),
     ] = None,
     mode: Annotated[

@@ -24,7 +24,8 @@ def inspect_clusters_command(
         typer.Option(
             "--data",
             metavar="DIR",
-            help="Image folder or 'demo' (default: the data the model was trained on).",
+            help="Image folder or 'demo' (default: the data the model was trained on; a model that "
+            "records none needs --data).",
         ),
     ] = None,
     split: Annotated[

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from swavctl.commands.common import DataOpt, GpusOpt, JsonOpt, OutOpt, SetOpt, err, fail, finish
 from swavctl.errors import UserError
+
+if TYPE_CHECKING:
+    from swavctl.config import Settings
 
 
 def pretrain_command(
@@ -72,10 +76,21 @@ def pretrain_command(
         outcome = launch.run_pretrain(settings, fresh=fresh)
     except UserError as exc:
         raise fail(str(exc), exc.exit_code) from None
-    finish(outcome, lambda summary: _print_summary(summary, as_json=as_json))
+    if outcome.status == launch.INTERRUPTED and outcome.report:
+        # True whatever stopped it: the folder holds the last checkpoint, and the same settings
+        # find it again (runs/latest, unfinished, or the same --out). --fresh would set it aside.
+        again = (
+            "re-run the same command without --fresh to resume"
+            if fresh
+            else "re-run the same command to resume"
+        )
+        outcome.message = f"{outcome.message}; {again}"
+    finish(outcome, lambda summary: _print_summary(summary, settings=settings, as_json=as_json))
 
 
-def _print_summary(result: dict[str, object], *, as_json: bool) -> None:
+def _print_summary(result: dict[str, object], *, settings: Settings, as_json: bool) -> None:
+    from swavctl.train.run_dir import continue_advice
+
     if as_json:
         print(json.dumps(result))
         return
@@ -90,3 +105,12 @@ def _print_summary(result: dict[str, object], *, as_json: bool) -> None:
         f"run folder: {result['out_dir']}\nbackbone: {result['backbone']}",
         markup=False,
     )
+    total = result.get("total_steps")
+    spe = result.get("steps_per_epoch")
+    if isinstance(total, int) and isinstance(spe, int) and total < spe * settings.train.epochs:
+        # It stopped before its last epoch (train.max_steps or train.max_seconds).
+        advice = continue_advice(Path(str(result["out_dir"])), settings, dict(result))
+        if advice:
+            err.print(
+                f"stopped at step {result['steps']} of {spe * settings.train.epochs}; {advice}", markup=False
+            )

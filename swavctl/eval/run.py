@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from swavctl import dist
-from swavctl.data.demo import DEMO_NAME, resolve_data_path
+from swavctl.data.demo import resolve_data_path
 from swavctl.errors import UserError
 from swavctl.eval import fast as fast_mod
 from swavctl.eval.dataset import ImageCache, LabelledImages, should_cache
@@ -41,7 +41,7 @@ from swavctl.eval.report import (
 )
 from swavctl.eval.splits import SPLIT_SEED, VAL_SPLIT, EvalSplit, discover, holdout_split, label_subset
 from swavctl.eval.views import Normalizer, geometry_for
-from swavctl.model_io import LoadedModel, load_model, run_folder
+from swavctl.model_io import LoadedModel, load_model, no_recorded_data, run_folder
 from swavctl.safe_io import file_sha256, write_json_atomic, write_text_atomic
 from swavctl.stages import QuietStages, StageReporter
 
@@ -191,13 +191,17 @@ def pick_device(gpus: int | None) -> torch.device:
 
 
 def data_root(options: EvalOptions, loaded: LoadedModel, reporter: StageReporter) -> Path:
-    """``--data``, else the dataset recorded in the model's settings, else the demo digits."""
+    """``--data``, else the dataset recorded in the model's settings; never a guess.
+
+    A model that records none (an imported official one, an export of one) is refused: scoring it
+    on data it was not meant for (the demo digits, once) gives a number that means nothing. The
+    digits are used only when asked for, with ``--data demo``.
+    """
     if options.data is not None:
         return resolve_data_path(options.data)
     recorded = loaded.settings.data.path
     if not recorded:
-        reporter.info(f"the model records no dataset; evaluating on the built-in demo digits ('{DEMO_NAME}')")
-        return resolve_data_path(DEMO_NAME)
+        raise UserError(no_recorded_data(loaded.source))
     root = resolve_data_path(recorded)
     if not root.exists():
         raise UserError(f"the model's recorded dataset {recorded} does not exist here; pass --data DIR")

@@ -17,7 +17,7 @@ from pathlib import Path
 from swavctl.data.demo import resolve_data_path
 from swavctl.data.images import IMAGE_SUFFIXES, class_of, list_images
 from swavctl.errors import UserError
-from swavctl.model_io import LoadedModel, run_folder
+from swavctl.model_io import LoadedModel, no_recorded_data, run_folder
 from swavctl.safe_io import probe_writable, remove_stale_temporaries
 
 DEFAULT_MODEL = Path("runs") / "latest"
@@ -43,7 +43,7 @@ def resolve_images(data: str | None, *, split: str, loaded: LoadedModel, max_ima
     if recorded:
         data = loaded.settings.data.path
         if not data:
-            raise UserError(f"{loaded.source}: its settings record no data folder; pass --data DIR")
+            raise UserError(no_recorded_data(loaded.source))
     assert data is not None
     root = resolve_data_path(data).expanduser()
     hint = " (recorded in the model's settings; pass --data DIR)" if recorded else ""

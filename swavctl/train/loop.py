@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from swavctl import dist
+from swavctl import dist, provenance
 from swavctl.config import Settings, to_toml
 from swavctl.data.dataset import Batch, pretrain_dataset, pretrain_loader, refuse_skipped, sample_seed
 from swavctl.data.sampler import EpochBatchSampler
@@ -105,10 +105,22 @@ class Summary:
 # ---------------------------------------------------------------------------------------------
 
 
-def _export_backbone(model: SwAV, path: Path, settings: Settings, step: int, epoch: int) -> None:
+def _export_backbone(
+    model: SwAV, path: Path, settings: Settings, step: int, epoch: int, made: dict[str, Any]
+) -> None:
+    import json
+
     from swavctl.export import write_export
 
-    write_export(model, path, settings=settings, step=step, epoch=epoch, with_head=False)
+    write_export(
+        model,
+        path,
+        settings=settings,
+        step=step,
+        epoch=epoch,
+        with_head=False,
+        extra={"provenance": json.dumps(made)},
+    )
 
 
 def _parse_hook(name: str) -> tuple[int, int] | None:
@@ -238,6 +250,7 @@ class _Run:
             else None
         )
         self.started = time.perf_counter()  # again when training starts: samples/s and max_seconds
+        self.started_utc = provenance.utc_now()
 
     def warn_all(self, message: str) -> None:
         """A warning every rank reaches alike: printed once, by rank 0."""
@@ -249,8 +262,19 @@ class _Run:
     def resume(self) -> None:
         run_dir, settings = self.plan.run_dir, self.settings
         found = ckpt.latest_checkpoint(run_dir, warn=self.reporter.warn) if dist.is_main() else None
-        chosen = dist.broadcast_object(found[0].step if found is not None else None)
+        unusable = (
+            len(ckpt.list_committed(run_dir / ckpt.CHECKPOINT_DIR)) if dist.is_main() and found is None else 0
+        )
+        chosen, unusable = dist.broadcast_object((found[0].step if found is not None else None, unusable))
         if chosen is None:
+            if unusable:
+                # Starting from step 0 here would rewrite the run's metrics and settings over a run
+                # that exists: a user who meant to resume must hear it, and choose.
+                raise UserError(
+                    f"cannot resume {run_dir}: none of its {unusable} committed checkpoint(s) can be used "
+                    "(the warnings above say why); nothing was changed there; pass --fresh to set them "
+                    "aside and start over, or use another --out"
+                )
             return
         if found is not None:
             checkpoint, state = found
@@ -265,7 +289,13 @@ class _Run:
         if isinstance(saved, str):
             from swavctl.config import from_toml_text
 
-            previous = from_toml_text(saved, source=str(checkpoint.state_path))
+            try:
+                previous = from_toml_text(saved, source=str(checkpoint.state_path))
+            except UserError as exc:
+                raise UserError(
+                    f"cannot resume {run_dir}: the settings saved in its checkpoint cannot be read ({exc}); "
+                    "nothing was changed in that folder"
+                ) from None
         else:
             previous = read_resolved(run_dir)
         if previous is not None:
@@ -308,6 +338,37 @@ class _Run:
         self.skipped_total = int(state.get("skipped_images", 0))
         self.last_checkpoint = checkpoint.state_path
         self.reporter.info(f"resuming from {checkpoint.state_path} (step {step})")
+        if step < self.total_steps:
+            self.reporter.info(self._resume_schedule_line(step, previous))
+
+    def _resume_schedule_line(self, step: int, previous: Settings | None) -> str:
+        """The learning rate the run resumes at, and whether the cosine schedule was recomputed."""
+        settings = self.settings
+        lr = self._lr_at(step)
+        epochs, end = settings.train.epochs, self.steps_epoch * settings.train.epochs
+        text = f"learning rate at step {step}: {lr:.6g} (cosine to step {end}, {epochs} epochs)"
+        if previous is not None and previous.train.epochs != settings.train.epochs:
+            text += (
+                f"; the schedule is recomputed over {settings.train.epochs} epochs instead of "
+                f"{previous.train.epochs}, so the rate rises from where the shorter run left it"
+                if settings.train.epochs > previous.train.epochs
+                else f"; the schedule is recomputed over {settings.train.epochs} epochs instead of "
+                f"{previous.train.epochs}"
+            )
+        return text
+
+    def _lr_at(self, step: int) -> float:
+        """The learning rate of optimizer step ``step`` (0-based) under the current settings."""
+        optim = self.settings.optim
+        return learning_rate(
+            step,
+            steps_per_epoch=self.steps_epoch,
+            epochs=self.settings.train.epochs,
+            base_lr=optim.base_lr,
+            final_lr=optim.final_lr,
+            warmup_epochs=optim.warmup_epochs,
+            start_warmup_lr=optim.start_warmup_lr,
+        )
 
     def open_run_folder(self) -> None:
         """Write the resolved settings, point runs/latest here, and cut the metrics at the step."""
@@ -579,6 +640,7 @@ class _Run:
                 "prototypes_used": readout.prototypes_used,
                 "queue_in_use": out.queue_in_use,
                 "skipped_images": self.skipped_total,
+                "time_utc": provenance.utc_now(),
             }
             if knn is not None:
                 self.last_knn = knn
@@ -610,15 +672,7 @@ class _Run:
     ) -> tuple[float, StepOutputs, StepReadout]:
         """Forward, SwAV loss, backward, checks and the optimizer step: (lr, loss output, readout)."""
         settings, model, step = self.settings, self.model, self.step
-        lr = learning_rate(
-            step,
-            steps_per_epoch=self.steps_epoch,
-            epochs=settings.train.epochs,
-            base_lr=settings.optim.base_lr,
-            final_lr=settings.optim.final_lr,
-            warmup_epochs=settings.optim.warmup_epochs,
-            start_warmup_lr=settings.optim.start_warmup_lr,
-        )
+        lr = self._lr_at(step)
         sgd = self.optimizer.optim
         for group in sgd.param_groups:
             group["lr"] = lr
@@ -717,7 +771,17 @@ class _Run:
         elapsed = time.perf_counter() - self.started
         run_dir = self.plan.run_dir
         backbone_path = run_dir / "backbone.safetensors"
-        extra: dict[str, Any] = {"world_size": self.world}
+        made = provenance.record(
+            device=self.device,
+            device_count=self.world if self.device.type == "cuda" else 1,
+            started=self.started_utc,
+        )
+        extra: dict[str, Any] = {
+            "world_size": self.world,
+            "steps_per_epoch": steps_epoch,
+            "total_steps": self.total_steps,
+            "provenance": made,
+        }
         if self.last_knn is not None:
             extra["knn"] = self.last_knn.as_dict()
         summary = Summary(
@@ -734,7 +798,7 @@ class _Run:
             extra=extra,
         )
         if dist.is_main():
-            _export_backbone(self.model, backbone_path, settings, step, step // steps_epoch)
+            _export_backbone(self.model, backbone_path, settings, step, step // steps_epoch, made)
             write_json_atomic(run_dir / SUMMARY_FILE, summary.as_dict())
         dist.barrier()
         reporter.close()

@@ -24,7 +24,13 @@ from swavctl.eval.splits import EvalSplit
 from swavctl.queue import queue_length_per_rank
 from swavctl.safe_io import probe_writable
 from swavctl.train.report import Reporter
-from swavctl.train.run_dir import finished_latest_note, run_lock, select_run_dir, set_aside_earlier_run
+from swavctl.train.run_dir import (
+    finished_latest_note,
+    run_lock,
+    select_run_dir,
+    set_aside_earlier_run,
+    unfinished_latest_note,
+)
 from swavctl.train.schedule import schedule_conflicts
 
 
@@ -119,7 +125,7 @@ def plan_run(settings: Settings, *, reporter: Reporter, fresh: bool, held: conte
         )
 
     if dist.is_main():
-        note = finished_latest_note(settings, fresh=fresh)
+        note = finished_latest_note(settings, fresh=fresh) or unfinished_latest_note(settings, fresh=fresh)
         if note:
             reporter.info(note)
     run_dir, reused = select_run_dir(settings, fresh=fresh)

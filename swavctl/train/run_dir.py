@@ -6,18 +6,19 @@ import contextlib
 import fcntl
 import json
 import os
+import shlex
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from swavctl.config import Settings, dotted, from_toml_text
+from swavctl.config import RESOLVED_NAME, Settings, dotted, from_toml_text
 from swavctl.errors import UserError
 
 RUNS_ROOT = Path("runs")
 LATEST = "latest"
 SUMMARY_FILE = "summary.json"
-RESOLVED_FILE = "resolved.toml"
+RESOLVED_FILE = RESOLVED_NAME
 
 # Settings whose change alters the meaning of saved state: resuming across them is refused.
 INCOMPATIBLE_FIELDS = (
@@ -35,9 +36,12 @@ INCOMPATIBLE_FIELDS = (
 
 
 def settings_diff(
-    old: Settings, new: Settings, *, ignore: tuple[str, ...] = ("out",)
+    old: Settings, new: Settings, *, ignore: tuple[str, ...] = ("out", "preset")
 ) -> dict[str, tuple[Any, Any]]:
-    """Dotted keys whose values differ between two settings trees: {key: (old, new)}."""
+    """Dotted keys whose values differ between two settings trees: {key: (old, new)}.
+
+    ``out`` (where the run writes) and ``preset`` (the name the recipe came by) are not compared.
+    """
     a = dotted(old.model_dump(mode="json"))
     b = dotted(new.model_dump(mode="json"))
     return {
@@ -56,13 +60,76 @@ def incompatible_changes(
 
 
 def read_resolved(run_dir: Path) -> Settings | None:
+    """The settings of the run in ``run_dir`` (migrated), or None when missing or unreadable."""
+    return read_resolved_or_why(run_dir)[0]
+
+
+def read_resolved_or_why(run_dir: Path) -> tuple[Settings | None, str | None]:
+    """``(settings, None)``, ``(None, why they cannot be read)``, or ``(None, None)`` when absent."""
     path = run_dir / RESOLVED_FILE
     if not path.is_file():
-        return None
+        return None, None
     try:
-        return from_toml_text(path.read_text(), source=str(path))
-    except Exception:  # noqa: BLE001 - an unreadable old run is simply not resumable
+        return from_toml_text(path.read_text(), source=str(path)), None
+    except UserError as exc:
+        return None, str(exc)
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, f"cannot read {path}: {exc}"
+
+
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    """The run's ``summary.json``, or None when it has none (unfinished) or it is unreadable."""
+    try:
+        data = json.loads((run_dir / SUMMARY_FILE).read_text())
+    except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
+
+
+def resume_command(run_dir: Path, *extra: str) -> str:
+    """The command that resumes (or extends) the run in ``run_dir`` with exactly its settings.
+
+    Its ``resolved.toml`` as the preset gives every setting the run had; ``--out`` names the folder
+    (a preset never does). Nothing of the command that was run is carried over (no ``--fresh``).
+    """
+    folder = run_dir.resolve()
+    return shlex.join(
+        ["swavctl", "pretrain", "--preset", str(folder / RESOLVED_FILE), "--out", str(folder), *extra]
+    )
+
+
+def _steps_per_epoch(summary: dict[str, Any]) -> int | None:
+    spe = summary.get("steps_per_epoch")
+    if isinstance(spe, int) and spe > 0:
+        return spe
+    steps, epochs_done = summary.get("steps"), summary.get("epochs_done")  # a summary before 0.2
+    if isinstance(steps, int) and isinstance(epochs_done, (int, float)) and epochs_done > 0:
+        return max(1, round(steps / epochs_done))
+    return None
+
+
+def continue_advice(
+    run_dir: Path, settings: Settings, summary: dict[str, Any], *, epochs: int | None = None
+) -> str | None:
+    """How to train the finished run in ``run_dir`` further, as a command that does it.
+
+    A run that stopped before its last epoch (``train.max_steps``, ``train.max_seconds``) goes on to
+    its end; a complete one to ``epochs`` (default: twice its own). ``--max-steps`` is passed
+    whenever the run had one, as a limit at the new end, so that the old limit cannot stop it.
+    None when the summary does not tell how far the run got.
+    """
+    spe, steps = _steps_per_epoch(summary), summary.get("steps")
+    if spe is None or not isinstance(steps, int):
+        return None
+    own = settings.train.epochs
+    if epochs is None and steps < spe * own:
+        limit = ["--max-steps", str(spe * own)] if settings.train.max_steps is not None else []
+        return f"to train it on to its {own} epochs: {resume_command(run_dir, *limit)}"
+    target = epochs if epochs is not None else 2 * own
+    extra = ["--epochs", str(target)]
+    if settings.train.max_steps is not None:
+        extra += ["--max-steps", str(spe * target)]
+    return f"to continue it to {target} epochs: {resume_command(run_dir, *extra)}"
 
 
 def is_complete(run_dir: Path) -> bool:
@@ -103,14 +170,16 @@ def _unused(path: Path) -> Path:
 
 def finished_latest_note(settings: Settings, *, fresh: bool, runs_root: Path = RUNS_ROOT) -> str | None:
     """A line for a command that re-runs a *finished* ``runs/latest`` (the same settings, or more
-    epochs): it starts a new run, which a user who expected a resume should be told, with how to
-    extend the finished one instead. None otherwise (``--out`` given, ``--fresh``, other settings).
+    epochs): it starts a new run, which a user who expected a resume should be told, with the
+    command that trains the finished one further instead. None otherwise (``--out`` given,
+    ``--fresh``, other settings).
     """
     latest = runs_root / LATEST
-    if settings.out or fresh or not latest.is_dir() or not is_complete(latest):
+    if settings.out or fresh or not latest.is_dir():
         return None
+    summary = read_summary(latest)
     previous = read_resolved(latest)
-    if previous is None:
+    if summary is None or previous is None:
         return None
     changed = settings_diff(previous, settings)
     if set(changed) - {"train.epochs"}:
@@ -118,13 +187,38 @@ def finished_latest_note(settings: Settings, *, fresh: bool, runs_root: Path = R
     folder = latest.resolve()
     if "train.epochs" in changed:
         old, new = changed["train.epochs"]
+        advice = continue_advice(folder, previous, summary, epochs=new)
+        head = f"{folder} (runs/latest) finished its {old} epochs; starting a new run of {new}"
+    else:
+        advice = continue_advice(folder, previous, summary)
+        head = f"{folder} (runs/latest) already finished with these settings; starting a new run"
+    return f"{head}. {advice[0].upper()}{advice[1:]}" if advice else head
+
+
+def unfinished_latest_note(settings: Settings, *, fresh: bool, runs_root: Path = RUNS_ROOT) -> str | None:
+    """A line for a command that does not resume an *unfinished* ``runs/latest``: its settings
+    differ (or cannot be read), so a new run starts; the line says so and how to resume the
+    unfinished one. None when it resumes, or there is none, or ``--out``/``--fresh`` was given.
+    """
+    latest = runs_root / LATEST
+    if settings.out or fresh or not latest.is_dir() or is_complete(latest):
+        return None
+    previous, why = read_resolved_or_why(latest)
+    folder = latest.resolve()
+    if previous is None:
+        if why is None:  # it stopped before writing its settings: nothing to resume
+            return None
         return (
-            f"{folder} (runs/latest) finished its {old} epochs; starting a new run of {new}. "
-            f"To continue that run to {new} epochs instead, pass --out {folder}"
+            f"{folder} (runs/latest) is an unfinished run whose settings cannot be read ({why}); "
+            "starting a new run, and that folder is left as it is"
         )
+    changed = settings_diff(previous, settings)
+    if not changed:
+        return None
+    shown = ", ".join(sorted(changed)[:6]) + (", ..." if len(changed) > 6 else "")
     return (
-        f"{folder} (runs/latest) already finished with these settings; starting a new run. "
-        f"To train that one longer, pass --out {folder} with a larger --epochs"
+        f"{folder} (runs/latest) is an unfinished run with other settings ({shown}); starting a new run. "
+        f"To resume that one instead: {resume_command(folder)}"
     )
 
 

@@ -42,8 +42,8 @@ from swavctl.eval.report import (
 from swavctl.eval.splits import SPLIT_SEED, VAL_SPLIT, EvalSplit, discover, holdout_split, label_subset
 from swavctl.eval.views import Normalizer, geometry_for
 from swavctl.model_io import LoadedModel, load_model, run_folder
+from swavctl.progress import QuietStages, StageReporter
 from swavctl.safe_io import file_sha256, write_json_atomic, write_text_atomic
-from swavctl.stages import QuietStages, StageReporter
 
 MODES = ("fast", "linear", "knn", "finetune")
 DEFAULT_EPOCHS = {"linear": 100, "fast": 100}  # finetune: see finetune.paper_recipe

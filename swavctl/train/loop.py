@@ -157,10 +157,13 @@ def pretrain(
     with contextlib.ExitStack() as held:
         plan = plan_run(settings, reporter=reporter, fresh=fresh, held=held)
         run = _Run(plan, reporter, on_step=on_step, hooks=hooks)
-        run.resume()
-        run.open_run_folder()
-        run.train(stop)
-        return run.finish()
+        try:
+            run.resume()
+            run.open_run_folder()
+            run.train(stop)
+            return run.finish()
+        finally:
+            reporter.close()  # the terminal back (cursor shown, line ended) however the run ends
 
 
 @dataclass(frozen=True)
@@ -413,7 +416,7 @@ class _Run:
         self.prefetch_stream = side_stream(device) if prefetch_depth > 0 else None  # one for every epoch
         self.warned_cpu_decode = False
         self.started = time.perf_counter()
-        self.reporter.start(self.total_steps, self.step)
+        self.reporter.start(self.total_steps, self.step, steps_per_epoch=self.steps_epoch)
         self.reporter.info(
             f"{len(self.plan.paths)} images, {self.steps_epoch} steps/epoch, global batch "
             f"{settings.train.batch_size * self.world}, {len(self.crops)} crops "

@@ -23,6 +23,7 @@ from rich.console import Console
 
 from swavctl import progress
 from swavctl.progress import BAR, Field, RichReporter, StageProgress, fit, render_line
+from swavctl.tensorboard_log import TB_DIR
 from tests.conftest import cli_env, last_logged_step, wait_until, write_image_folder
 
 ESSENTIAL = ("/", "loss ", "ETA ")
@@ -265,6 +266,7 @@ def test_under_a_terminal_of_60_80_and_120_columns_the_essentials_stay(folder: P
         if columns >= 80:
             assert "epoch 1/1" in last and "samples/s" in last, last
         assert "done: 4 steps" in text
+        assert not (tmp_path / f"run{columns}" / TB_DIR).exists()  # TensorBoard is off by default
 
 
 def test_ctrl_c_restores_the_cursor_and_the_stop_message_stands_on_its_own_line(

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from swavctl import dist
+from swavctl import dist, tensorboard_log
 from swavctl.config import Settings, to_toml
 from swavctl.data.dataset import Batch, pretrain_dataset, pretrain_loader, refuse_skipped, sample_seed
 from swavctl.data.sampler import EpochBatchSampler
@@ -163,6 +163,8 @@ def pretrain(
             run.train(stop)
             return run.finish()
         finally:
+            if run.tensorboard is not None:
+                run.tensorboard.close()
             reporter.close()  # the terminal back (cursor shown, line ended) however the run ends
 
 
@@ -231,6 +233,7 @@ class _Run:
         self.checkpoint_step = -1  # the step of last_checkpoint, when this run wrote or loaded it
         self.last_loss: float | None = None
         self.last_knn: KnnReading | None = None
+        self.tensorboard: tensorboard_log.TrainingLog | None = None  # rank 0, with log.tensorboard
         self.samples_seen = 0
         self.total_steps = self.steps_epoch * settings.train.epochs
         if settings.train.max_steps is not None:
@@ -324,8 +327,13 @@ class _Run:
                 self.reporter.warn(f"could not point runs/latest at {run_dir}: {exc.strerror or exc}")
             (run_dir / SUMMARY_FILE).unlink(missing_ok=True)
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
+        if self.settings.log.tensorboard:
+            tensorboard_log.require()  # on every rank alike, before rank 0 writes anything
         if dist.is_main():
             self.metrics.truncate_after(self.step)
+            if self.settings.log.tensorboard:
+                # Replayed from the metrics just cut at the checkpoint's step: a resume adds no duplicates.
+                self.tensorboard = tensorboard_log.TrainingLog(run_dir, self.metrics.path)
         dist.barrier()
 
     # ----- checkpoints
@@ -595,6 +603,8 @@ class _Run:
             periodic = step % settings.train.log_every == 0 or step == self.total_steps
             if dist.is_main() and (periodic or knn is not None):
                 self.metrics.append(record)
+                if self.tensorboard is not None:
+                    self.tensorboard.add(record)
             reporter.step(record)
             warning = self.health.update(step, loss_value)
             if warning:

@@ -204,6 +204,9 @@ class Display:
         self._warned: set[str] = set()
         self._live: Live | None = None
         self._saved_showwarning: Any = None
+        # A UserWarning's text once per process, wherever it is raised (Python's default is once
+        # per code location); appended, so -W and PYTHONWARNINGS filters still come first.
+        warnings.filterwarnings("once", category=UserWarning, append=True)
 
     @property
     def live(self) -> bool:
@@ -230,11 +233,15 @@ class Display:
         name = "" if category is UserWarning else f"{category.__name__}: "
         self.warn(f"{name}{message}")
 
-    def _open(self, fields: Callable[[], list[Field]], fraction: Callable[[], float]) -> None:
-        """Route Python warnings here and, on a terminal, start the live line (cursor hidden)."""
+    def _route_warnings(self) -> None:
+        """Print Python warnings through :meth:`warn` until :meth:`_close`."""
         if self._saved_showwarning is None:
             self._saved_showwarning = warnings.showwarning
             warnings.showwarning = self._showwarning
+
+    def _open(self, fields: Callable[[], list[Field]], fraction: Callable[[], float]) -> None:
+        """Route Python warnings here and, on a terminal, start the live line (cursor hidden)."""
+        self._route_warnings()
         if self.live and self._live is None:
             self._live = Live(
                 _LiveLine(fields, fraction),
@@ -284,6 +291,7 @@ class RichReporter(Display):
 
     def start(self, total_steps: int, done_steps: int, *, steps_per_epoch: int = 0) -> None:
         if self.quiet or not dist.is_main():
+            self._route_warnings()
             return
         self._count = Counter(total_steps, done_steps, self.clock)
         self._steps_per_epoch = steps_per_epoch

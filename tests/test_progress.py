@@ -298,3 +298,33 @@ def test_ctrl_c_restores_the_cursor_and_the_stop_message_stands_on_its_own_line(
     at = plain.index("stopped by SIGINT at step ")
     assert plain[at - 1] == "\n", repr(plain[at - 200 : at + 40])
     assert "swavctl: SIGINT received" in plain
+
+
+@pytest.mark.parametrize("width", [60, 80, 120])
+def test_a_stage_line_keeps_its_count_and_eta_at_each_width(width: int) -> None:
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=True, width=width, soft_wrap=True)
+    now = [0.0]
+    note = "epoch 3/100 loss 1.234567 lr 0.1 wd 1e-06 best val top-1 87.5%"
+    stages = StageProgress(console, clock=lambda: now[0])
+    with stages.stage("linear", 4000, "steps") as advance:
+        now[0] = 20.0
+        advance(1000, note)
+        assert stages._live is not None
+        stages._live.refresh()  # draw now, as the refresh thread does 4 times a second
+        drawn = buffer.getvalue()
+    lines = [line for line in re.split(r"[\r\n]", ANSI.sub("", drawn)) if line.strip()]
+    last = lines[-1]
+    assert len(last) <= width and "1000/4000" in last and "ETA 0:01:00" in last, last
+    assert "epoch 3/100" in last  # the note, cut short where it must be
+
+
+def test_ctrl_c_inside_a_stage_shows_the_cursor_again_and_ends_the_line() -> None:
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=True, width=80)
+    with pytest.raises(KeyboardInterrupt), StageProgress(console).stage("extract", 10, "images") as advance:
+        advance(3)
+        raise KeyboardInterrupt
+    text = buffer.getvalue()
+    assert "\x1b[?25l" in text and text.rindex("\x1b[?25h") > text.rindex("\x1b[?25l")
+    assert text.endswith("\n\x1b[?25h")  # the line ended, then the cursor shown

@@ -37,8 +37,14 @@ INSTALL_HINT = "pip install 'swavctl[tensorboard]' (or pip install tensorboard)"
 
 
 def available() -> bool:
-    """Whether the ``tensorboard`` package is importable (torch's SummaryWriter needs it)."""
-    return importlib.util.find_spec("tensorboard") is not None
+    """Whether torch's SummaryWriter can be imported (it needs the ``tensorboard`` package)."""
+    if importlib.util.find_spec("tensorboard") is None:
+        return False
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def require() -> None:

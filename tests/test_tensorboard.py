@@ -5,6 +5,7 @@ resume, plus eval-linear's results in the same run."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 from pathlib import Path
 
@@ -80,3 +81,23 @@ def test_tensorboard_events_survive_a_kill_and_resume_and_take_eval_results(tmp_
     multiplexer = plugin_event_multiplexer.EventMultiplexer()
     multiplexer.AddRunsFromDirectory(str(tmp_path / "runs"))
     assert f"{run.resolve().name}/{TB_DIR}" in multiplexer.Runs()
+
+
+def test_without_the_tensorboard_package_the_setting_is_refused_with_the_install_line(tmp_path: Path) -> None:
+    # A tensorboard package that cannot be imported, first on the path: as if it were not installed.
+    fake = tmp_path / "site" / "tensorboard"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('No module named tensorboard')\n")
+    images = write_image_folder(tmp_path / "images", per_class=2)
+    path = os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")])
+    done = run_cli(
+        "pretrain", "--preset", "smoke", "--data", str(images), "--out", "run",
+        "--set", "log.tensorboard=true", cwd=tmp_path, env=cli_env(PYTHONPATH=path),
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: log.tensorboard needs the tensorboard package: pip install 'swavctl[tensorboard]' "
+        "(or pip install tensorboard)"
+    )
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "run").exists()

@@ -153,6 +153,8 @@ def pretrain(
     be written (disk full). All ranks raise the same one at the same step.
     """
     reporter = reporter or QuietReporter()
+    if settings.log.tensorboard:
+        tensorboard_log.require()  # on every rank alike, before anything is listed or built
     hooks = _TestHooks(nan_at=_parse_hook(HOOK_NAN), raise_at=_parse_hook(HOOK_RAISE), sleep_s=_hook_sleep())
     with contextlib.ExitStack() as held:
         plan = plan_run(settings, reporter=reporter, fresh=fresh, held=held)
@@ -327,8 +329,6 @@ class _Run:
                 self.reporter.warn(f"could not point runs/latest at {run_dir}: {exc.strerror or exc}")
             (run_dir / SUMMARY_FILE).unlink(missing_ok=True)
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
-        if self.settings.log.tensorboard:
-            tensorboard_log.require()  # on every rank alike, before rank 0 writes anything
         if dist.is_main():
             self.metrics.truncate_after(self.step)
             if self.settings.log.tensorboard:

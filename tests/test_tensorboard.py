@@ -27,6 +27,12 @@ def _scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
+def _last_event_step(run: Path) -> int:
+    if not (run / TB_DIR).is_dir():
+        return 0
+    return max((step for step, _ in _scalars(run / TB_DIR).get("train/loss", [])), default=0)
+
+
 def _metrics(run: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -52,7 +58,12 @@ def test_tensorboard_events_survive_a_kill_and_resume_and_take_eval_results(tmp_
     watched = start_watched(*args, cwd=tmp_path, env=cli_env(SWAVCTL_TEST_STEP_SLEEP="0.3"))
     run = tmp_path / "runs" / "latest"
     try:
-        wait_until(lambda: last_logged_step(run) >= 3, timeout=180, proc=watched.proc, stderr=watched.stderr)
+        wait_until(  # step 3 in metrics.jsonl and in the events (written just after it)
+            lambda: last_logged_step(run) >= 3 and _last_event_step(run) >= 3,
+            timeout=180,
+            proc=watched.proc,
+            stderr=watched.stderr,
+        )
         watched.proc.send_signal(signal.SIGKILL)
         watched.proc.wait()
     finally:

@@ -41,10 +41,10 @@ def _assert_events_match_metrics(run: Path) -> dict[str, list[tuple[int, float]]
     series = _scalars(run / TB_DIR)
     records = _metrics(run)
     assert records
-    for key in records[0]:
-        if key in ("step", "epoch"):
-            continue
-        expected = [(int(r["step"]), float(r[key])) for r in records]  # type: ignore[call-overload, arg-type]
+    keys = {key for r in records for key in r} - {"step", "epoch"}
+    assert {"loss", "lr", "samples_per_s", "knn_top1", "knn_top5"} <= keys
+    for key in keys:  # the k-NN readings are in the records of epoch ends only
+        expected = [(int(r["step"]), float(r[key])) for r in records if key in r]  # type: ignore[call-overload, arg-type]
         got = series[f"train/{key}"]
         assert [s for s, _ in got] == [s for s, _ in expected], key  # each step once, in order
         assert [v for _, v in got] == pytest.approx([v for _, v in expected], rel=1e-6, abs=1e-7), key
@@ -53,7 +53,16 @@ def _assert_events_match_metrics(run: Path) -> dict[str, list[tuple[int, float]]
 
 def test_tensorboard_events_survive_a_kill_and_resume_and_take_eval_results(tmp_path: Path) -> None:
     images = write_image_folder(tmp_path / "images")
-    args = ["pretrain", "--preset", "smoke", "--data", str(images), "--tensorboard"]
+    args = [
+        "pretrain",
+        "--preset",
+        "smoke",
+        "--data",
+        str(images),
+        "--knn-data",
+        str(images),
+        "--tensorboard",
+    ]
     # Killed at once after step 3 (its checkpoint is at step 2), with step 3 already in the events.
     watched = start_watched(*args, cwd=tmp_path, env=cli_env(SWAVCTL_TEST_STEP_SLEEP="0.3"))
     run = tmp_path / "runs" / "latest"

@@ -255,6 +255,16 @@ class MonitorSettings(_Strict):
     knn_k: int = Field(20, ge=1, description="Neighbours of the k-NN vote.")
 
 
+class LogSettings(_Strict):
+    """Logs besides metrics.jsonl."""
+
+    tensorboard: bool = Field(
+        False,
+        description="Also write metrics.jsonl's scalars and the k-NN readings as TensorBoard events "
+        "in RUN/tb/ (needs the tensorboard package: pip install 'swavctl[tensorboard]').",
+    )
+
+
 class Settings(_Strict):
     """All settings of a pretraining run."""
 
@@ -281,6 +291,7 @@ class Settings(_Strict):
     monitor: MonitorSettings = Field(
         default_factory=MonitorSettings, description="Evaluation during pretraining."
     )
+    log: LogSettings = Field(default_factory=LogSettings, description="Logs besides metrics.jsonl.")
 
     @model_validator(mode="after")
     def _assignment_crops(self) -> Settings:

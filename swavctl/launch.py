@@ -199,7 +199,7 @@ def run_evaluation(options: Any) -> Outcome:
     this process is one worker. The summary is rank 0's.
     """
     from swavctl.eval.run import run_eval
-    from swavctl.stages import StageProgress
+    from swavctl.progress import StageProgress
 
     options.check()
     job = Job(
@@ -301,7 +301,7 @@ def _job_body(job: Job, env: dist.DistEnv, *, announce_join: bool = False) -> An
             return pretrain(settings, reporter=_reporter(), fresh=bool(job.args["fresh"]), stop=stop_flag)
         if job.kind == "eval":
             from swavctl.eval.run import EvalOptions, run_eval
-            from swavctl.stages import StageProgress
+            from swavctl.progress import StageProgress
 
             return run_eval(
                 EvalOptions.from_json(job.args["options"]), reporter=StageProgress(), device=device

@@ -34,8 +34,8 @@ from swavctl.eval.run import EvalOptions, run_eval
 from swavctl.eval.views import Normalizer, center_view, geometry_for
 from swavctl.export import write_export
 from swavctl.model.swav import SwAV
+from swavctl.progress import QuietStages
 from swavctl.safe_io import write_safetensors_atomic
-from swavctl.stages import QuietStages
 
 COLOURS = [(220, 40, 40), (40, 200, 40), (40, 40, 220), (210, 210, 30)]
 TRAIN_PER_CLASS, VAL_PER_CLASS = 20, 8

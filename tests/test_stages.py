@@ -1,4 +1,4 @@
-"""The stage progress shared by eval-linear and inspect-clusters (swavctl.stages)."""
+"""The stage progress shared by eval-linear and inspect-clusters (swavctl.progress)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import io
 import pytest
 from rich.console import Console
 
-from swavctl import stages
-from swavctl.stages import QuietStages, StageProgress
+from swavctl import progress as stages
+from swavctl.progress import QuietStages, StageProgress
 
 
 def _console(terminal: bool) -> tuple[Console, io.StringIO]:
@@ -38,7 +38,7 @@ def test_off_terminal_a_long_stage_prints_timed_lines(monkeypatch: pytest.Monkey
         advance(1, "epoch 2/3 loss 1.500")
         advance(1)
     lines = buffer.getvalue().splitlines()
-    assert "linear 2/3 steps, epoch 2/3 loss 1.500" in lines
+    assert "linear 2/3 steps, epoch 2/3 loss 1.500, elapsed 0:00:00, ETA 0:00:00" in lines
     assert "linear 1/3" not in buffer.getvalue()  # the first advance came before the interval
     assert lines[-1].startswith("linear: 3 steps in ")
 

@@ -131,7 +131,7 @@ def inspect_clusters_command(
 ) -> None:
     """Prototype assignments, cluster health and browsable pictures (alias: cluster-inspect)."""
     from swavctl.inspect.run import InspectOptions, inspect_clusters
-    from swavctl.stages import StageProgress
+    from swavctl.progress import StageProgress
 
     if copy and sort_into is None:
         raise fail("--copy needs --sort-into DIR")

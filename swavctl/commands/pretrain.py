@@ -38,6 +38,13 @@ def pretrain_command(
         ),
     ] = None,
     overrides: SetOpt = None,
+    tensorboard: Annotated[
+        bool,
+        typer.Option(
+            "--tensorboard",
+            help="Also write TensorBoard events into RUN/tb/ (log.tensorboard; needs swavctl[tensorboard]).",
+        ),
+    ] = False,
     fresh: Annotated[bool, typer.Option("--fresh", help="Start over instead of resuming.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -61,6 +68,7 @@ def pretrain_command(
                 "dist.gpus": gpus,
                 "dist.procs": procs,
                 "monitor.knn_data": knn_data,
+                "log.tensorboard": True if tensorboard else None,
             },
             overrides=overrides or [],
         )

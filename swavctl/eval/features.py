@@ -14,7 +14,7 @@ from swavctl import dist
 from swavctl.eval.dataset import LabelledImages, make_loader
 from swavctl.eval.sharding import chunks, gather_in_order, rank_share
 from swavctl.eval.views import Normalizer
-from swavctl.stages import QuietStages, StageReporter
+from swavctl.progress import QuietStages, StageReporter
 
 #: Images per feature-extraction batch (eval-linear's ``--batch-size`` default, and the monitor's).
 FEATURE_BATCH = 256

@@ -44,7 +44,7 @@ from swavctl.eval.sharding import (
     this_rank_sampler,
 )
 from swavctl.eval.views import Normalizer
-from swavctl.stages import QuietStages, StageReporter
+from swavctl.progress import QuietStages, StageReporter
 from swavctl.train.sync_batchnorm import convert_sync_batchnorm
 
 #: The paper's learning rates (trunk, head) per label fraction, for batch 256.

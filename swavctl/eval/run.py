@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from swavctl import dist
+from swavctl import dist, tensorboard_log
 from swavctl.data.demo import resolve_data_path
 from swavctl.errors import UserError
 from swavctl.eval import fast as fast_mod
@@ -42,8 +42,9 @@ from swavctl.eval.report import (
 from swavctl.eval.splits import SPLIT_SEED, VAL_SPLIT, EvalSplit, discover, holdout_split, label_subset
 from swavctl.eval.views import Normalizer, geometry_for
 from swavctl.model_io import LoadedModel, load_model, no_recorded_data, run_folder
+from swavctl.progress import QuietStages, StageReporter
 from swavctl.safe_io import file_sha256, write_json_atomic, write_text_atomic
-from swavctl.stages import QuietStages, StageReporter
+from swavctl.train.run_dir import RESOLVED_FILE
 
 MODES = ("fast", "linear", "knn", "finetune")
 DEFAULT_EPOCHS = {"linear": 100, "fast": 100}  # finetune: see finetune.paper_recipe
@@ -348,7 +349,29 @@ def run_eval(
     summary["model"] = str(loaded.source.resolve())
     summary["model_sha256"] = sha
     summary.update(extra_summary)
+    tensorboard_dir = _add_to_tensorboard(loaded, options.mode, acc.top1, acc.top5, report)
+    if tensorboard_dir is not None:
+        summary["tensorboard"] = str(tensorboard_dir)
     return summary
+
+
+def _add_to_tensorboard(
+    loaded: LoadedModel, mode: str, top1: float, top5: float, report: StageReporter
+) -> Path | None:
+    """Add top-1/top-5 to the model's run's TensorBoard events (``RUN/tb``) at the model's step,
+    when that run was trained with ``log.tensorboard``; returns the event folder, or None."""
+    if not loaded.settings.log.tensorboard:
+        return None
+    folder = run_folder(loaded)
+    if not (folder / RESOLVED_FILE).is_file():  # a checkpoint or export copied out of its run
+        return None
+    if not tensorboard_log.available():
+        report.warn(
+            f"the run logs to TensorBoard but tensorboard is not installed: {tensorboard_log.INSTALL_HINT}"
+        )
+        return None
+    step = loaded.step if loaded.step is not None else 0
+    return tensorboard_log.add_eval(folder, mode, step, {"top1": top1, "top5": top5})
 
 
 # ---------------------------------------------------------------------------------------------

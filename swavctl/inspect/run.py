@@ -36,8 +36,8 @@ from swavctl.inspect.extract import Embedder, EvalView, iter_embeddings, pick_de
 from swavctl.inspect.sort_into import Sorter, folder_name
 from swavctl.inspect.sources import DEFAULT_MODEL, EMBEDDINGS_FILE, default_out, prepare_out, resolve_images
 from swavctl.inspect.topn import Reservoir, TopN
+from swavctl.progress import QuietStages, StageReporter
 from swavctl.safe_io import atomic_file, write_json_atomic, write_text_atomic
-from swavctl.stages import QuietStages, StageReporter
 
 ASSIGNMENTS = ("argmax", "balanced")
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from swavctl import dist, provenance
+from swavctl import dist, provenance, tensorboard_log
 from swavctl.config import Settings, to_toml
 from swavctl.data.dataset import Batch, pretrain_dataset, pretrain_loader, refuse_skipped, sample_seed
 from swavctl.data.sampler import EpochBatchSampler
@@ -165,14 +165,21 @@ def pretrain(
     be written (disk full). All ranks raise the same one at the same step.
     """
     reporter = reporter or QuietReporter()
+    if settings.log.tensorboard:
+        tensorboard_log.require()  # on every rank alike, before anything is listed or built
     hooks = _TestHooks(nan_at=_parse_hook(HOOK_NAN), raise_at=_parse_hook(HOOK_RAISE), sleep_s=_hook_sleep())
     with contextlib.ExitStack() as held:
         plan = plan_run(settings, reporter=reporter, fresh=fresh, held=held)
         run = _Run(plan, reporter, on_step=on_step, hooks=hooks)
-        run.resume()
-        run.open_run_folder()
-        run.train(stop)
-        return run.finish()
+        try:
+            run.resume()
+            run.open_run_folder()
+            run.train(stop)
+            return run.finish()
+        finally:
+            if run.tensorboard is not None:
+                run.tensorboard.close()
+            reporter.close()  # the terminal back (cursor shown, line ended) however the run ends
 
 
 @dataclass(frozen=True)
@@ -240,6 +247,7 @@ class _Run:
         self.checkpoint_step = -1  # the step of last_checkpoint, when this run wrote or loaded it
         self.last_loss: float | None = None
         self.last_knn: KnnReading | None = None
+        self.tensorboard: tensorboard_log.TrainingLog | None = None  # rank 0, with log.tensorboard
         self.samples_seen = 0
         self.total_steps = self.steps_epoch * settings.train.epochs
         if settings.train.max_steps is not None:
@@ -384,6 +392,9 @@ class _Run:
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
         if dist.is_main():
             self.metrics.truncate_after(self.step)
+            if self.settings.log.tensorboard:
+                # Replayed from the metrics just cut at the checkpoint's step: a resume adds no duplicates.
+                self.tensorboard = tensorboard_log.TrainingLog(run_dir, self.metrics.path)
         dist.barrier()
 
     # ----- checkpoints
@@ -474,7 +485,7 @@ class _Run:
         self.prefetch_stream = side_stream(device) if prefetch_depth > 0 else None  # one for every epoch
         self.warned_cpu_decode = False
         self.started = time.perf_counter()
-        self.reporter.start(self.total_steps, self.step)
+        self.reporter.start(self.total_steps, self.step, steps_per_epoch=self.steps_epoch)
         self.reporter.info(
             f"{len(self.plan.paths)} images, {self.steps_epoch} steps/epoch, global batch "
             f"{settings.train.batch_size * self.world}, {len(self.crops)} crops "
@@ -654,6 +665,8 @@ class _Run:
             periodic = step % settings.train.log_every == 0 or step == self.total_steps
             if dist.is_main() and (periodic or knn is not None):
                 self.metrics.append(record)
+                if self.tensorboard is not None:
+                    self.tensorboard.add(record)
             reporter.step(record)
             warning = self.health.update(step, loss_value)
             if warning:

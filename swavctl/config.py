@@ -309,10 +309,17 @@ def _valid_keys(model: type[BaseModel], path: Sequence[str]) -> list[str]:
     return list(current.model_fields)
 
 
-def _format_error(error: ValidationError, source: str) -> str:
+def _format_error(error: ValidationError, source: str, flag_names: Mapping[str, str] | None = None) -> str:
     first = error.errors()[0]
     loc = [str(p) for p in first["loc"] if not isinstance(p, int)]
     dotted = ".".join(loc) or "(root)"
+    flag = (flag_names or {}).get(dotted)
+    if flag is not None and first["type"] != "extra_forbidden":
+        # A value the user typed as a flag is reported under that flag, not the setting's key.
+        message = f"invalid value for {flag}: {first['msg']}"
+        if "input" in first and not isinstance(first["input"], dict):
+            message += f" (got {first['input']!r})"
+        return message
     if first["type"] == "extra_forbidden":
         candidates = _valid_keys(Settings, loc[:-1])
         close = difflib.get_close_matches(loc[-1], candidates, n=1, cutoff=0.5)
@@ -406,12 +413,18 @@ def _set_path(tree: dict[str, Any], path: Sequence[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def validate(tree: Mapping[str, Any], source: str = "settings") -> Settings:
-    """Validate a nested mapping into :class:`Settings`, or raise a one-line :class:`UserError`."""
+def validate(
+    tree: Mapping[str, Any], source: str = "settings", flag_names: Mapping[str, str] | None = None
+) -> Settings:
+    """Validate a nested mapping into :class:`Settings`, or raise a one-line :class:`UserError`.
+
+    ``flag_names`` maps dotted keys to the flags that set them (``train.epochs`` -> ``--epochs``),
+    so that a bad value is reported under the flag the user typed.
+    """
     try:
         return Settings.model_validate(dict(tree))
     except ValidationError as exc:
-        raise UserError(_format_error(exc, source)) from None
+        raise UserError(_format_error(exc, source, flag_names)) from None
 
 
 def resolve(
@@ -419,8 +432,12 @@ def resolve(
     preset: str | None = None,
     flags: Mapping[str, Any] | None = None,
     overrides: Sequence[str] = (),
+    flag_names: Mapping[str, str] | None = None,
 ) -> Settings:
     """Build settings from defaults, a preset, explicit flags (dotted keys) and ``--set`` overrides.
+
+    ``flag_names`` maps the dotted keys of ``flags`` to the flags typed (``--epochs``), which then
+    name a bad value in the error.
 
     The preset and the flags are validated as they are applied, so an error names the source
     that caused it; the ``--set`` overrides are validated together.
@@ -435,7 +452,7 @@ def resolve(
     for dotted, value in (flags or {}).items():
         if value is not None:
             _set_path(tree, dotted.split("."), value)
-    validate(tree, source="flags")
+    validate(tree, source="flags", flag_names=flag_names)
     # The overrides are validated together, so several of them can change related settings at
     # once (e.g. the lengths of all four crop lists).
     for text in overrides:

@@ -10,6 +10,19 @@ import typer
 from swavctl.commands.common import DataOpt, GpusOpt, JsonOpt, OutOpt, SetOpt, err, fail, finish
 from swavctl.errors import UserError
 
+#: The setting each flag sets, so that a bad value is reported under the flag that was typed.
+_FLAG_NAMES = {
+    "data.path": "--data",
+    "out": "--out",
+    "train.epochs": "--epochs",
+    "train.batch_size": "--batch-size",
+    "model.arch": "--arch",
+    "train.max_steps": "--max-steps",
+    "dist.gpus": "--gpus",
+    "dist.procs": "--procs",
+    "monitor.knn_data": "--knn-data",
+}
+
 
 def pretrain_command(
     data: DataOpt = None,
@@ -45,20 +58,19 @@ def pretrain_command(
     from swavctl.model.backbones import check_backbone_name
 
     try:
+        flags = {
+            "data.path": data,
+            "out": out,
+            "train.epochs": epochs,
+            "train.batch_size": batch_size,
+            "model.arch": arch,
+            "train.max_steps": max_steps,
+            "dist.gpus": gpus,
+            "dist.procs": procs,
+            "monitor.knn_data": knn_data,
+        }
         settings = config.resolve(
-            preset=preset,
-            flags={
-                "data.path": data,
-                "out": out,
-                "train.epochs": epochs,
-                "train.batch_size": batch_size,
-                "model.arch": arch,
-                "train.max_steps": max_steps,
-                "dist.gpus": gpus,
-                "dist.procs": procs,
-                "monitor.knn_data": knn_data,
-            },
-            overrides=overrides or [],
+            preset=preset, flags=flags, overrides=overrides or [], flag_names=_FLAG_NAMES
         )
         check_backbone_name(settings.model.arch)
         settings = settings.model_copy(

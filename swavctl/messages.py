@@ -5,8 +5,8 @@ Every command reports these through the functions here, so that ``pretrain``, ``
 
 - not enough GPUs (:func:`not_enough_gpus`), always pointing at ``--gpus 0``;
 - a model that is not there (:func:`model_not_found`);
-- an output that cannot be written (:func:`output_not_writable`, :func:`check_output_folder`,
-  :func:`check_output_file`);
+- an output that cannot be written (:func:`output_not_writable`; :func:`check_output_folder` and
+  :func:`check_output_file` check an output before the work, and before torch is imported);
 - an output folder that is a file (:func:`output_is_file`).
 
 This module imports nothing heavy (no torch), so a command can check its input before it loads
@@ -15,6 +15,7 @@ the libraries it works with.
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -58,25 +59,23 @@ def _reason(exc: OSError) -> str:
     return str(exc.strerror or exc)
 
 
-def check_output_folder(folder: Path, flag: str = "--out", *, keep: bool = True) -> None:
-    """Refuse an output folder that is a file or cannot be written, before any work starts.
+def check_output_folder(folder: Path | str, flag: str = "--out") -> None:
+    """Refuse an output folder that is a file or that cannot be made, without touching the disk.
 
-    Creates ``folder`` (and its parents) and writes and removes a probe file in it; with
-    ``keep=False`` a folder this call created is removed again.
+    The nearest existing ancestor must be a folder this user may write in (a file there means
+    ``Not a directory``). The command's own writing still reports what this cannot foresee (a
+    read-only or full file system).
     """
-    folder = Path(folder)
+    folder = Path(folder).expanduser()
     if folder.is_file():
         raise UserError(output_is_file(folder, flag))
-    existed = folder.exists()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-        if not keep and not existed:
-            folder.rmdir()
-    except OSError as exc:
-        raise UserError(output_not_writable(folder, _reason(exc), flag)) from None
+    ancestor = folder if folder.exists() else next((p for p in folder.absolute().parents if p.exists()), None)
+    if ancestor is None:
+        return
+    if not ancestor.is_dir():
+        raise UserError(output_not_writable(folder, os.strerror(errno.ENOTDIR), flag))
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(output_not_writable(folder, os.strerror(errno.EACCES), flag))
 
 
 def check_output_file(path: Path, flag: str = "--out") -> None:

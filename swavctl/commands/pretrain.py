@@ -53,11 +53,12 @@ def pretrain_command(
     """Pretrain a backbone with SwAV; re-running the same command resumes it."""
     # --gpus N (N > 1) starts N worker processes (NCCL), --gpus 0 --procs N as many CPU workers
     # (gloo); under torchrun or SLURM srun each process is one worker (swavctl.launch).
-    from swavctl import config, launch
-    from swavctl.data.demo import anchored_data_path
-    from swavctl.model.backbones import check_backbone_name
+    from swavctl import config
+    from swavctl.messages import check_output_folder
 
     try:
+        if out is not None:
+            check_output_folder(out)  # before torch is imported, as are the settings
         flags = {
             "data.path": data,
             "out": out,
@@ -72,6 +73,13 @@ def pretrain_command(
         settings = config.resolve(
             preset=preset, flags=flags, overrides=overrides or [], flag_names=_FLAG_NAMES
         )
+    except UserError as exc:
+        raise fail(str(exc), exc.exit_code) from None
+    from swavctl import launch
+    from swavctl.data.demo import anchored_data_path
+    from swavctl.model.backbones import check_backbone_name
+
+    try:
         check_backbone_name(settings.model.arch)
         settings = settings.model_copy(
             update={

@@ -377,6 +377,52 @@ def load_toml(path: Path) -> dict[str, Any]:
         raise UserError(f"cannot read {path}: {exc.strerror}") from None
 
 
+#: Top-level keys of a preset file that are about the preset, not settings.
+PRESET_KEYS = ("description", "extends")
+
+
+def preset_description(name_or_path: str) -> str:
+    """The preset's one-line ``description`` (that of the preset it extends when it has none)."""
+    path = preset_path(name_or_path)
+    raw = load_toml(path)
+    text = raw.get("description")
+    if isinstance(text, str):
+        return " ".join(text.split())
+    base = raw.get("extends")
+    return preset_description(_base_ref(base, path)) if isinstance(base, str) else ""
+
+
+def _base_ref(base: str, path: Path) -> str:
+    """``extends`` names a preset, or a TOML path relative to the extending file's folder."""
+    if base.endswith(".toml") or "/" in base:
+        return str((path.parent / Path(base).expanduser()).resolve())
+    return base
+
+
+def load_preset(name_or_path: str, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A preset's settings as a validated nested mapping, with the presets it ``extends`` applied
+    first (``extends = "demo"``: the demo's settings, then this file's on top).
+
+    The ``description`` and ``extends`` keys are the preset's own and are not settings.
+    """
+    path = preset_path(name_or_path)
+    if path.resolve() in _seen:
+        chain = " -> ".join(p.name for p in (*_seen, path.resolve()))
+        raise UserError(f"preset {path.name}: 'extends' goes round in a circle ({chain})")
+    tree = load_toml(path)
+    source = f"preset {path.name}"
+    description = tree.pop("description", None)
+    if description is not None and not isinstance(description, str):
+        raise UserError(f"{source}: 'description' must be a string")
+    base = tree.pop("extends", None)
+    if base is not None:
+        if not isinstance(base, str):
+            raise UserError(f"{source}: 'extends' must name a preset or a TOML file")
+        tree = _deep_merge(load_preset(_base_ref(base, path), (*_seen, path.resolve())), tree)
+    validate(tree, source=source)
+    return tree
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Parse ``a.b=value``; the value is read as TOML, falling back to a plain string."""
     if "=" not in text:
@@ -444,10 +490,7 @@ def resolve(
     """
     tree: dict[str, Any] = {}
     if preset is not None:
-        path = preset_path(preset)
-        preset_tree = load_toml(path)
-        validate(preset_tree, source=f"preset {path.name}")
-        tree = _deep_merge(tree, preset_tree)
+        tree = _deep_merge(tree, load_preset(preset))
         tree["preset"] = preset
     for dotted, value in (flags or {}).items():
         if value is not None:
@@ -459,6 +502,16 @@ def resolve(
         path_parts, value = parse_override(text)
         _set_path(tree, path_parts, value)
     return validate(tree, source="--set" if overrides else "settings")
+
+
+def preset_toml(settings: Settings, *, description: str = "") -> str:
+    """``settings`` as a preset file that ``--preset`` reads back to the same settings: every
+    setting (``None`` values, which TOML cannot write, are the defaults anyway), headed by the
+    description."""
+    tree = settings.model_dump(mode="json", exclude_none=True)
+    tree.pop("preset", None)  # which preset a run started from is set by --preset itself
+    head = {"description": description} if description else {}
+    return tomli_w.dumps({**head, **tree})
 
 
 def to_toml(settings: Settings) -> str:

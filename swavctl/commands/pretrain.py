@@ -80,7 +80,8 @@ def pretrain_command(
     from swavctl.model.backbones import check_backbone_name
 
     try:
-        check_backbone_name(settings.model.arch)
+        typed = arch is not None and settings.model.arch == arch  # not changed by --set
+        check_backbone_name(settings.model.arch, "--arch" if typed else "'model.arch'")
         settings = settings.model_copy(
             update={
                 "data": settings.data.model_copy(update={"path": anchored_data_path(settings.data.path)}),

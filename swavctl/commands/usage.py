@@ -17,6 +17,7 @@ traceback is printed and kept in a log file, and the last line names the version
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import sys
 import time
@@ -113,19 +114,29 @@ def crash_log_dir() -> Path:
     return cache_root() / "crash"
 
 
+def save_crash_log(text: str) -> str:
+    """Keep a bug's traceback in a file under the cache folder; returns where (or why not)."""
+    try:
+        folder = crash_log_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        log = folder / f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        log.write_text(f"swavctl {__version__}\nargv: {sys.argv!r}\n\n{text}")
+        return str(log)
+    except OSError:
+        return "(the traceback above; it could not be saved)"
+
+
+def internal_note(traceback_text: str | None) -> str:
+    """What ends the error line of a bug: the version, and the log that keeps its traceback."""
+    where = save_crash_log(traceback_text or "(no traceback)")
+    return f"; this is a bug in swavctl {__version__}, please report it with the log: {where}"
+
+
 def report_internal_failure(exc: BaseException) -> int:
     """Print the traceback of a bug, keep it in a log file, and say where; returns exit status 1."""
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     sys.stderr.write(text)
-    where = "(the traceback above; it could not be saved)"
-    try:
-        folder = crash_log_dir()
-        folder.mkdir(parents=True, exist_ok=True)
-        log = folder / f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{id(exc) % 10000:04d}.log"
-        log.write_text(f"swavctl {__version__}\nargv: {sys.argv!r}\n\n{text}")
-        where = str(log)
-    except OSError:
-        pass
+    where = save_crash_log(text)
     reason = " ".join(str(exc).split())[:200]
     print(
         f"error: internal error in swavctl {__version__}: {type(exc).__name__}"

@@ -112,6 +112,9 @@ def load_backbone(path: str | Path = "runs/latest") -> Any:
     It maps images (N x 3 x H x W, normalised with the run's ``data.augment.mean``/``std``) to
     pooled features (N x d).
     """
+    from swavctl.containers import check_model_file
+
+    check_model_file(Path(path))
     from swavctl.model_io import load_model
 
     return load_model(Path(path)).model.backbone.eval()
@@ -125,6 +128,9 @@ def evaluate(model: str | Path = "runs/latest", data: str | None = None, **optio
     """
     from dataclasses import fields
 
+    from swavctl.containers import check_model_file
+
+    check_model_file(Path(model))  # a missing or malformed file is refused before torch is imported
     from swavctl import launch
     from swavctl.eval.run import EvalOptions
 

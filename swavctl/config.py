@@ -377,10 +377,6 @@ def load_toml(path: Path) -> dict[str, Any]:
         raise UserError(f"cannot read {path}: {exc.strerror}") from None
 
 
-#: Top-level keys of a preset file that are about the preset, not settings.
-PRESET_KEYS = ("description", "extends")
-
-
 def preset_description(name_or_path: str) -> str:
     """The preset's one-line ``description`` (that of the preset it extends when it has none)."""
     path = preset_path(name_or_path)

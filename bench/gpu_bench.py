@@ -211,7 +211,7 @@ def _correctness(tiny: bool, device: Any) -> list[dict[str, Any]]:
     from swavctl.data.batch_augment import batch_multicrop
     from swavctl.data.dataset import Batch, decode_images
     from swavctl.data.images import decode_file
-    from swavctl.sinkhorn import sinkhorn
+    from swavctl.sinkhorn_knopp import sinkhorn
     from swavctl.train.device_batch import batch_crops, decode_batch
 
     cuda = device  # a CPU only when checking this script on a machine without a GPU

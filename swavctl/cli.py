@@ -19,6 +19,7 @@ from swavctl.commands.export import export_command
 from swavctl.commands.inspect import inspect_clusters_command
 from swavctl.commands.presets import presets_app
 from swavctl.commands.pretrain import pretrain_command
+from swavctl.commands.usage import run_app
 
 app = typer.Typer(
     name="swavctl",
@@ -77,11 +78,12 @@ def main() -> None:
     with contextlib.suppress(ValueError):  # not the main thread (an embedding caller): leave it
         signal.signal(signal.SIGINT, _interrupted)
     try:
-        app()
+        code = run_app(app)
     except KeyboardInterrupt:
         if not _said_interrupted:
             print("\nswavctl: interrupted", file=sys.stderr)
         sys.exit(130)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

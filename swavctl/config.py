@@ -345,10 +345,17 @@ def _valid_keys(model: type[BaseModel], path: Sequence[str]) -> list[str]:
     return list(current.model_fields)
 
 
-def _format_error(error: ValidationError, source: str) -> str:
+def _format_error(error: ValidationError, source: str, flag_names: Mapping[str, str] | None = None) -> str:
     first = error.errors()[0]
     loc = [str(p) for p in first["loc"] if not isinstance(p, int)]
     dotted = ".".join(loc) or "(root)"
+    flag = (flag_names or {}).get(dotted)
+    if flag is not None and first["type"] != "extra_forbidden":
+        # A value the user typed as a flag is reported under that flag, not the setting's key.
+        message = f"invalid value for {flag}: {first['msg']}"
+        if "input" in first and not isinstance(first["input"], dict):
+            message += f" (got {first['input']!r})"
+        return message
     if first["type"] == "extra_forbidden":
         candidates = _valid_keys(Settings, loc[:-1])
         close = difflib.get_close_matches(loc[-1], candidates, n=1, cutoff=0.5)
@@ -404,6 +411,48 @@ def load_toml(path: Path) -> dict[str, Any]:
         raise UserError(f"{path}: not valid TOML: {exc}") from None
     except OSError as exc:
         raise UserError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def preset_description(name_or_path: str) -> str:
+    """The preset's one-line ``description`` (that of the preset it extends when it has none)."""
+    path = preset_path(name_or_path)
+    raw = load_toml(path)
+    text = raw.get("description")
+    if isinstance(text, str):
+        return " ".join(text.split())
+    base = raw.get("extends")
+    return preset_description(_base_ref(base, path)) if isinstance(base, str) else ""
+
+
+def _base_ref(base: str, path: Path) -> str:
+    """``extends`` names a preset, or a TOML path relative to the extending file's folder."""
+    if base.endswith(".toml") or "/" in base:
+        return str((path.parent / Path(base).expanduser()).resolve())
+    return base
+
+
+def load_preset(name_or_path: str, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A preset's settings as a validated nested mapping, with the presets it ``extends`` applied
+    first (``extends = "demo"``: the demo's settings, then this file's on top).
+
+    The ``description`` and ``extends`` keys are the preset's own and are not settings.
+    """
+    path = preset_path(name_or_path)
+    if path.resolve() in _seen:
+        chain = " -> ".join(p.name for p in (*_seen, path.resolve()))
+        raise UserError(f"preset {path.name}: 'extends' goes round in a circle ({chain})")
+    source = f"preset {path.name}"
+    tree = migrate(load_toml(path), source=source)
+    description = tree.pop("description", None)
+    if description is not None and not isinstance(description, str):
+        raise UserError(f"{source}: 'description' must be a string")
+    base = tree.pop("extends", None)
+    if base is not None:
+        if not isinstance(base, str):
+            raise UserError(f"{source}: 'extends' must name a preset or a TOML file")
+        tree = _deep_merge(load_preset(_base_ref(base, path), (*_seen, path.resolve())), tree)
+    validate(tree, source=source)
+    return tree
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -486,12 +535,18 @@ def read_tree(tree: Mapping[str, Any], source: str) -> Settings:
     return validate(migrate(tree, source), source=source)
 
 
-def validate(tree: Mapping[str, Any], source: str = "settings") -> Settings:
-    """Validate a nested mapping into :class:`Settings`, or raise a one-line :class:`UserError`."""
+def validate(
+    tree: Mapping[str, Any], source: str = "settings", flag_names: Mapping[str, str] | None = None
+) -> Settings:
+    """Validate a nested mapping into :class:`Settings`, or raise a one-line :class:`UserError`.
+
+    ``flag_names`` maps dotted keys to the flags that set them (``train.epochs`` -> ``--epochs``),
+    so that a bad value is reported under the flag the user typed.
+    """
     try:
         return Settings.model_validate(dict(tree))
     except ValidationError as exc:
-        raise UserError(_format_error(exc, source)) from None
+        raise UserError(_format_error(exc, source, flag_names)) from None
 
 
 def resolve(
@@ -499,8 +554,12 @@ def resolve(
     preset: str | None = None,
     flags: Mapping[str, Any] | None = None,
     overrides: Sequence[str] = (),
+    flag_names: Mapping[str, str] | None = None,
 ) -> Settings:
     """Build settings from defaults, a preset, explicit flags (dotted keys) and ``--set`` overrides.
+
+    ``flag_names`` maps the dotted keys of ``flags`` to the flags typed (``--epochs``), which then
+    name a bad value in the error.
 
     The preset and the flags are validated as they are applied, so an error names the source
     that caused it; the ``--set`` overrides are validated together.
@@ -510,9 +569,8 @@ def resolve(
         path = preset_path(preset)
         # A preset is a recipe, not a run folder: an ``out`` in it (an older run's resolved.toml has
         # one) is dropped, so the run goes to --out or a new folder.
-        preset_tree = migrate(load_toml(path), source=f"preset {path.name}")
+        preset_tree = load_preset(preset)
         preset_tree.pop("out", None)
-        validate(preset_tree, source=f"preset {path.name}")
         tree = _deep_merge(tree, preset_tree)
         # A run's resolved.toml keeps naming the preset the recipe came from.
         if not isinstance(preset_tree.get("preset"), str) or path.name != RESOLVED_NAME:
@@ -520,7 +578,7 @@ def resolve(
     for dotted, value in (flags or {}).items():
         if value is not None:
             _set_path(tree, dotted.split("."), value)
-    validate(tree, source="flags")
+    validate(tree, source="flags", flag_names=flag_names)
     # The overrides are validated together, so several of them can change related settings at
     # once (e.g. the lengths of all four crop lists).
     for text in overrides:
@@ -536,6 +594,16 @@ NOT_RECORDED = {"out"}
 def recorded_json(settings: Settings) -> str:
     """The settings as JSON, as an export's metadata records them (no ``out``)."""
     return settings.model_dump_json(exclude=NOT_RECORDED)
+
+
+def preset_toml(settings: Settings, *, description: str = "") -> str:
+    """``settings`` as a preset file that ``--preset`` reads back to the same settings: every
+    setting (``None`` values, which TOML cannot write, are the defaults anyway), headed by the
+    description."""
+    tree = settings.model_dump(mode="json", exclude_none=True, exclude=NOT_RECORDED)
+    tree.pop("preset", None)  # which preset a run started from is set by --preset itself
+    head = {"description": description} if description else {}
+    return tomli_w.dumps({**head, **tree})
 
 
 def to_toml(settings: Settings) -> str:

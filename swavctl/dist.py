@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 
+from swavctl import messages
 from swavctl.errors import UserError
 
 
@@ -337,9 +338,7 @@ def init_process_group(env: DistEnv, *, use_cuda: bool, timeout_s: float) -> tor
     if use_cuda:
         count = torch.cuda.device_count()
         if count == 0:
-            raise UserError(
-                "a GPU run was asked for, but CUDA is not available (use --gpus 0 for CPU workers)"
-            )
+            raise UserError(messages.not_enough_gpus(max(env.local_world_size, 1), 0))
         # With one visible device per task (e.g. srun --gpus-per-task=1) it is device 0.
         device = torch.device("cuda", env.local_rank % count)
         torch.cuda.set_device(device)

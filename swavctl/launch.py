@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from swavctl import dist, scratch
+from swavctl import dist, messages, scratch
 from swavctl.config import Settings
 from swavctl.cores import usable_cores
 from swavctl.errors import UserError
@@ -148,7 +148,7 @@ def plan_local_workers(gpus: int | None, procs: int) -> int:
 
             found = torch.cuda.device_count()
             if found < gpus:
-                raise UserError(f"--gpus {gpus} asked for, but {found} CUDA device(s) are visible")
+                raise UserError(messages.not_enough_gpus(gpus, found))
         return gpus
     if gpus is None and procs > 1 and cuda_by_default(gpus):
         raise UserError(f"--procs {procs} is for CPU workers: add --gpus 0 (or use --gpus N on GPUs)")

@@ -19,7 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from swavctl import messages
 from swavctl.config import Settings, from_toml_text, read_tree
+from swavctl.containers import PICKLE_SUFFIXES, looks_like_pickle
 from swavctl.data.demo import DEMO_NAME
 from swavctl.errors import UserError
 from swavctl.model.swav import SwAV
@@ -101,7 +103,7 @@ def resolve_model_path(path: Path, warn: Callable[[str], None] | None = None) ->
     """
     path = Path(path).expanduser()
     if not path.exists():
-        raise UserError(f"model not found: {path}")
+        raise UserError(messages.model_not_found(path))
     if path.is_dir():
         committed = ckpt.list_committed(path / ckpt.CHECKPOINT_DIR)
         for checkpoint in reversed(committed):
@@ -117,19 +119,6 @@ def resolve_model_path(path: Path, warn: Callable[[str], None] | None = None) ->
     return path
 
 
-_PICKLE_SUFFIXES = frozenset({".pt", ".pth", ".tar", ".ckpt", ".bin", ".pkl"})
-
-
-def _looks_like_pickle(path: Path) -> bool:
-    """torch.save writes a zip archive (``PK``) or, in the legacy format, a pickle (``\\x80``)."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(4)
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    return head.startswith((b"PK\x03\x04", b"PK\x05\x06", b"\x80"))
-
-
 def load_model(path: Path, warn: Callable[[str], None] | None = None) -> LoadedModel:
     """Load a run folder, a checkpoint (``.pt``) or an export (``.safetensors``) into a SwAV model.
 
@@ -140,7 +129,7 @@ def load_model(path: Path, warn: Callable[[str], None] | None = None) -> LoadedM
     if source.suffix == ".json" and source.with_suffix(".pt").is_file():
         raise UserError(f"{source} is a checkpoint's manifest, not weights; pass {source.with_suffix('.pt')}")
     if source.suffix == ".safetensors" or (
-        source.suffix not in _PICKLE_SUFFIXES and not _looks_like_pickle(source)
+        source.suffix not in PICKLE_SUFFIXES and not looks_like_pickle(source)
     ):
         return _load_export(source)
     state = load_pickle_weights(source)

@@ -21,7 +21,6 @@ import contextlib
 import hashlib
 import itertools
 import json
-import math
 import os
 import pickle
 import struct
@@ -33,7 +32,10 @@ from typing import Any, BinaryIO
 
 import torch
 
+from swavctl.containers import MAX_HEADER_BYTES, parse_safetensors_header
+from swavctl.containers import BadContainer as _BadFile
 from swavctl.errors import OutputWriteError, UserError
+from swavctl.messages import output_not_writable
 
 __all__ = [
     "DTYPES",
@@ -48,8 +50,6 @@ __all__ = [
     "write_safetensors_atomic",
 ]
 
-#: Default cap on the JSON header size (100 MiB).
-MAX_HEADER_BYTES = 100 * 2**20
 
 _CHUNK = 2**20
 
@@ -97,127 +97,11 @@ _ITEMSIZE: dict[str, int] = {k: torch.empty((), dtype=v).element_size() for k, v
 # --------------------------------------------------------------------------------------------
 
 
-class _BadFile(Exception):
-    """Internal: the reason a safetensors file is malformed."""
-
-
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _BadFile(f"duplicate key {key!r} in header")
-        out[key] = value
-    return out
-
-
-def _reject_constant(name: str) -> Any:
-    raise _BadFile(f"header contains the non-JSON constant {name}")
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _parse_header(fh: Any, file_size: int, max_header_bytes: int) -> tuple[dict[str, Any], dict[str, str]]:
-    """Validate the header of an open safetensors file; return (tensor entries, metadata)."""
-    if file_size < 8:
-        raise _BadFile(f"file is {file_size} bytes, shorter than the 8-byte header length")
-    (header_len,) = struct.unpack("<Q", fh.read(8))
-    if header_len > max_header_bytes:
-        raise _BadFile(f"declared header length {header_len} exceeds the limit of {max_header_bytes} bytes")
-    if header_len > file_size - 8:
-        raise _BadFile(f"declared header length {header_len} exceeds the {file_size - 8} bytes after it")
-    raw = fh.read(header_len)
-    if len(raw) != header_len:
-        raise _BadFile("file shrank while being read")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise _BadFile(f"header is not valid UTF-8 (byte {exc.start})") from None
-    try:
-        header = json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
-    except json.JSONDecodeError as exc:
-        raise _BadFile(f"header is not valid JSON ({exc.msg} at char {exc.pos})") from None
-    except RecursionError:
-        raise _BadFile("header JSON is nested too deeply") from None
-    if not isinstance(header, dict):
-        raise _BadFile(f"header is a JSON {type(header).__name__}, not an object")
-
-    metadata_raw = header.pop("__metadata__", None)
-    if metadata_raw is None:
-        metadata_raw = {}
-    if not isinstance(metadata_raw, dict):
-        raise _BadFile("__metadata__ is not an object of string values")
-    metadata: dict[str, str] = {}
-    for key, value in metadata_raw.items():
-        if not isinstance(value, str):
-            raise _BadFile(f"__metadata__ value for {key!r} is not a string")
-        metadata[key] = value
-
-    data_len = file_size - 8 - header_len
-    spans: list[tuple[int, int, str]] = []
-    for name, entry in header.items():
-        if not isinstance(entry, dict):
-            raise _BadFile(f"tensor {name!r}: entry is not an object")
-        missing = {"dtype", "shape", "data_offsets"} - entry.keys()
-        if missing:
-            raise _BadFile(f"tensor {name!r}: missing field(s) {', '.join(sorted(missing))}")
-        extra = entry.keys() - {"dtype", "shape", "data_offsets"}
-        if extra:
-            raise _BadFile(f"tensor {name!r}: unexpected field(s) {', '.join(sorted(extra))}")
-        dtype = entry["dtype"]
-        if not isinstance(dtype, str) or dtype not in DTYPES:
-            raise _BadFile(f"tensor {name!r}: unknown dtype {_short(dtype)}")
-        shape = entry["shape"]
-        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-            raise _BadFile(f"tensor {name!r}: shape {_short(shape)} is not a list of non-negative integers")
-        offsets = entry["data_offsets"]
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(_is_int(o) and o >= 0 for o in offsets)
-        ):
-            raise _BadFile(f"tensor {name!r}: data_offsets {_short(offsets)} is not [begin, end]")
-        begin, end = offsets
-        if begin > end:
-            raise _BadFile(f"tensor {name!r}: data_offsets begin {begin} is after end {end}")
-        if end > data_len:
-            raise _BadFile(
-                f"tensor {name!r}: data_offsets end {end} is past the end of the {data_len}-byte data region"
-            )
-        needed = math.prod(shape) * _ITEMSIZE[dtype]
-        if end - begin != needed:
-            raise _BadFile(
-                f"tensor {name!r}: shape disagrees with dtype: {_short(shape)} x {dtype} needs "
-                f"{_short(needed, 30)} bytes but data_offsets span {end - begin}"
-            )
-        spans.append((begin, end, name))
-
-    spans.sort()
-    cursor = 0
-    prev = None
-    for begin, end, name in spans:
-        if begin > cursor:
-            raise _BadFile(f"gap of {begin - cursor} unused bytes before tensor {name!r}")
-        if begin < cursor:
-            raise _BadFile(f"tensor {name!r} overlaps tensor {prev!r}")
-        cursor = end
-        prev = name
-    if cursor != data_len:
-        raise _BadFile(f"{data_len - cursor} trailing bytes after the last tensor")
-    return header, metadata
-
-
 def _validate_header(path: Path, max_header_bytes: int) -> tuple[dict[str, Any], dict[str, str]]:
     try:
         with open(path, "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
-            entries, metadata = _parse_header(fh, size, max_header_bytes)
+            entries, metadata = parse_safetensors_header(fh, size, max_header_bytes, _ITEMSIZE)
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -353,8 +237,7 @@ def make_parent(path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        reason = exc.strerror or exc
-        raise UserError(f"cannot create the folder {path.parent} for {path.name}: {reason}") from None
+        raise UserError(output_not_writable(path, exc.strerror or exc)) from None
 
 
 def pid_alive(pid: int) -> bool:

@@ -19,7 +19,7 @@ from torch import nn
 
 from swavctl import dist
 from swavctl.errors import UserError
-from swavctl.sinkhorn import sinkhorn
+from swavctl.sinkhorn_knopp import sinkhorn
 from swavctl.train.agreement import read_step
 from swavctl.train.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
 from tests.conftest import cli_env, free_port, run_cli, write_image_folder

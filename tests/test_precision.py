@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from swavctl.config import resolve
 from swavctl.model.swav import SwAV
-from swavctl.sinkhorn import sinkhorn
+from swavctl.sinkhorn_knopp import sinkhorn
 from swavctl.train.build import build_model
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from swavctl.loss import swapped_prediction_loss
 from swavctl.model.swav import SwAV, equal_size_runs
 from swavctl.queue import EmbeddingQueue
-from swavctl.sinkhorn import sinkhorn
+from swavctl.sinkhorn_knopp import sinkhorn
 from swavctl.train.step import StepOutputs, freeze_prototype_grads, swav_loss_from_outputs
 
 BATCH, PROTOTYPES, DIM, CROPS, QUEUE_BATCHES = 3, 5, 4, 4, 2

@@ -46,7 +46,12 @@ def finish(outcome: Any, show: Callable[[dict[str, Any]], None]) -> None:
             err.print(outcome.message, markup=False)
         elif outcome.status != launch.OK:
             prefix = f"[rank {outcome.rank}] " if launch.group_still_open() and outcome.rank else ""
-            err.print(f"error: {prefix}{outcome.message}", markup=False)
+            note = ""
+            if outcome.status in (launch.CRASH, launch.KILLED):  # a bug or a dead worker
+                from swavctl.commands.usage import internal_note
+
+                note = internal_note(outcome.traceback or outcome.message)
+            err.print(f"error: {prefix}{outcome.message}{note}", markup=False)
     if code and launch.group_still_open():
         launch.exit_now(code)  # a failed job worker: leave without tearing down the group
     if code:

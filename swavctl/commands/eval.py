@@ -139,6 +139,16 @@ def eval_linear_command(
     """Evaluate a backbone: fast probe, paper's linear protocol, k-NN, fine-tuning (alias: linear-eval)."""
     # --gpus N (N > 1) starts N worker processes, --gpus 0 --procs N as many CPU workers; they
     # share the images and rank 0 reports (swavctl.launch, swavctl.eval.sharding).
+    from swavctl.containers import check_model_file
+    from swavctl.messages import check_output_folder
+
+    try:
+        # A missing or malformed MODEL is refused before torch and torchvision are imported.
+        check_model_file(model or Path("runs/latest"))
+        if out is not None:
+            check_output_folder(out)
+    except UserError as exc:
+        raise fail(str(exc), exc.exit_code) from None
     from swavctl import launch
     from swavctl.eval import fast as fast_mod
     from swavctl.eval.run import EvalOptions

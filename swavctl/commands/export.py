@@ -9,7 +9,13 @@ from typing import Annotated, Any
 import typer
 
 from swavctl.commands.common import JsonOpt, err, fail
+from swavctl.containers import check_model_file, check_pickle_container, check_safetensors
 from swavctl.errors import UserError
+from swavctl.messages import check_output_file
+
+#: The --dtype names of swavctl.export.DTYPES (named here so that the command can check MODEL
+#: before importing torch).
+_DTYPE_NAMES = ("fp32", "bf16", "fp16")
 
 _INFO_ORDER = (
     "format",
@@ -127,6 +133,7 @@ def _run(
         ]
         if others:
             raise UserError(f"--info only reads a file; it cannot be combined with {', '.join(others)}")
+        check_safetensors(info)  # before torch is imported
         from swavctl.export import export_info
 
         result = export_info(info, verify=verify)
@@ -145,6 +152,12 @@ def _run(
             )
         if out is None:
             raise UserError("--from-official needs --out FILE.safetensors")
+        check_output_file(out)
+        if from_official.is_file():  # its container, before torch is imported
+            if from_official.suffix == ".safetensors":
+                check_safetensors(from_official)
+            else:
+                check_pickle_container(from_official)
         from swavctl.export import import_official
 
         result = import_official(from_official, arch=arch, out=out, with_head=with_head, dtype=dtype)
@@ -157,6 +170,11 @@ def _run(
         return result
     if arch is not None:
         raise UserError("--arch goes with --from-official; an export takes the architecture from its run")
+    if out is None or out.suffix == ".safetensors":
+        if out is not None:
+            check_output_file(out)
+        if dtype in _DTYPE_NAMES:  # else export_run names the bad --dtype first
+            check_model_file(model or Path("runs/latest"))  # before torch is imported
 
     from swavctl.model_io import export_run
 

@@ -130,11 +130,23 @@ def inspect_clusters_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Prototype assignments, cluster health and browsable pictures (alias: cluster-inspect)."""
-    from swavctl.inspect.run import InspectOptions, inspect_clusters
-    from swavctl.progress import StageProgress
+    from swavctl.containers import check_model_file
+    from swavctl.messages import check_output_folder
 
     if copy and sort_into is None:
         raise fail("--copy needs --sort-into DIR")
+    try:
+        # A missing or malformed MODEL is refused before torch and torchvision are imported.
+        check_model_file(model or Path("runs/latest"))
+        if out is not None:
+            check_output_folder(out)
+        if sort_into is not None:
+            check_output_folder(sort_into, "--sort-into")
+    except UserError as exc:
+        raise fail(str(exc), exc.exit_code) from None
+    from swavctl.inspect.run import InspectOptions, inspect_clusters
+    from swavctl.progress import StageProgress
+
     options = InspectOptions(
         model=model,
         data=data,

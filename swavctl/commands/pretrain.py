@@ -14,6 +14,20 @@ from swavctl.errors import UserError
 if TYPE_CHECKING:
     from swavctl.config import Settings
 
+#: The setting each flag sets, so that a bad value is reported under the flag that was typed.
+_FLAG_NAMES = {
+    "data.path": "--data",
+    "out": "--out",
+    "train.epochs": "--epochs",
+    "train.batch_size": "--batch-size",
+    "model.arch": "--arch",
+    "train.max_steps": "--max-steps",
+    "dist.gpus": "--gpus",
+    "dist.procs": "--procs",
+    "monitor.knn_data": "--knn-data",
+    "log.tensorboard": "--tensorboard",
+}
+
 
 def pretrain_command(
     data: DataOpt = None,
@@ -51,28 +65,36 @@ def pretrain_command(
     """Pretrain a backbone with SwAV; re-running the same command resumes it."""
     # --gpus N (N > 1) starts N worker processes (NCCL), --gpus 0 --procs N as many CPU workers
     # (gloo); under torchrun or SLURM srun each process is one worker (swavctl.launch).
-    from swavctl import config, launch
+    from swavctl import config
+    from swavctl.messages import check_output_folder
+
+    try:
+        if out is not None:
+            check_output_folder(out)  # before torch is imported, as are the settings
+        flags = {
+            "data.path": data,
+            "out": out,
+            "train.epochs": epochs,
+            "train.batch_size": batch_size,
+            "model.arch": arch,
+            "train.max_steps": max_steps,
+            "dist.gpus": gpus,
+            "dist.procs": procs,
+            "monitor.knn_data": knn_data,
+            "log.tensorboard": True if tensorboard else None,
+        }
+        settings = config.resolve(
+            preset=preset, flags=flags, overrides=overrides or [], flag_names=_FLAG_NAMES
+        )
+    except UserError as exc:
+        raise fail(str(exc), exc.exit_code) from None
+    from swavctl import launch
     from swavctl.data.demo import anchored_data_path
     from swavctl.model.backbones import check_backbone_name
 
     try:
-        settings = config.resolve(
-            preset=preset,
-            flags={
-                "data.path": data,
-                "out": out,
-                "train.epochs": epochs,
-                "train.batch_size": batch_size,
-                "model.arch": arch,
-                "train.max_steps": max_steps,
-                "dist.gpus": gpus,
-                "dist.procs": procs,
-                "monitor.knn_data": knn_data,
-                "log.tensorboard": True if tensorboard else None,
-            },
-            overrides=overrides or [],
-        )
-        check_backbone_name(settings.model.arch)
+        typed = arch is not None and settings.model.arch == arch  # not changed by --set
+        check_backbone_name(settings.model.arch, "--arch" if typed else "'model.arch'")
         settings = settings.model_copy(
             update={
                 "data": settings.data.model_copy(update={"path": anchored_data_path(settings.data.path)}),

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from swavctl import dist, tensorboard_log
+from swavctl import dist, messages, tensorboard_log
 from swavctl.data.demo import resolve_data_path
 from swavctl.errors import UserError
 from swavctl.eval import fast as fast_mod
@@ -187,7 +187,7 @@ def pick_device(gpus: int | None) -> torch.device:
     if gpus == 0:
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise UserError(f"--gpus {gpus} asked for, but CUDA is not available (use --gpus 0 for the CPU)")
+        raise UserError(messages.not_enough_gpus(gpus, 0))
     return torch.device("cuda", torch.cuda.current_device())
 
 
@@ -230,8 +230,7 @@ def run_eval(
     torch.manual_seed(options.seed)
     model_path = options.model.expanduser()
     if not model_path.exists():
-        hint = " (pretrain first, or pass MODEL)" if options.model == Path("runs/latest") else ""
-        raise UserError(f"model not found: {model_path}{hint}")
+        raise UserError(messages.model_not_found(model_path))
     loaded = load_model(model_path, warn=report.warn)
     # channels_last (NHWC): faster convolutions and pooling on GPUs and CPUs alike (see train.channels_last).
     loaded.model.backbone.to(device).to(memory_format=torch.channels_last).eval()  # type: ignore[call-overload]
@@ -251,12 +250,14 @@ def run_eval(
         cache=cache,
     )
     out = options.out or run_folder(loaded) / f"eval-{options.mode}"
+    if out.is_file():
+        raise UserError(messages.output_is_file(out))
     try:
         out.mkdir(parents=True, exist_ok=True)
         if dist.is_main():
             (out / EVAL_JSON).unlink(missing_ok=True)  # written last: the folder's commit marker
     except OSError as exc:
-        raise UserError(f"cannot create the output folder {out}: {exc.strerror}; pass --out DIR") from None
+        raise UserError(messages.output_not_writable(out, exc.strerror or exc)) from None
     geometry = geometry_for(loaded.settings, options.crop_size, options.min_scale)
     report.info(
         f"{options.mode}: {loaded.settings.model.arch} ({loaded.kind} {loaded.source}) on {split.root} "

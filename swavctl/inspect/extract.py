@@ -77,6 +77,7 @@ def _collate(
 def pick_devices(gpus: int | None) -> list[torch.device]:
     """The devices to embed on: ``gpus`` CUDA devices, or the CPU for 0 (None = 1 GPU if available)."""
     from swavctl.errors import UserError
+    from swavctl.messages import not_enough_gpus
 
     if gpus is None:
         gpus = 1 if torch.cuda.is_available() else 0
@@ -86,9 +87,7 @@ def pick_devices(gpus: int | None) -> list[torch.device]:
         return [torch.device("cpu")]
     available = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if gpus > available:
-        raise UserError(
-            f"--gpus {gpus} asked for, but {available} CUDA device(s) are available (use --gpus 0)"
-        )
+        raise UserError(not_enough_gpus(gpus, available))
     return [torch.device("cuda", i) for i in range(gpus)]
 
 

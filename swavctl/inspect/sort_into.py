@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from swavctl.errors import UserError
+from swavctl.messages import output_is_file, output_not_writable
 
 MARKER = ".swavctl-sort-into"
 
@@ -36,7 +37,7 @@ class Sorter:
     def _prepare(self) -> None:
         root = self.root
         if root.exists() and not root.is_dir():
-            raise UserError(f"--sort-into {root} is a file, not a folder")
+            raise UserError(output_is_file(root, "--sort-into"))
         try:
             root.mkdir(parents=True, exist_ok=True)
             entries = [p for p in root.iterdir() if p.name != MARKER]
@@ -50,7 +51,7 @@ class Sorter:
                     shutil.rmtree(entry)
             (root / MARKER).write_text("written by swavctl inspect-clusters --sort-into\n")
         except OSError as exc:
-            raise UserError(f"--sort-into {root}: cannot write: {exc.strerror or exc}") from None
+            raise UserError(output_not_writable(root, exc.strerror or exc, "--sort-into")) from None
 
     def place(self, source: Path, relative: Path, prototype: int) -> None:
         folder = self.root / folder_name(prototype, self.num_prototypes)

@@ -17,6 +17,7 @@ from pathlib import Path
 from swavctl.data.demo import resolve_data_path
 from swavctl.data.images import IMAGE_SUFFIXES, class_of, list_images
 from swavctl.errors import UserError
+from swavctl.messages import output_is_file, output_not_writable
 from swavctl.model_io import LoadedModel, no_recorded_data, run_folder
 from swavctl.safe_io import probe_writable, remove_stale_temporaries
 
@@ -101,12 +102,12 @@ def prepare_out(out: Path) -> Path:
     """
     out = out.expanduser()
     if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a folder")
+        raise UserError(output_is_file(out))
     try:
         probe_writable(out)
         for name in COMMIT_FILES:
             (out / name).unlink(missing_ok=True)
     except OSError as exc:
-        raise UserError(f"cannot write to output folder {out}: {exc.strerror or exc}") from None
+        raise UserError(output_not_writable(out, exc.strerror or exc)) from None
     remove_stale_temporaries(out / EMBEDDINGS_FILE)
     return out

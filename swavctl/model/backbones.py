@@ -14,40 +14,11 @@ classifier: torchvision ResNets get ``fc = Identity()``, so a saved state dict l
 
 from __future__ import annotations
 
+# torchvision (about 1 to 3 s to import) is imported only when a ResNet is built.
 from collections.abc import Callable
 
 import torch
 from torch import nn
-from torchvision.models import resnet
-from torchvision.models.resnet import BasicBlock, Bottleneck
-
-
-class WideResNet50(resnet.ResNet):
-    """ResNet-50 with every stage ``widen`` times wider (official SwAV ``resnet50w{2,4,5}``)."""
-
-    def __init__(self, widen: int) -> None:
-        nn.Module.__init__(self)
-        self._norm_layer = nn.BatchNorm2d
-        self.inplanes = 64 * widen
-        self.dilation = 1
-        self.groups = 1
-        self.base_width = 64
-        self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(self.inplanes)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self.layer1 = self._make_layer(Bottleneck, 64 * widen, 3)
-        self.layer2 = self._make_layer(Bottleneck, 128 * widen, 4, stride=2)
-        self.layer3 = self._make_layer(Bottleneck, 256 * widen, 6, stride=2)
-        self.layer4 = self._make_layer(Bottleneck, 512 * widen, 3, stride=2)
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Identity()  # type: ignore[assignment]
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.constant_(module.weight, 1)
-                nn.init.constant_(module.bias, 0)
 
 
 class TinyConvNet(nn.Module):
@@ -79,22 +50,58 @@ class TinyConvNet(nn.Module):
         return torch.flatten(self.pool(self.features(x)), 1)
 
 
-def _torchvision(factory: Callable[[], resnet.ResNet]) -> Callable[[], resnet.ResNet]:
-    def build() -> resnet.ResNet:
-        model = factory()
-        model.fc = nn.Identity()  # type: ignore[assignment]
+def _wide_resnet50(widen: int) -> nn.Module:
+    """ResNet-50 with every stage ``widen`` times wider (official SwAV ``resnet50w{2,4,5}``)."""
+    from torchvision.models.resnet import Bottleneck, ResNet
+
+    class WideResNet50(ResNet):
+        def __init__(self, widen: int) -> None:
+            nn.Module.__init__(self)
+            self._norm_layer = nn.BatchNorm2d
+            self.inplanes = 64 * widen
+            self.dilation = 1
+            self.groups = 1
+            self.base_width = 64
+            self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
+            self.bn1 = nn.BatchNorm2d(self.inplanes)
+            self.relu = nn.ReLU(inplace=True)
+            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+            self.layer1 = self._make_layer(Bottleneck, 64 * widen, 3)
+            self.layer2 = self._make_layer(Bottleneck, 128 * widen, 4, stride=2)
+            self.layer3 = self._make_layer(Bottleneck, 256 * widen, 6, stride=2)
+            self.layer4 = self._make_layer(Bottleneck, 512 * widen, 3, stride=2)
+            self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+            self.fc = nn.Identity()  # type: ignore[assignment]
+            for module in self.modules():
+                if isinstance(module, nn.Conv2d):
+                    nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+                elif isinstance(module, nn.BatchNorm2d):
+                    nn.init.constant_(module.weight, 1)
+                    nn.init.constant_(module.bias, 0)
+
+    return WideResNet50(widen)
+
+
+def _torchvision(name: str) -> Callable[[], nn.Module]:
+    """torchvision's ``name`` ResNet without its classifier (torchvision is imported when built)."""
+
+    def build() -> nn.Module:
+        from torchvision.models import resnet
+
+        model: nn.Module = getattr(resnet, name)()
+        model.fc = nn.Identity()
         return model
 
     return build
 
 
 _FACTORIES: dict[str, tuple[Callable[[], nn.Module], int]] = {
-    "resnet18": (_torchvision(resnet.resnet18), 512),
-    "resnet34": (_torchvision(resnet.resnet34), 512),
-    "resnet50": (_torchvision(resnet.resnet50), 2048),
-    "resnet50w2": (lambda: WideResNet50(2), 4096),
-    "resnet50w4": (lambda: WideResNet50(4), 8192),
-    "resnet50w5": (lambda: WideResNet50(5), 10240),
+    "resnet18": (_torchvision("resnet18"), 512),
+    "resnet34": (_torchvision("resnet34"), 512),
+    "resnet50": (_torchvision("resnet50"), 2048),
+    "resnet50w2": (lambda: _wide_resnet50(2), 4096),
+    "resnet50w4": (lambda: _wide_resnet50(4), 8192),
+    "resnet50w5": (lambda: _wide_resnet50(5), 10240),
     "convnet-tiny": (lambda: TinyConvNet(32), 128),
 }
 
@@ -134,11 +141,14 @@ def build_backbone(name: str) -> tuple[nn.Module, int]:
 
 def backbone_basic_block(name: str) -> type[nn.Module]:
     """The residual block type of a ResNet backbone (for documentation and import checks)."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
     return BasicBlock if name.split("-")[0] in ("resnet18", "resnet34") else Bottleneck
 
 
-def check_backbone_name(name: str) -> None:
-    """Raise a one-line :class:`~swavctl.errors.UserError` for an unknown backbone name."""
+def check_backbone_name(name: str, where: str = "'model.arch'") -> None:
+    """Raise a one-line :class:`~swavctl.errors.UserError` for an unknown backbone name; ``where``
+    names what set it (the setting, or the ``--arch`` flag typed)."""
     from swavctl.errors import UserError
 
     names = available_backbones()
@@ -147,4 +157,4 @@ def check_backbone_name(name: str) -> None:
 
         close = difflib.get_close_matches(name, names, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else f" (available: {', '.join(names)})"
-        raise UserError(f"invalid value for 'model.arch': unknown backbone '{name}'{hint}")
+        raise UserError(f"invalid value for {where}: unknown backbone '{name}'{hint}")

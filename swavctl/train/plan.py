@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from swavctl import dist
+from swavctl import dist, messages
 from swavctl.config import Settings
 from swavctl.data.demo import resolve_data_path
 from swavctl.data.images import list_images, resolve_image_root
@@ -40,7 +40,7 @@ def pick_device(settings: Settings) -> torch.device:
         gpus = 1 if torch.cuda.is_available() else 0
     if gpus > 0:
         if not torch.cuda.is_available():
-            raise UserError(f"--gpus {gpus} asked for, but CUDA is not available (use --gpus 0 for the CPU)")
+            raise UserError(messages.not_enough_gpus(gpus, 0))
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
@@ -83,7 +83,9 @@ def _unwritable(run_dir: Path) -> str | None:
         if not existed:
             run_dir.rmdir()  # made for real once the run starts
     except OSError as exc:
-        return f"cannot write the run folder {run_dir}: {exc.strerror or exc}"
+        if run_dir.is_file():
+            return messages.output_is_file(run_dir)
+        return messages.output_not_writable(run_dir, exc.strerror or exc)
     return None
 
 

@@ -14,7 +14,7 @@ from torch import nn
 from swavctl.loss import swapped_prediction_loss
 from swavctl.model.swav import SwAV
 from swavctl.queue import EmbeddingQueue
-from swavctl.sinkhorn import sinkhorn
+from swavctl.sinkhorn_knopp import sinkhorn
 
 
 @dataclass

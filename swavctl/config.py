@@ -18,9 +18,11 @@ swavctl still resume and load.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import tomllib
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -424,6 +426,53 @@ def preset_description(name_or_path: str) -> str:
     return preset_description(_base_ref(base, path)) if isinstance(base, str) else ""
 
 
+@dataclass(frozen=True)
+class TunedFor:
+    """What a recipe was tuned for: the global batch (images per step over all devices) and the
+    number of devices. The learning rate, the queue and the prototype freeze of a SwAV recipe are
+    tied to its global batch; they are preset metadata (``[tuned_for]``), not settings."""
+
+    global_batch: int
+    devices: int
+
+
+#: The built-in defaults are the paper's 800-epoch recipe: 64 images per GPU on 64 GPUs.
+DEFAULTS_TUNED_FOR = TunedFor(global_batch=4096, devices=64)
+
+
+def _tuned_for(raw: Any, source: str) -> TunedFor | None:
+    """A preset's ``[tuned_for]`` table (``global_batch``, ``devices``: whole numbers >= 1)."""
+    if raw is None:
+        return None
+    fix = "'[tuned_for]' needs global_batch and devices, whole numbers >= 1"
+    if not isinstance(raw, dict) or set(raw) != {"global_batch", "devices"}:
+        raise UserError(f"{source}: {fix}")
+    values = [raw["global_batch"], raw["devices"]]
+    if any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in values):
+        raise UserError(f"{source}: {fix}")
+    return TunedFor(global_batch=values[0], devices=values[1])
+
+
+def preset_tuned_for(name_or_path: str | None) -> TunedFor | None:
+    """The global batch and devices a preset was tuned for (``None``: the built-in defaults').
+
+    A preset that records no ``[tuned_for]`` has that of the preset it ``extends``; one that
+    extends none is unknown (None), as is a preset file that can no longer be read.
+    """
+    if name_or_path is None:
+        return DEFAULTS_TUNED_FOR
+    try:
+        path = preset_path(name_or_path)
+        raw = load_toml(path)
+        tuned = _tuned_for(raw.get("tuned_for"), f"preset {path.name}")
+    except UserError:
+        return None
+    if tuned is not None:
+        return tuned
+    base = raw.get("extends")
+    return preset_tuned_for(_base_ref(base, path)) if isinstance(base, str) else None
+
+
 def _base_ref(base: str, path: Path) -> str:
     """``extends`` names a preset, or a TOML path relative to the extending file's folder."""
     if base.endswith(".toml") or "/" in base:
@@ -435,7 +484,8 @@ def load_preset(name_or_path: str, _seen: tuple[Path, ...] = ()) -> dict[str, An
     """A preset's settings as a validated nested mapping, with the presets it ``extends`` applied
     first (``extends = "demo"``: the demo's settings, then this file's on top).
 
-    The ``description`` and ``extends`` keys are the preset's own and are not settings.
+    The ``description``, ``extends`` and ``tuned_for`` keys are the preset's own and are not
+    settings.
     """
     path = preset_path(name_or_path)
     if path.resolve() in _seen:
@@ -446,6 +496,7 @@ def load_preset(name_or_path: str, _seen: tuple[Path, ...] = ()) -> dict[str, An
     description = tree.pop("description", None)
     if description is not None and not isinstance(description, str):
         raise UserError(f"{source}: 'description' must be a string")
+    _tuned_for(tree.pop("tuned_for", None), source)
     base = tree.pop("extends", None)
     if base is not None:
         if not isinstance(base, str):
@@ -555,23 +606,30 @@ def resolve(
     flags: Mapping[str, Any] | None = None,
     overrides: Sequence[str] = (),
     flag_names: Mapping[str, str] | None = None,
+    notes: list[str] | None = None,
 ) -> Settings:
     """Build settings from defaults, a preset, explicit flags (dotted keys) and ``--set`` overrides.
 
     ``flag_names`` maps the dotted keys of ``flags`` to the flags typed (``--epochs``), which then
-    name a bad value in the error.
+    name a bad value in the error. Lines worth telling the user (a preset setting not applied)
+    are appended to ``notes``.
+
+    A setting that belongs to the preset's data, the k-NN monitor's ``monitor.knn_data``, does not
+    follow the preset onto other data: when the data differ from the preset's ``data.path`` and
+    neither a flag nor ``--set`` names ``monitor.knn_data``, the monitor is off.
 
     The preset and the flags are validated as they are applied, so an error names the source
     that caused it; the ``--set`` overrides are validated together.
     """
     tree: dict[str, Any] = {}
+    preset_tree: dict[str, Any] = {}
     if preset is not None:
         path = preset_path(preset)
         # A preset is a recipe, not a run folder: an ``out`` in it (an older run's resolved.toml has
         # one) is dropped, so the run goes to --out or a new folder.
         preset_tree = load_preset(preset)
         preset_tree.pop("out", None)
-        tree = _deep_merge(tree, preset_tree)
+        tree = _deep_merge(tree, copy.deepcopy(preset_tree))  # flags must not change preset_tree
         # A run's resolved.toml keeps naming the preset the recipe came from.
         if not isinstance(preset_tree.get("preset"), str) or path.name != RESOLVED_NAME:
             tree["preset"] = preset
@@ -581,10 +639,36 @@ def resolve(
     validate(tree, source="flags", flag_names=flag_names)
     # The overrides are validated together, so several of them can change related settings at
     # once (e.g. the lengths of all four crop lists).
+    explicit = {key for key, value in (flags or {}).items() if value is not None}
     for text in overrides:
         path_parts, value = parse_override(text)
         _set_path(tree, path_parts, value)
+        explicit.add(".".join(path_parts))
+    note = _unbind_preset_data(tree, preset_tree, explicit, preset)
+    if note and notes is not None:
+        notes.append(note)
     return validate(tree, source="--set" if overrides else "settings")
+
+
+def _unbind_preset_data(
+    tree: dict[str, Any], preset_tree: Mapping[str, Any], explicit: set[str], preset: str | None
+) -> str | None:
+    """Turn off a k-NN monitor that came with the preset when the run's data are not the preset's.
+
+    Returns the line to tell the user (None when nothing changed).
+    """
+    preset_knn = preset_tree.get("monitor", {}).get("knn_data")
+    if not preset_knn or any(key in ("monitor", "monitor.knn_data") for key in explicit):
+        return None
+    data = tree.get("data", {}).get("path")
+    if data == preset_tree.get("data", {}).get("path"):
+        return None
+    del tree["monitor"]["knn_data"]
+    return (
+        f"no k-NN monitor: preset {preset}'s monitor.knn_data ({preset_knn}) belongs to its data, not "
+        f"to {data}; to report a k-NN top-1 on your own labelled data, pass --knn-data DIR "
+        "(DIR/train + DIR/val, or DIR/<class>/*)"
+    )
 
 
 #: Settings a run does not record (in resolved.toml, checkpoints, exports): where it writes.
@@ -596,13 +680,15 @@ def recorded_json(settings: Settings) -> str:
     return settings.model_dump_json(exclude=NOT_RECORDED)
 
 
-def preset_toml(settings: Settings, *, description: str = "") -> str:
+def preset_toml(settings: Settings, *, description: str = "", tuned_for: TunedFor | None = None) -> str:
     """``settings`` as a preset file that ``--preset`` reads back to the same settings: every
     setting (``None`` values, which TOML cannot write, are the defaults anyway), headed by the
-    description."""
+    description and what the recipe was tuned for."""
     tree = settings.model_dump(mode="json", exclude_none=True, exclude=NOT_RECORDED)
     tree.pop("preset", None)  # which preset a run started from is set by --preset itself
-    head = {"description": description} if description else {}
+    head: dict[str, Any] = {"description": description} if description else {}
+    if tuned_for is not None:
+        head["tuned_for"] = {"global_batch": tuned_for.global_batch, "devices": tuned_for.devices}
     return tomli_w.dumps({**head, **tree})
 
 

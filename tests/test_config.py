@@ -131,3 +131,22 @@ def test_override_parsing() -> None:
     assert config.parse_override("a=[1, 2]") == (["a"], [1, 2])
     with pytest.raises(UserError):
         config.parse_override("novalue")
+
+
+def test_a_presets_knn_monitor_stays_with_its_data() -> None:
+    notes: list[str] = []
+    assert config.resolve(preset="demo", notes=notes).monitor.knn_data == "demo" and not notes
+    moved = config.resolve(preset="demo", flags={"data.path": "photos"}, notes=notes)
+    assert moved.monitor.knn_data is None
+    assert len(notes) == 1 and "--knn-data DIR" in notes[0]
+    # An explicit flag or --set still wins, and says nothing.
+    notes.clear()
+    flags = {"data.path": "photos", "monitor.knn_data": "labelled"}
+    flagged = config.resolve(preset="demo", flags=flags, notes=notes)
+    assert flagged.monitor.knn_data == "labelled"
+    overridden = config.resolve(
+        preset="demo", flags={"data.path": "photos"}, overrides=["monitor.knn_data=demo"], notes=notes
+    )
+    assert overridden.monitor.knn_data == "demo" and not notes
+    # The preset itself is not changed by the run's flags.
+    assert config.load_preset("demo")["monitor"]["knn_data"] == "demo"

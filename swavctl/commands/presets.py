@@ -50,7 +50,8 @@ def presets_show(
         raise fail(str(exc), exc.exit_code) from None
     if as_toml:
         print(f"# swavctl preset: every setting of '{name}'. Edit, then: swavctl pretrain --preset FILE.toml")
-        print(config.preset_toml(settings, description=description), end="")
+        tuned = config.preset_tuned_for(None if name == "defaults" else name)
+        print(config.preset_toml(settings, description=description, tuned_for=tuned), end="")
         return
     values = config.dotted(settings.model_dump(mode="json"))
     if as_json:

@@ -83,11 +83,14 @@ def pretrain_command(
             "monitor.knn_data": knn_data,
             "log.tensorboard": True if tensorboard else None,
         }
+        notes: list[str] = []
         settings = config.resolve(
-            preset=preset, flags=flags, overrides=overrides or [], flag_names=_FLAG_NAMES
+            preset=preset, flags=flags, overrides=overrides or [], flag_names=_FLAG_NAMES, notes=notes
         )
     except UserError as exc:
         raise fail(str(exc), exc.exit_code) from None
+    for note in notes:
+        err.print(note, markup=False)
     from swavctl import launch
     from swavctl.data.demo import anchored_data_path
     from swavctl.model.backbones import check_backbone_name

@@ -23,6 +23,7 @@ from swavctl.eval.monitor import monitor_split
 from swavctl.eval.splits import EvalSplit
 from swavctl.queue import queue_length_per_rank
 from swavctl.safe_io import probe_writable
+from swavctl.train.recipe_fit import batch_mismatch_note
 from swavctl.train.report import Reporter
 from swavctl.train.run_dir import (
     finished_latest_note,
@@ -164,6 +165,11 @@ def plan_run(settings: Settings, *, reporter: Reporter, fresh: bool, held: conte
         queue_start_epoch=settings.swav.queue_start_epoch,
     ):
         warn_all(conflict)
+    batch_note = batch_mismatch_note(
+        settings.preset, batch_size=settings.train.batch_size, world=world, arch=settings.model.arch
+    )
+    if batch_note:
+        warn_all(batch_note)
     if global_batch + settings.swav.queue_length < settings.model.prototypes:
         warn_all(
             f"global batch {global_batch} + queue {settings.swav.queue_length} < {settings.model.prototypes} "

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import os
 import tomllib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -650,6 +651,16 @@ def resolve(
     return validate(tree, source="--set" if overrides else "settings")
 
 
+def _same_data(a: Any, b: Any) -> bool:
+    """Whether two ``data.path`` values name the same data: ``demo`` only itself, folders by their
+    absolute path (a run's ``resolved.toml`` records ``photos`` as ``/home/me/photos``)."""
+    if a == b:
+        return True
+    if not isinstance(a, str) or not isinstance(b, str) or not a or not b or "demo" in (a, b):
+        return False
+    return os.path.abspath(os.path.expanduser(a)) == os.path.abspath(os.path.expanduser(b))
+
+
 def _unbind_preset_data(
     tree: dict[str, Any], preset_tree: Mapping[str, Any], explicit: set[str], preset: str | None
 ) -> str | None:
@@ -661,7 +672,7 @@ def _unbind_preset_data(
     if not preset_knn or any(key in ("monitor", "monitor.knn_data") for key in explicit):
         return None
     data = tree.get("data", {}).get("path")
-    if data == preset_tree.get("data", {}).get("path"):
+    if _same_data(data, preset_tree.get("data", {}).get("path")):
         return None
     del tree["monitor"]["knn_data"]
     return (

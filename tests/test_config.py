@@ -133,7 +133,7 @@ def test_override_parsing() -> None:
         config.parse_override("novalue")
 
 
-def test_a_presets_knn_monitor_stays_with_its_data() -> None:
+def test_a_presets_knn_monitor_stays_with_its_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     notes: list[str] = []
     assert config.resolve(preset="demo", notes=notes).monitor.knn_data == "demo" and not notes
     moved = config.resolve(preset="demo", flags={"data.path": "photos"}, notes=notes)
@@ -148,5 +148,11 @@ def test_a_presets_knn_monitor_stays_with_its_data() -> None:
         preset="demo", flags={"data.path": "photos"}, overrides=["monitor.knn_data=demo"], notes=notes
     )
     assert overridden.monitor.knn_data == "demo" and not notes
+    # The same folder however it is written keeps the monitor (resolved.toml records it absolute).
+    (tmp_path / "own.toml").write_text('[data]\npath = "photos"\n[monitor]\nknn_data = "labelled"\n')
+    monkeypatch.chdir(tmp_path)
+    same = config.resolve(preset="own.toml", flags={"data.path": str(tmp_path / "photos")}, notes=notes)
+    assert same.monitor.knn_data == "labelled" and not notes
+    assert config.resolve(preset="own.toml", flags={"data.path": "./photos/"}).monitor.knn_data == "labelled"
     # The preset itself is not changed by the run's flags.
     assert config.load_preset("demo")["monitor"]["knn_data"] == "demo"

@@ -190,10 +190,18 @@ def looks_like_pickle(path: Path) -> bool:
 
 def check_safetensors(path: Path) -> None:
     """Refuse a file whose safetensors header is malformed (the tensor data is not read)."""
+    header_or_refuse(path, MAX_HEADER_BYTES)
+
+
+def header_or_refuse(
+    path: Path, max_header_bytes: int, itemsize: Mapping[str, int] = ITEMSIZE
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """:func:`parse_safetensors_header` of the file at ``path``, with each way it can fail as a
+    one-line :class:`UserError` naming the file."""
     try:
         with open(path, "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
-            parse_safetensors_header(fh, size, MAX_HEADER_BYTES)
+            return parse_safetensors_header(fh, size, max_header_bytes, itemsize)
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
     except IsADirectoryError:

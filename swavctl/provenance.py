@@ -53,7 +53,8 @@ def git_commit(folder: Path | None = None) -> str | None:
     return commit + ("+dirty" if status.returncode == 0 and status.stdout.strip() else "")
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (or the platform's processor string)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -70,7 +71,7 @@ def device_names(device: torch.device | str, count: int = 1) -> list[str]:
         first = device.index or 0
         visible = torch.cuda.device_count()
         return [torch.cuda.get_device_name(i % visible) for i in range(first, first + count)]
-    return [_cpu_name()]
+    return [cpu_name()]
 
 
 def record(

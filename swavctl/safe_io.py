@@ -32,8 +32,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from swavctl.containers import MAX_HEADER_BYTES, parse_safetensors_header
-from swavctl.containers import BadContainer as _BadFile
+from swavctl.containers import MAX_HEADER_BYTES, header_or_refuse
 from swavctl.errors import OutputWriteError, UserError
 from swavctl.messages import output_not_writable
 
@@ -98,19 +97,7 @@ _ITEMSIZE: dict[str, int] = {k: torch.empty((), dtype=v).element_size() for k, v
 
 
 def _validate_header(path: Path, max_header_bytes: int) -> tuple[dict[str, Any], dict[str, str]]:
-    try:
-        with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            entries, metadata = parse_safetensors_header(fh, size, max_header_bytes, _ITEMSIZE)
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a directory, not a safetensors file") from None
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    except _BadFile as exc:
-        raise UserError(f"{path}: not a valid safetensors file: {exc}") from None
-    return entries, metadata
+    return header_or_refuse(path, max_header_bytes, _ITEMSIZE)
 
 
 def _validate(path: Path, max_header_bytes: int) -> dict[str, str]:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from swavctl.provenance import cpu_name
+
 DEFAULT_DOC = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
 
 _HEADER = """# Benchmarks
@@ -30,17 +32,6 @@ the demo section, which records the output of the commands listed in it.
 Machines shared with other jobs give noisy absolute numbers: the side-by-side ratios are the
 figures to compare.
 """
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (or the platform's processor string)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def hardware(device: torch.device | None = None) -> str:

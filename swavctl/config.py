@@ -31,6 +31,7 @@ import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from swavctl.errors import UserError
+from swavctl.latest import follow
 
 #: The name of the settings file a run writes into its folder (``swavctl.train.run_dir``).
 RESOLVED_NAME = "resolved.toml"
@@ -391,7 +392,7 @@ def preset_names() -> list[str]:
 
 def preset_path(name_or_path: str) -> Path:
     """Resolve a preset name (``demo``) or a TOML path to a file."""
-    candidate = Path(name_or_path).expanduser()
+    candidate = follow(Path(name_or_path).expanduser())  # runs/latest/resolved.toml too
     # A file path; a folder of the same name as a preset (a 'demo/' here) does not hide the preset.
     if candidate.suffix == ".toml" or "/" in name_or_path or candidate.is_file():
         if not candidate.is_file():

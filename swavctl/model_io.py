@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from swavctl import messages
+from swavctl import latest, messages
 from swavctl.config import Settings, from_toml_text, read_tree
 from swavctl.containers import PICKLE_SUFFIXES, looks_like_pickle
 from swavctl.data.demo import DEMO_NAME
@@ -101,7 +101,7 @@ def resolve_model_path(path: Path, warn: Callable[[str], None] | None = None) ->
     A newer checkpoint that does not verify (truncated, altered) is skipped, with ``warn(message)``
     naming it and why, as pretrain's resume does: the weights used are then an older step's.
     """
-    path = Path(path).expanduser()
+    path = latest.follow(Path(path).expanduser())
     if not path.exists():
         raise UserError(messages.model_not_found(path))
     if path.is_dir():

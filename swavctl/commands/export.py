@@ -11,7 +11,8 @@ import typer
 from swavctl.commands.common import JsonOpt, err, fail
 from swavctl.containers import check_model_file, check_pickle_container, check_safetensors
 from swavctl.errors import UserError
-from swavctl.messages import check_output_file
+from swavctl.latest import follow
+from swavctl.messages import DEFAULT_MODEL, check_output_file
 
 #: The --dtype names of swavctl.export.DTYPES (named here so that the command can check MODEL
 #: before importing torch).
@@ -100,6 +101,8 @@ def export_command(
 ) -> None:
     """Export weights to safetensors (backbone under torchvision's key names), show an export's
     metadata (--info FILE), or import an official SwAV checkpoint (--from-official CKPT --arch A)."""
+    # Paths through runs/latest (a pointer file) read as the run folder it names.
+    model, out = (None if model is None else follow(model)), (None if out is None else follow(out))
     try:
         result = _run(model, out, with_head, dtype, info, verify, from_official, arch, as_json)
     except UserError as exc:
@@ -174,12 +177,12 @@ def _run(
         if out is not None:
             check_output_file(out)
         if dtype in _DTYPE_NAMES:  # else export_run names the bad --dtype first
-            check_model_file(model or Path("runs/latest"))  # before torch is imported
+            check_model_file(model or follow(DEFAULT_MODEL))  # before torch is imported
 
     from swavctl.model_io import export_run
 
     result = export_run(
-        model or Path("runs/latest"),
+        model or follow(DEFAULT_MODEL),
         out=out,
         with_head=with_head,
         dtype=dtype,

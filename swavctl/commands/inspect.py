@@ -10,6 +10,8 @@ import typer
 
 from swavctl.commands.common import JsonOpt, err, fail
 from swavctl.errors import UserError
+from swavctl.latest import follow
+from swavctl.messages import DEFAULT_MODEL
 
 
 def inspect_clusters_command(
@@ -133,11 +135,13 @@ def inspect_clusters_command(
     from swavctl.containers import check_model_file
     from swavctl.messages import check_output_folder
 
+    # Paths through runs/latest (a pointer file) read as the run folder it names.
+    model, out = follow(model or DEFAULT_MODEL), (None if out is None else follow(out))
     if copy and sort_into is None:
         raise fail("--copy needs --sort-into DIR")
     try:
         # A missing or malformed MODEL is refused before torch and torchvision are imported.
-        check_model_file(model or Path("runs/latest"))
+        check_model_file(model)
         if out is not None:
             check_output_folder(out)
         if sort_into is not None:

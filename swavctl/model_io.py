@@ -335,8 +335,10 @@ def export_run(
         for key in ("source", "source_file", "source_sha256"):
             if source_meta.get(key):
                 extra[key] = source_meta[key]
-        if not loaded.has_head and "num_prototypes" in source_meta:
-            extra["num_prototypes"] = source_meta["num_prototypes"]
+        if not loaded.has_head:
+            for key in ("num_prototypes", "prototype_sets"):
+                if key in source_meta:
+                    extra[key] = source_meta[key]
     meta = write_export(
         loaded.model,
         out,
@@ -355,7 +357,7 @@ def export_run(
         "contents": meta["contents"],
         "dtype": dtype,
         "tensors": len(loaded.model.backbone.state_dict())
-        + (len(loaded.model.head.state_dict()) + 1 if with_head else 0),
+        + (len(loaded.model.head.state_dict()) + len(loaded.model.prototype_sets) if with_head else 0),
         "step": loaded.step,
         "epoch": loaded.epoch,
         "payload_sha256": meta["payload_sha256"],

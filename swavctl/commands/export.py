@@ -29,6 +29,7 @@ _INFO_ORDER = (
     "hidden_dim",
     "embedding_dim",
     "num_prototypes",
+    "prototype_sets",
     "mean",
     "std",
     "crop_size",
@@ -43,6 +44,16 @@ _INFO_ORDER = (
 )
 
 
+def _sets_text(value: str) -> str:
+    """``prototype_sets`` as a line: ``3 sets: 0 = prototypes.0.weight (3000), ...`` (else as stored)."""
+    try:
+        sets = json.loads(value)
+        parts = [f"{s['set']} = {s['key']} ({s['size']})" for s in sets]
+    except (ValueError, TypeError, KeyError):
+        return value
+    return f"{len(parts)} sets: {', '.join(parts)}"
+
+
 def _print_info(info: dict[str, Any]) -> None:
     meta: dict[str, str] = info["metadata"]
     err.print(
@@ -53,7 +64,8 @@ def _print_info(info: dict[str, Any]) -> None:
     keys = [k for k in keys if k != "settings"] + (["settings"] if "settings" in meta else [])
     width = max((len(k) for k in keys), default=0)
     for key in keys:
-        err.print(f"  {key:<{width}}  {meta[key]}", markup=False)
+        value = _sets_text(meta[key]) if key == "prototype_sets" else meta[key]
+        err.print(f"  {key:<{width}}  {value}", markup=False)
     if not meta:
         err.print("  (no metadata)", markup=False)
     if info.get("verified"):
@@ -68,7 +80,12 @@ def export_command(
         Path | None, typer.Option("--out", metavar="FILE", help="Output .safetensors file.")
     ] = None,
     with_head: Annotated[
-        bool, typer.Option("--with-head", help="Include the projection head (head.*) and prototypes.weight.")
+        bool,
+        typer.Option(
+            "--with-head",
+            help="Include the projection head (head.*) and the prototypes (prototypes.weight; "
+            "prototypes.0.weight, prototypes.1.weight, ... for several sets).",
+        ),
     ] = False,
     dtype: Annotated[
         str,

@@ -6,7 +6,8 @@ Defaults (``swavctl inspect-clusters`` with no arguments):
 * data: the folder recorded in the model's settings (``data.path``; ``demo`` is the built-in
   digits). Of a root with splits, ``val/`` is read when present (held-out images, as for the
   demo's NMI bar), else ``train/``, else the folder itself; ``--split`` picks one explicitly;
-* out: ``<run folder>/clusters``.
+* out: ``<run folder>/clusters`` (``clusters-set{N}`` for ``--prototype-set N`` > 0, so the
+  reports of a model's sets lie side by side).
 """
 
 from __future__ import annotations
@@ -82,9 +83,10 @@ def resolve_images(data: str | None, *, split: str, loaded: LoadedModel, max_ima
     return ImageSet(folder, paths, names, [index[c] for c in classes if c is not None])
 
 
-def default_out(loaded: LoadedModel) -> Path:
-    """``<run folder>/clusters``: beside the checkpoints folder, or beside the export file."""
-    return run_folder(loaded) / "clusters"
+def default_out(loaded: LoadedModel, prototype_set: int = 0) -> Path:
+    """``<run folder>/clusters``: beside the checkpoints folder, or beside the export file;
+    ``clusters-set{N}`` for prototype set N > 0."""
+    return run_folder(loaded) / ("clusters" if prototype_set == 0 else f"clusters-set{prototype_set}")
 
 
 #: Where the embeddings are kept while an inspection runs (``.NAME.tmp-PID``, removed after).

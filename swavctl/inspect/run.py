@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from swavctl.errors import UserError
-from swavctl.inspect import assign, grids, metrics, report, stats
+from swavctl.inspect import assign, grids, metrics, report, sources, stats
 from swavctl.inspect.embeddings import EmbeddingStore
 from swavctl.inspect.extract import Embedder, EvalView, iter_embeddings, pick_devices
 from swavctl.inspect.sort_into import Sorter, folder_name
@@ -148,7 +148,7 @@ def inspect_clusters(options: InspectOptions, progress: StageReporter | None = N
             "pass the run folder or a checkpoint, or export with 'swavctl export --with-head'"
         )
     settings = loaded.settings
-    layer = prototype_layer(loaded, options.prototype_set)
+    layer = sources.prototype_layer(loaded, options.prototype_set)
     devices = pick_devices(options.gpus)
     images = resolve_images(options.data, split=options.split, loaded=loaded, max_images=options.max_images)
     if images.note:
@@ -208,18 +208,6 @@ def inspect_clusters(options: InspectOptions, progress: StageReporter | None = N
     return _write_outputs(
         result, similarity, scaling, images, loaded, out, options, temperature, skipped, started, progress
     )
-
-
-def prototype_layer(loaded: Any, index: int) -> torch.nn.Linear:
-    """Prototype set ``index`` of the loaded model; a :class:`UserError` naming the valid range."""
-    sets = loaded.model.prototype_sets
-    if not 0 <= index < len(sets):
-        if len(sets) == 1:
-            valid = "it has one prototype set, so --prototype-set takes only 0"
-        else:
-            valid = f"it has {len(sets)} prototype sets: pass --prototype-set 0 to {len(sets) - 1}"
-        raise UserError(f"--prototype-set {index} is out of range for {loaded.source}: {valid}")
-    return sets[index]
 
 
 def _not_converged(scaling: assign.BalancedScaling, options: InspectOptions) -> str:
@@ -401,15 +389,8 @@ def _write_outputs(
                 names[c]: int(column[c]) for c in np.argsort(-column, kind="stable") if column[c]
             }
         entries.append(entry)
-    write_json_atomic(
-        out / "clusters.json",
-        {
-            "num_prototypes": k,
-            "prototype_set": options.prototype_set,
-            "assignment_for_members": primary,
-            "prototypes": entries,
-        },
-    )
+    head = {"num_prototypes": k, "prototype_set": options.prototype_set, "assignment_for_members": primary}
+    write_json_atomic(out / "clusters.json", {**head, "prototypes": entries})
     if names:
         text = io.StringIO(newline="")
         writer = csv.writer(text)

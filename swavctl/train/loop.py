@@ -7,7 +7,6 @@ modules know nothing of them.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import signal
 import time
@@ -33,7 +32,7 @@ from swavctl.train import rng
 from swavctl.train.agreement import StepReadout, agree_on_step_start, read_step
 from swavctl.train.build import augment_spec, build_model, build_optimizer, crop_specs
 from swavctl.train.device_batch import batch_crops, decode_batch
-from swavctl.train.health import CollapseDetector, MetricsLog, code_statistics
+from swavctl.train.health import CollapseDetector, MetricsLog, code_statistics, collapsed_loss
 from swavctl.train.plan import RunPlan, plan_run
 from swavctl.train.precision import autocast_dtype
 from swavctl.train.prefetch import Prefetcher, Ready, side_stream
@@ -643,7 +642,7 @@ class _Run:
                 "step": step,
                 "epoch": epoch,
                 "loss": loss_value,
-                "loss_over_lnk": loss_value / math.log(settings.model.prototypes),
+                "loss_over_lnk": loss_value / collapsed_loss(settings.model.prototypes),
                 "lr": lr,
                 "samples_per_s": batch.size * self.world / max(step_time + data_wait, 1e-9),
                 "data_wait_fraction": data_wait / max(step_time + data_wait, 1e-9),

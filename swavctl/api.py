@@ -23,6 +23,7 @@ SHORT_KEYS = {
     "epochs": "train.epochs",
     "batch_size": "train.batch_size",
     "arch": "model.arch",
+    "init": "model.init",
     "max_steps": "train.max_steps",
     "gpus": "dist.gpus",
     "procs": "dist.procs",
@@ -55,7 +56,14 @@ def load_settings(
         flags.update(overrides)
     elif overrides is not None:
         texts = list(overrides)
-    return config.resolve(preset=preset, flags=flags, overrides=texts)
+    settings = config.resolve(preset=preset, flags=flags, overrides=texts)
+    if not settings.model.init:
+        return settings
+    from swavctl.init_weights import resolve_init
+
+    named = set(flags) | {".".join(config.parse_override(text)[0]) for text in texts}
+    # Without an architecture of its own choosing, the run takes the init weights' (as --init does).
+    return resolve_init(settings, arch_where="model.arch" if "model.arch" in named else None, where="init")
 
 
 def _summary(outcome: Any) -> dict[str, Any]:
@@ -94,6 +102,10 @@ def pretrain(
     from swavctl.model.backbones import check_backbone_name
 
     check_backbone_name(settings.model.arch)
+    if settings.model.init and not settings.model.init_sha256:  # settings made by hand: taken as they are
+        from swavctl.init_weights import resolve_init
+
+        settings = resolve_init(settings, arch_where="model.arch", where="model.init")
     settings = settings.model_copy(
         update={
             "data": settings.data.model_copy(update={"path": anchored_data_path(settings.data.path)}),

@@ -171,6 +171,17 @@ class ModelSettings(_Strict):
         "is that one set. SwAV trains one set: pretrain refuses a list until those methods are available; "
         "such models (imported, e.g.) load, export and inspect.",
     )
+    init: str | None = Field(
+        None,
+        description="Weights a new run starts from (--init): a swavctl run folder, checkpoint or export, an "
+        "official SwAV checkpoint (.pth.tar) or a torchvision state dict; recorded as the file read. "
+        "Without --arch the backbone is the file's; read when a run starts, never when it resumes.",
+    )
+    init_sha256: str | None = Field(
+        None,
+        description="SHA-256 of the model.init file, recorded when the run is set up; a run that starts "
+        "from a file that no longer has it is refused.",
+    )
 
     @field_validator("prototypes", mode="before")
     @classmethod

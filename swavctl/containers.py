@@ -188,6 +188,14 @@ def looks_like_pickle(path: Path) -> bool:
     return _head(path).startswith(PICKLE_MAGIC)
 
 
+def is_safetensors(path: Path) -> bool:
+    """Whether a weights file is read as safetensors: by its suffix, or, for a suffix that names
+    neither, by not starting as a torch.save zip archive or pickle does."""
+    if path.suffix == ".safetensors":
+        return True
+    return path.suffix not in PICKLE_SUFFIXES and not looks_like_pickle(path)
+
+
 def check_safetensors(path: Path) -> None:
     """Refuse a file whose safetensors header is malformed (the tensor data is not read)."""
     header_or_refuse(path, MAX_HEADER_BYTES)
@@ -234,7 +242,7 @@ def check_weights_file(path: Path) -> None:
     """Check the container of a weights file: safetensors by its suffix (or by not starting as a
     pickle does), else a torch.save zip archive or pickle, as :func:`swavctl.model_io.load_model`
     tells them apart."""
-    if path.suffix == ".safetensors" or (path.suffix not in PICKLE_SUFFIXES and not looks_like_pickle(path)):
+    if is_safetensors(path):
         check_safetensors(path)
     else:
         check_pickle_container(path)

@@ -21,7 +21,7 @@ from torch import nn
 
 from swavctl import latest, messages
 from swavctl.config import Settings, from_toml_text, read_tree
-from swavctl.containers import PICKLE_SUFFIXES, looks_like_pickle
+from swavctl.containers import is_safetensors
 from swavctl.data.demo import DEMO_NAME
 from swavctl.errors import UserError
 from swavctl.model.swav import SwAV
@@ -128,12 +128,23 @@ def load_model(path: Path, warn: Callable[[str], None] | None = None) -> LoadedM
     source = resolve_model_path(Path(path), warn)
     if source.suffix == ".json" and source.with_suffix(".pt").is_file():
         raise UserError(f"{source} is a checkpoint's manifest, not weights; pass {source.with_suffix('.pt')}")
-    if source.suffix == ".safetensors" or (
-        source.suffix not in PICKLE_SUFFIXES and not looks_like_pickle(source)
-    ):
+    if is_safetensors(source):
         return _load_export(source)
-    state = load_pickle_weights(source)
-    if not isinstance(state, dict) or "model" not in state or "settings" not in state:
+    return checkpoint_model(load_pickle_weights(source), source)
+
+
+def is_checkpoint(obj: Any) -> bool:
+    """Whether an unpickled object is laid out as a swavctl checkpoint (``model`` and ``settings``)."""
+    return isinstance(obj, dict) and "model" in obj and "settings" in obj
+
+
+def checkpoint_model(state: Any, source: Path) -> LoadedModel:
+    """The model of a swavctl checkpoint already read from ``source`` (with ``weights_only``).
+
+    Its settings are migrated and validated, its weights' keys and shapes checked against them on
+    the meta device before a model is allocated, and NaN/Inf refused.
+    """
+    if not is_checkpoint(state):
         raise UserError(
             f"{source} is not a swavctl checkpoint (no model or settings); for an official SwAV "
             "checkpoint use 'swavctl export --from-official'"

@@ -39,6 +39,8 @@ __all__ = [
     "backbone_feature_dim",
     "convert_official_state_dict",
     "expected_backbone_shapes",
+    "flat_state_dict",
+    "key_differences",
 ]
 
 #: Backbone names accepted by :func:`convert_official_state_dict`.
@@ -168,6 +170,35 @@ def _official_prototype_keys(state: Mapping[str, torch.Tensor]) -> tuple[str, ..
     return tuple(f"prototypes.prototypes{h}.weight" for h in range(count))
 
 
+def flat_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The tensors of a state dict as saved: bare, or under ``state_dict`` (or ``model``), with a
+    leading ``module.`` stripped from every key; a :class:`UserError` for anything else."""
+    return _strip_module(_unwrap(obj, source), source)
+
+
+def key_differences(expected: Mapping[str, Iterable[int]], found: Mapping[str, Iterable[int]]) -> list[str]:
+    """How the keys and shapes ``found`` differ from those ``expected``: up to three phrases
+    (missing keys, unexpected keys, shape mismatches), each with its count and the first
+    :data:`_MAX_LISTED` names; empty when they agree."""
+    want = {k: tuple(v) for k, v in expected.items()}
+    got = {k: tuple(v) for k, v in found.items()}
+    parts = []
+    missing, unexpected = want.keys() - got.keys(), got.keys() - want.keys()
+    if missing:
+        parts.append(f"missing {len(missing)} key(s): {_listing(missing)}")
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)} key(s): {_listing(unexpected)}")
+    wrong = [
+        f"{k} {_shape_str(got[k])} (expected {_shape_str(v)})"
+        for k, v in sorted(want.items())
+        if k in got and got[k] != v
+    ]
+    if wrong:
+        more = f"; ... and {len(wrong) - _MAX_LISTED} more" if len(wrong) > _MAX_LISTED else ""
+        parts.append(f"{len(wrong)} shape mismatch(es): {'; '.join(wrong[:_MAX_LISTED])}{more}")
+    return parts
+
+
 def _width_hint(state: Mapping[str, torch.Tensor], arch: str) -> str:
     conv1 = state.get("conv1.weight")
     if conv1 is None or conv1.dim() != 4:
@@ -203,7 +234,7 @@ def convert_official_state_dict(
     or unexpected keys (``fc.*`` included), wrong shapes or dtypes and NaN/Inf values.
     """
     _check_arch(arch)
-    state = _strip_module(_unwrap(obj, source), source)
+    state = flat_state_dict(obj, source)
 
     multi = sorted(k for k in state if k.startswith("prototypes.prototypes"))
     prototype_keys = _official_prototype_keys(state) if multi else (_PROTOTYPES,)

@@ -79,8 +79,8 @@ def test_bad_input_raises_the_commands_message(tmp_path: Path) -> None:
     assert result.stdout.splitlines() == [
         "unknown preset 'smok'; did you mean 'smoke'?",
         "flags: unknown setting 'train.epoch'; did you mean 'train.epochs'?",
-        "unknown keyword 'epoch'; use one of data, out, epochs, batch_size, arch, max_steps, gpus, procs, "
-        "knn_data or overrides={'a.b': value}",
+        "unknown keyword 'epoch'; use one of data, out, epochs, batch_size, arch, init, max_steps, gpus, "
+        "procs, knn_data or overrides={'a.b': value}",
         "model not found: no-such-run; pass MODEL as a run folder, a checkpoint (.pt) or an export "
         "(.safetensors)",
     ]

@@ -22,6 +22,7 @@ _FLAG_NAMES = {
     "train.epochs": "--epochs",
     "train.batch_size": "--batch-size",
     "model.arch": "--arch",
+    "model.init": "--init",
     "train.max_steps": "--max-steps",
     "dist.gpus": "--gpus",
     "dist.procs": "--procs",
@@ -38,7 +39,19 @@ def pretrain_command(
     out: OutOpt = None,
     epochs: Annotated[int | None, typer.Option("--epochs", help="Number of epochs.")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Images per device.")] = None,
-    arch: Annotated[str | None, typer.Option("--arch", help="Backbone architecture.")] = None,
+    arch: Annotated[
+        str | None,
+        typer.Option("--arch", help="Backbone architecture (default with --init: the weights' own)."),
+    ] = None,
+    init: Annotated[
+        str | None,
+        typer.Option(
+            "--init",
+            metavar="PATH",
+            help="Start from these weights (model.init): a swavctl run, checkpoint or export, an official "
+            "SwAV .pth.tar, or a torchvision state dict; read when the run starts, not on resume.",
+        ),
+    ] = None,
     max_steps: Annotated[int | None, typer.Option("--max-steps", help="Stop after this many steps.")] = None,
     gpus: GpusOpt = None,
     procs: Annotated[
@@ -79,6 +92,7 @@ def pretrain_command(
             "train.epochs": epochs,
             "train.batch_size": batch_size,
             "model.arch": arch,
+            "model.init": init,
             "train.max_steps": max_steps,
             "dist.gpus": gpus,
             "dist.procs": procs,
@@ -99,7 +113,18 @@ def pretrain_command(
 
     try:
         typed = arch is not None and settings.model.arch == arch  # not changed by --set
-        check_backbone_name(settings.model.arch, "--arch" if typed else "'model.arch'")
+        arch_where = "--arch" if typed else "'model.arch'"
+        check_backbone_name(settings.model.arch, arch_where)
+        if settings.model.init:
+            from swavctl.init_weights import resolve_init
+
+            named = {".".join(config.parse_override(text)[0]) for text in overrides or []}
+            settings = resolve_init(
+                settings,
+                arch_where=arch_where if arch is not None or "model.arch" in named else None,
+                where="--init" if init is not None and settings.model.init == init else "model.init",
+                warn=lambda message: err.print(f"warning: {message}", markup=False),
+            )
         settings = settings.model_copy(
             update={
                 "data": settings.data.model_copy(update={"path": anchored_data_path(settings.data.path)}),

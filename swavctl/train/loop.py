@@ -24,6 +24,7 @@ from swavctl.data.dataset import Batch, pretrain_dataset, pretrain_loader, refus
 from swavctl.data.sampler import EpochBatchSampler
 from swavctl.errors import UserError
 from swavctl.eval.monitor import KnnMonitor, KnnReading, MonitorError
+from swavctl.init_weights import init_summary, load_init
 from swavctl.model.swav import SwAV
 from swavctl.queue import EmbeddingQueue
 from swavctl.safe_io import write_json_atomic, write_text_atomic
@@ -172,6 +173,8 @@ def pretrain(
         run = _Run(plan, reporter, on_step=on_step, hooks=hooks)
         try:
             run.resume()
+            if run.resumed_from is None:  # a new run starts from model.init's weights (none: as built)
+                load_init(run.model, plan.settings, reporter.info)
             run.open_run_folder()
             run.train(stop)
             return run.finish()
@@ -793,6 +796,7 @@ class _Run:
             "steps_per_epoch": steps_epoch,
             "total_steps": self.total_steps,
             "provenance": made,
+            **init_summary(settings),
         }
         if self.last_knn is not None:
             extra["knn"] = self.last_knn.as_dict()

@@ -35,7 +35,6 @@ checkpoint holds the weights then. Its path and SHA-256 are settings (``model.in
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,15 +82,12 @@ def _not_found(path: Path, where: str) -> str:
     )
 
 
-@functools.cache
-def _arch_shapes(arch: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    """Every backbone key of ``arch`` and its shape, from a model built on the meta device."""
-    from swavctl.model.backbones import build_backbone, check_backbone_name
+def _arch_shapes(arch: str) -> dict[str, tuple[int, ...]]:
+    """Every backbone key of ``arch`` and its shape (a UserError for an unknown name)."""
+    from swavctl.model.backbones import backbone_shapes, check_backbone_name
 
     check_backbone_name(arch)
-    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
-        module, _ = build_backbone(arch)
-    return tuple((k, tuple(v.shape)) for k, v in module.state_dict().items())
+    return dict(backbone_shapes(arch))
 
 
 def _shapes(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
@@ -101,7 +97,7 @@ def _shapes(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
 def _matching_arch(backbone: Mapping[str, tuple[int, ...]]) -> str | None:
     """The architecture (of SUPPORTED_ARCHS) whose backbone keys and shapes are exactly these."""
     for arch in SUPPORTED_ARCHS:
-        if dict(_arch_shapes(arch)) == backbone:
+        if _arch_shapes(arch) == backbone:
             return arch
     return None
 
@@ -110,7 +106,7 @@ def _refuse_mismatch(
     source: Path, backbone: Mapping[str, tuple[int, ...]], arch: str, arch_where: str, found: str | None
 ) -> None:
     """A :class:`UserError` listing how ``backbone`` differs from ``arch``'s, when it does."""
-    differences = key_differences(dict(_arch_shapes(arch)), backbone)
+    differences = key_differences(_arch_shapes(arch), backbone)
     if not differences:
         return
     hint = f"; it is a {found} backbone: drop {arch_where} to use it as it is" if found else ""
@@ -123,7 +119,7 @@ def _nearest(backbone: Mapping[str, tuple[int, ...]]) -> str:
     """The supported architecture whose backbone differs least from ``backbone`` (keys and shapes)."""
 
     def distance(arch: str) -> int:
-        want = dict(_arch_shapes(arch))
+        want = _arch_shapes(arch)
         return len(want.keys() ^ backbone.keys()) + sum(
             1 for k, v in want.items() if k in backbone and backbone[k] != v
         )
@@ -158,7 +154,7 @@ def _from_state_dict(
         nearest = _nearest(backbone)
         raise UserError(
             f"{source}: its backbone is none of {', '.join(SUPPORTED_ARCHS)}; compared with the nearest, "
-            f"{nearest}: {'; '.join(key_differences(dict(_arch_shapes(nearest)), backbone))}"
+            f"{nearest}: {'; '.join(key_differences(_arch_shapes(nearest), backbone))}"
         )
     use = arch or found
     assert use is not None

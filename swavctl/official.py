@@ -22,13 +22,11 @@ the wrong shape is a :class:`~swavctl.errors.UserError` that lists the offending
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
-from torch import nn
 
 from swavctl.errors import UserError
 from swavctl.model.swav import prototype_set_keys
@@ -86,44 +84,15 @@ def backbone_feature_dim(arch: str) -> int:
     return 2048 * _WIDTHS[arch]
 
 
-@functools.cache
-def _backbone_shapes(arch: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    from torchvision.models import resnet18, resnet34
-    from torchvision.models.resnet import Bottleneck, ResNet
-
-    model: nn.Module
-    with torch.device("meta"):  # shapes only: no memory, no real initialisation cost
-        if arch == "resnet18":
-            model = resnet18()
-        elif arch == "resnet34":
-            model = resnet34()
-        else:
-            w = _WIDTHS[arch]
-            net = ResNet(Bottleneck, [3, 4, 6, 3])
-            if w != 1:
-                # SwAV's wide ResNet-50: the stem and every stage are w times wider.
-                net.inplanes = 64 * w
-                net.conv1 = nn.Conv2d(3, 64 * w, kernel_size=7, stride=2, padding=3, bias=False)
-                net.bn1 = nn.BatchNorm2d(64 * w)
-                net.layer1 = net._make_layer(Bottleneck, 64 * w, 3)
-                net.layer2 = net._make_layer(Bottleneck, 128 * w, 4, stride=2)
-                net.layer3 = net._make_layer(Bottleneck, 256 * w, 6, stride=2)
-                net.layer4 = net._make_layer(Bottleneck, 512 * w, 3, stride=2)
-            model = net
-    return tuple(
-        (key, tuple(value.shape))
-        for key, value in model.state_dict().items()
-        if not (key == "fc" or key.startswith("fc."))
-    )
-
-
 def expected_backbone_shapes(arch: str) -> dict[str, tuple[int, ...]]:
     """Map every backbone key of ``arch`` (torchvision names, no ``fc``) to its expected shape.
 
     Built once per architecture on the meta device, so even resnet50w5 costs no real memory.
     """
+    from swavctl.model.backbones import backbone_shapes
+
     _check_arch(arch)
-    return dict(_backbone_shapes(arch))
+    return dict(backbone_shapes(arch))
 
 
 def _listing(names: Iterable[str]) -> str:

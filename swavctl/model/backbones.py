@@ -15,6 +15,7 @@ classifier: torchvision ResNets get ``fc = Identity()``, so a saved state dict l
 from __future__ import annotations
 
 # torchvision (about 1 to 3 s to import) is imported only when a ResNet is built.
+import functools
 from collections.abc import Callable
 
 import torch
@@ -137,6 +138,17 @@ def build_backbone(name: str) -> tuple[nn.Module, int]:
     if small:
         _small_stem(model)
     return model, dim
+
+
+@functools.cache
+def backbone_shapes(name: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """Every state-dict key of the backbone ``name`` with its shape, in order (no classifier).
+
+    Built once per name on the meta device: no memory, no initialisation cost, even for resnet50w5.
+    """
+    with torch.device("meta"):
+        module, _ = build_backbone(name)
+    return tuple((key, tuple(value.shape)) for key, value in module.state_dict().items())
 
 
 def backbone_basic_block(name: str) -> type[nn.Module]:

@@ -23,8 +23,8 @@ mismatches.
 
 The backbone always comes from the source. The projection head comes from it when the source has
 one of the run's shapes (``model.hidden_dim``, ``model.embedding_dim``), and the prototypes when
-the head came and they are the run's ``model.prototypes`` x ``model.embedding_dim`` (prototypes
-are points in the head's embedding space, meaningless after a new head). Whatever does not come
+the head came and they are the run's ``model.prototypes`` x ``model.embedding_dim``, set for set
+(prototypes are points in the head's embedding space, meaningless after a new head). Whatever does not come
 from the source is initialised from ``train.seed`` as in any run. One line says which parts came.
 
 The source is read when a new run starts (:func:`load_init`), never when a run resumes: the
@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from swavctl import latest
 from swavctl.config import Settings
 from swavctl.containers import check_weights_file, is_safetensors
 from swavctl.errors import UserError
@@ -57,6 +58,8 @@ from swavctl.safe_io import file_sha256, load_pickle_weights, read_safetensors, 
 
 __all__ = ["InitWeights", "arch_of_init", "init_summary", "load_init", "read_init", "resolve_init"]
 
+_Tensors = dict[str, torch.Tensor]
+
 #: Key prefixes of an official checkpoint's projection head and prototypes (after ``module.``).
 _OFFICIAL_HEAD = ("projection_head.", "prototypes.")
 
@@ -71,7 +74,7 @@ class InitWeights:
     arch: str  # the backbone's architecture (model.arch)
     backbone: dict[str, torch.Tensor]  # torchvision key names, no classifier
     head: dict[str, torch.Tensor]  # the projection head's state (keys as in SwAV.head); {} when none
-    prototypes: torch.Tensor | None  # K x D; None when the source has none
+    prototypes: dict[str, torch.Tensor]  # the prototypes' state (keys as in SwAV.prototypes); {} when none
     dropped: tuple[str, ...]  # the classifier's keys dropped from a state dict
 
 
@@ -129,17 +132,17 @@ def _nearest(backbone: Mapping[str, tuple[int, ...]]) -> str:
 
 def _from_model(
     loaded: LoadedModel,
-) -> tuple[str, dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor | None]:
+) -> tuple[str, _Tensors, _Tensors, _Tensors]:
     """(arch, backbone, head, prototypes) of a swavctl checkpoint or export."""
     model = loaded.model
     head = dict(model.head.state_dict()) if loaded.has_head else {}
-    prototypes = model.prototypes.weight.detach() if loaded.has_head else None
+    prototypes = dict(model.prototypes.state_dict()) if loaded.has_head else {}
     return loaded.settings.model.arch, dict(model.backbone.state_dict()), head, prototypes
 
 
 def _from_state_dict(
     obj: object, source: Path, arch: str | None, arch_where: str
-) -> tuple[str, str, dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor | None, tuple[str, ...]]:
+) -> tuple[str, str, _Tensors, _Tensors, _Tensors, tuple[str, ...]]:
     """(kind, arch, backbone, head, prototypes, dropped) of an official checkpoint or a state dict."""
     state = flat_state_dict(obj, str(source))
     dropped = tuple(sorted(k for k in state if k.startswith("fc.")))
@@ -165,8 +168,9 @@ def _from_state_dict(
         )
     converted, head = convert_official_state_dict(state, arch=use, source=str(source))
     head_state = {k[len("head.") :]: v for k, v in head.items() if k.startswith("head.")}
+    prototypes = {k[len("prototypes.") :]: v for k, v in head.items() if k.startswith("prototypes.")}
     kind = "official SwAV checkpoint" if official else "state dict"
-    return kind, use, converted, head_state, head.get("prototypes.weight"), dropped
+    return kind, use, converted, head_state, prototypes, dropped
 
 
 def read_init(
@@ -183,7 +187,7 @@ def read_init(
     differences, naming ``arch_where``, the flag or setting that chose it); without, the
     architecture is the source's. ``warn`` hears of a run folder's checkpoints that do not verify.
     """
-    given = Path(path).expanduser()
+    given = latest.follow(Path(path).expanduser())  # runs/latest and paths through it
     if not given.exists():
         raise UserError(_not_found(given, where))
     source = resolve_model_path(given, warn).resolve()
@@ -253,6 +257,11 @@ def _head_text(head: Mapping[str, torch.Tensor]) -> str:
     return f"{in_dim} -> {hidden} -> {head['3.weight'].shape[0]}"
 
 
+def _prototypes_text(state: Mapping[str, torch.Tensor]) -> str:
+    """Prototype sets as ``K x D`` each (``3000 x 128``, or ``3000 x 128 + 3000 x 128`` for two sets)."""
+    return " + ".join(f"{v.shape[0]} x {v.shape[1]}" for v in state.values())
+
+
 def _fits(state: Mapping[str, torch.Tensor], module: torch.nn.Module) -> bool:
     return bool(state) and _shapes(state) == _shapes(module.state_dict())
 
@@ -279,8 +288,6 @@ def load_init(model: SwAV, settings: Settings, say: Callable[[str], None]) -> No
     model.backbone.load_state_dict(weights.backbone, strict=True)
     loaded = [f"the backbone ({weights.arch}, {len(weights.backbone)} tensors)"]
     new = ""
-    source_k = tuple(weights.prototypes.shape) if weights.prototypes is not None else None
-    run_k = tuple(model.prototypes.weight.shape)
     if not weights.head:
         new = "a new projection head and new prototypes (the source has none)"
     elif not _fits(weights.head, model.head):
@@ -291,15 +298,15 @@ def load_init(model: SwAV, settings: Settings, say: Callable[[str], None]) -> No
     else:
         model.head.load_state_dict(weights.head, strict=True)
         loaded.append("the projection head")
-        if weights.prototypes is not None and source_k == run_k:
-            model.prototypes.weight.copy_(weights.prototypes)
+        if _fits(weights.prototypes, model.prototypes):
+            model.prototypes.load_state_dict(weights.prototypes, strict=True)
             loaded.append("the prototypes")
-        elif source_k is None:
+        elif not weights.prototypes:
             new = "new prototypes (the source has none)"
         else:
             new = (
-                f"new prototypes (the source's {source_k[0]} x {source_k[1]} do not fit this run's "
-                f"{run_k[0]} x {run_k[1]})"
+                f"new prototypes (the source's {_prototypes_text(weights.prototypes)} do not fit this run's "
+                f"{_prototypes_text(model.prototypes.state_dict())})"
             )
     if weights.dropped:
         say(f"init: dropped the classifier of {weights.path} ({', '.join(weights.dropped)}): SwAV has none")

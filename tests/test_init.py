@@ -31,6 +31,7 @@ from swavctl import config
 from swavctl.errors import UserError
 from swavctl.export import write_export
 from swavctl.init_weights import arch_of_init, read_init
+from swavctl.latest import latest_run
 from swavctl.safe_io import load_pickle_weights
 from swavctl.train.build import build_model
 from swavctl.train.loop import Interrupted, pretrain
@@ -211,6 +212,26 @@ def test_step_zero_is_an_official_checkpoint(sources: dict[str, Any], tmp_path: 
     ]
 
 
+def test_a_source_with_several_prototype_sets_gives_its_head_and_new_prototypes(
+    sources: dict[str, Any], tmp_path: Path
+) -> None:
+    """An official MultiPrototypes checkpoint (DeepCluster-v2's layout) for a one-set SwAV run."""
+    official = _official_layout(_resnet18(seed=6), hidden=32, out=16, k=8)
+    state = official["state_dict"]
+    weight = state.pop("module.prototypes.weight")
+    state["module.prototypes.prototypes0.weight"] = weight
+    state["module.prototypes.prototypes1.weight"] = weight.flip(0)
+    torch.save(official, tmp_path / "dcv2.pth.tar")
+    model, lines, _ = _step_zero(tmp_path / "dcv2.pth.tar", sources["images"], tmp_path / "r")
+    assert torch.equal(model["head.3.weight"], state["module.projection_head.3.weight"])
+    assert not torch.equal(model["prototypes.weight"], weight)
+    assert lines == [
+        f"init: official SwAV checkpoint {tmp_path / 'dcv2.pth.tar'}: loaded the backbone (resnet18, 120 "
+        "tensors) and the projection head; new prototypes (the source's 8 x 16 + 8 x 16 do not fit this "
+        "run's 8 x 16)"
+    ]
+
+
 def test_an_official_file_is_accepted_end_to_end(sources: dict[str, Any], tmp_path: Path) -> None:
     """The command as a user types it; the source's path and SHA-256 go into resolved.toml and
     summary.json; a head that does not fit the run's is new, and the line says why."""
@@ -300,7 +321,8 @@ def test_resuming_an_init_run_does_not_reload_the_init(sources: dict[str, Any], 
     assert again.returncode == 0, again.stderr
     assert "resuming from" in again.stderr and "(step 2)" in again.stderr
     assert "init:" not in again.stderr and "other settings" not in again.stderr
-    run = (tmp_path / "runs" / "latest").resolve()
+    run = latest_run(tmp_path / "runs")
+    assert run is not None
     ends = [
         load_pickle_weights(max((folder / "checkpoints").glob("step-*.pt")))
         for folder in (tmp_path / "whole", run)
@@ -308,6 +330,9 @@ def test_resuming_an_init_run_does_not_reload_the_init(sources: dict[str, Any], 
     assert ends[0]["step"] == ends[1]["step"] == 8
     for key, value in ends[0]["model"].items():
         assert torch.equal(value, ends[1]["model"][key]), key
+    # runs/latest (a pointer file) and paths through it name that run as --init sources.
+    assert read_init(tmp_path / "runs" / "latest").path == run / "checkpoints" / "step-000000008.pt"
+    assert read_init(tmp_path / "runs" / "latest" / "backbone.safetensors").kind == "swavctl export"
     # The suggested command extends it without the source, which is gone: it is not read again.
     source.unlink()
     longer = run_cli("pretrain", "--preset", str(run / "resolved.toml"), "--out", str(run), "--epochs", "3",

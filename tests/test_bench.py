@@ -16,11 +16,9 @@ from swavctl.bench.jpegs import write_jpeg_folder
 from swavctl.bench.padding import LARGE_PHOTO, bench_padding, jpeg_folder_sizes, mixed_photo_sizes
 from swavctl.bench.report import update_section
 from swavctl.bench.sinkhorn import bench_sinkhorn, official_sinkhorn
-from swavctl.data.augment import AugmentSpec, CropSpec
-from swavctl.data.batch_augment import size_groups
 from swavctl.data.dataset import PretrainDataset, collate, decode_images, is_encoded, pretrain_dataset
-from swavctl.data.fast_augment import FastMultiCrop
 from swavctl.data.images import decode_file
+from swavctl.data.multicrop import AugmentSpec, CropSpec, MultiCrop, size_groups
 from swavctl.model.swav import SwAV
 from swavctl.sinkhorn_knopp import sinkhorn
 from swavctl.train.step import swav_loss_from_outputs
@@ -386,7 +384,7 @@ def test_pretrain_dataset_modes() -> None:
         torch.device("cuda"),
     )
     workers = pretrain_dataset([], seed=0, crops=crops, augment=augment, augment_on="workers", device=cuda)
-    assert isinstance(workers.transform, FastMultiCrop) and not workers.encoded
+    assert isinstance(workers.transform, MultiCrop) and not workers.encoded
     device_cpu = pretrain_dataset([], seed=0, crops=crops, augment=augment, augment_on="device", device=cpu)
     assert device_cpu.transform is None and not device_cpu.encoded
     device_gpu = pretrain_dataset([], seed=0, crops=crops, augment=augment, augment_on="device", device=cuda)

@@ -77,7 +77,10 @@ class CropDraws:
 
     def take(self, rows: Sequence[int] | np.ndarray | slice) -> CropDraws:
         """The draws of ``rows``, in that order."""
-        return CropDraws(**{f.name: getattr(self, f.name)[rows] for f in fields(CropDraws)})
+        return CropDraws(
+            self.boxes[rows], self.flip[rows], self.jitter[rows], self.order[rows],
+            self.factors[rows], self.grayscale[rows], self.blur[rows], self.sigma[rows],
+        )  # fmt: skip
 
     @staticmethod
     def cat(draws: Sequence[CropDraws]) -> CropDraws:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from swavctl.data.multicrop.draws import CropDraws
-from swavctl.data.multicrop.spec import AugmentSpec, jitter_ranges
+from swavctl.data.multicrop.spec import AugmentSpec, jitter_enabled
 
 __all__ = [
     "adjust_brightness",
@@ -114,9 +114,8 @@ def adjust_hue(x: torch.Tensor, factor: Factor) -> torch.Tensor:
     return d.sub_(1.0).clamp_(0.0, 1.0).mul_(chroma).add_(bottom)
 
 
-def grayscale(x: torch.Tensor, factor: Factor | None = None) -> torch.Tensor:
-    """Three-channel luma (torchvision ``rgb_to_grayscale(num_output_channels=3)``); a new tensor.
-    ``factor`` is unused (the signature of the other ops)."""
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """Three-channel luma (torchvision ``rgb_to_grayscale(num_output_channels=3)``); a new tensor."""
     return luma(x).expand_as(x).contiguous()
 
 
@@ -150,21 +149,18 @@ def gaussian_blur(x: torch.Tensor, sigma: np.ndarray | Sequence[float], kernel_s
     if weights.shape[0] != x.shape[0]:
         raise ValueError(f"got {weights.shape[0]} sigmas for {x.shape[0]} images")
     taps = np.flatnonzero(weights.max(axis=0) >= _NEGLIGIBLE_TAP).tolist()
-    if x.shape[0] == 1:
-        per_tap: list[Factor] = weights[0].tolist()
-    else:
-        on_device = to_device(torch.from_numpy(weights.astype(np.float32)), x.device)
-        per_tap = list(on_device.T.reshape(kernel_size, -1, 1, 1, 1).unbind(0))
+    per_tap = to_device(torch.from_numpy(weights.T.astype(np.float32)), x.device)  # [k, N]
+    w = per_tap.view(kernel_size, -1, 1, 1, 1).unbind(0)  # one [N, 1, 1, 1] weight per tap
     pad = kernel_size // 2
     height, width = x.shape[-2:]
     padded = F.pad(x, [pad, pad, pad, pad], mode="reflect")
     first, rest = taps[0], taps[1:]
-    rows = padded[..., first : first + width] * per_tap[first]
+    rows = padded[..., first : first + width] * w[first]
     for i in rest:
-        _axpy(rows, padded[..., i : i + width], per_tap[i])
-    out = rows[..., first : first + height, :] * per_tap[first]
+        rows.addcmul_(padded[..., i : i + width], w[i])
+    out = rows[..., first : first + height, :] * w[first]
     for i in rest:
-        _axpy(out, rows[..., i : i + height, :], per_tap[i])
+        out.addcmul_(rows[..., i : i + height, :], w[i])
     return out
 
 
@@ -217,7 +213,7 @@ def photometric(x: torch.Tensor, draws: CropDraws, augment: AugmentSpec, kernel_
     Rows are grouped by what they draw (at most 16 jitter groups, 4 positions x 4 ops), so a batch
     costs a few dozen tensor ops whatever its size. Works in place where it can; use the result.
     """
-    enabled = [r is not None for r in jitter_ranges(augment)]
+    enabled = jitter_enabled(augment)
     factors = draws.factors.tolist()
     for op, rows in _jitter_steps(draws, enabled):
         x = _apply(x, rows, _JITTER_OPS[op], _per_row([factors[r][op] for r in rows], x.device))

@@ -103,17 +103,19 @@ def crop_specs(data: DataSettings) -> list[CropSpec]:
     return expand_crops(data.crop_counts, data.crop_sizes, data.min_scales, data.max_scales)
 
 
-def jitter_ranges(augment: AugmentSpec) -> tuple[tuple[float, float] | None, ...]:
-    """Sampling ranges of (brightness, contrast, saturation, hue), as torchvision's ColorJitter.
+def jitter_enabled(augment: AugmentSpec) -> tuple[bool, bool, bool, bool]:
+    """Whether each ColorJitter op (brightness, contrast, saturation, hue) runs: strength 0 makes
+    it the identity, which torchvision skips, and so do we."""
+    return (augment.brightness != 0.0, augment.contrast != 0.0, augment.saturation != 0.0, augment.hue != 0.0)
 
-    ``(max(0, 1 - s), 1 + s)`` for the first three, ``(-h, h)`` for hue. An entry is ``None``
-    when the op is the identity (strength 0): torchvision then skips it, and so do we.
-    """
-    out: list[tuple[float, float] | None] = []
-    for value in (augment.brightness, augment.contrast, augment.saturation):
-        out.append(None if value == 0.0 else (max(0.0, 1.0 - value), 1.0 + value))
-    out.append(None if augment.hue == 0.0 else (-augment.hue, augment.hue))
-    return tuple(out)
+
+def jitter_ranges(augment: AugmentSpec) -> tuple[tuple[float, float] | None, ...]:
+    """Sampling ranges of (brightness, contrast, saturation, hue), as torchvision's ColorJitter:
+    ``(max(0, 1 - s), 1 + s)`` for the first three, ``(-h, h)`` for hue; ``None`` for an op that
+    does not run (:func:`jitter_enabled`)."""
+    b, c, s, h = augment.brightness, augment.contrast, augment.saturation, augment.hue
+    ranges = [(max(0.0, 1.0 - v), 1.0 + v) for v in (b, c, s)] + [(-h, h)]
+    return tuple(r if on else None for r, on in zip(ranges, jitter_enabled(augment), strict=True))
 
 
 def blur_kernel_size(crop_size: int, sigma_max: float) -> int:

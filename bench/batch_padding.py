@@ -1,7 +1,7 @@
 """Batched (GPU-path) augmentation of mixed image sizes: size groups against one padded stack.
 
-Both sides run :func:`swavctl.data.batch_augment.apply_params` on the same images with the same
-drawn parameters, the paper's 2x224 + 6x96 crops with every random op on; the baseline pads the
+Both sides run :func:`swavctl.data.multicrop.apply_draws` on the same images with the same
+draws, the paper's 2x224 + 6x96 crops with every random op on; the baseline pads the
 whole batch into one stack. Calls alternate; figures are medians. Writes the ``batch-padding``
 section of docs/benchmarks.md.
 
@@ -32,8 +32,8 @@ from swavctl.bench.report import (
     update_section,
 )
 from swavctl.config import resolve
-from swavctl.data.batch_augment import PAD_SLACK
-from swavctl.train.build import augment_spec, crop_specs
+from swavctl.data.multicrop import PAD_SLACK
+from swavctl.train.build import crop_specs
 
 
 def _row(r: PaddingBenchResult) -> str:
@@ -53,7 +53,7 @@ def main() -> None:
     apply_threads(args)
     device = torch.device(args.device)
     settings = resolve()  # the paper's crops and augmentation
-    crops, augment = crop_specs(settings), augment_spec(settings.data.augment)
+    crops, augment = crop_specs(settings), settings.data.augment
     n = args.batch
     mixes = {
         "benchmark JPEG folder: 500 x 375, a quarter portrait": jpeg_folder_sizes(n),
@@ -81,7 +81,7 @@ def main() -> None:
 - Date: {today()}
 - Hardware: {hardware(device)}{threads}
 - Command: `{command_line()}`
-- Setup: `swavctl.data.batch_augment.apply_params` (the `data.augment_on="device"` path, here on
+- Setup: `swavctl.data.multicrop.apply_draws` (the `data.augment_on="device"` path, here on
   the {where}), batch {n} of decoded uint8 images, 2x224 + 6x96 crops, every random op on,
   the same parameters on both sides; one warm-up call each, then {args.rounds} alternating timed
   calls, medians. Baseline: the whole batch padded into one `[N, 3, H_max, W_max]` stack (before

@@ -1,124 +1,163 @@
 """Data pipeline: our pretrain loader against the official SwAV pipeline, side by side.
 
-Both loaders read the same folder of real JPEGs (default: 512 generated ones of 500 x 375, like
-ImageNet's), make the paper's 2x224 + 6x96 crops with the paper's augmentations, and run with the
-same batch size and worker count; rounds alternate baseline and ours, and each figure is the
-median over rounds. Ours is ``swavctl bench data`` (the loop's own loader); the baseline is
-:mod:`swavctl.bench.official_data`. Writes the ``data-pipeline`` section of docs/benchmarks.md.
+Both loaders read the same folder of real JPEGs, make the paper's 2x224 + 6x96 crops with the
+paper's augmentations, and run with the same batch size and worker count; rounds alternate
+baseline and ours, and each figure is the median over rounds. Two folders by default, 512 JPEGs
+of about 500 x 375 each (like ImageNet's): synthetic images (``swavctl.bench.jpegs``: smooth colour
+and noise) and photographs (crops of scikit-learn's two bundled photos). Ours is ``swavctl bench
+data`` (the loop's own loader); the baseline is :mod:`swavctl.bench.official_data`. Writes the
+``data-pipeline`` section of docs/benchmarks.md.
 
-    python bench/data_pipeline.py                       # generated JPEGs, 2 workers
-    python bench/data_pipeline.py --data DIR --workers 1,2 --rounds 3
+    python bench/data_pipeline.py                       # both folders, 2 workers, 3 rounds
+    python bench/data_pipeline.py --data DIR --workers 1,2 --rounds 5
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from swavctl import config
 from swavctl.bench.data import bench_data
-from swavctl.bench.jpegs import write_jpeg_folder
+from swavctl.bench.jpegs import write_jpeg_folder, write_photo_folder
 from swavctl.bench.official_data import OfficialMultiCropDataset, bench_official_loader
 from swavctl.bench.report import command_line, hardware, today, update_section
 from swavctl.data.images import list_images
 
 
+def _load() -> str:
+    return ", ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def measure(folder: Path, name: str, workers: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Alternating rounds of the official loader and ours on ``folder``; medians."""
+    paths = list_images(folder)
+    official = OfficialMultiCropDataset(paths, [224, 96], [2, 6], [0.14, 0.05], [1.0, 0.14])
+    settings = config.resolve(
+        flags={
+            "data.path": str(folder),
+            "data.workers": workers,
+            "train.batch_size": args.batch_size,
+            "dist.gpus": 0,
+        }
+    )
+    ours_sps: list[float] = []
+    base_sps: list[float] = []
+    load_before = _load()
+    for r in range(args.rounds):
+
+        def run_base(r: int = r) -> None:
+            base_sps.append(
+                bench_official_loader(
+                    official,
+                    batch_size=args.batch_size,
+                    workers=workers,
+                    batches=args.batches,
+                    warmup=args.warmup,
+                    seed=r,
+                ).samples_per_s
+            )
+
+        def run_ours() -> None:
+            ours_sps.append(
+                bench_data(settings, batches=args.batches, warmup=args.warmup).figures[0].samples_per_s
+            )
+
+        for run in (run_base, run_ours) if r % 2 == 0 else (run_ours, run_base):
+            run()
+        print(
+            f"{name}, workers {workers}, round {r}: official {base_sps[-1]:.1f}, ours {ours_sps[-1]:.1f}",
+            flush=True,
+        )
+    o, b = statistics.median(ours_sps), statistics.median(base_sps)
+    return {
+        "folder": name,
+        "images": len(paths),
+        "workers": workers,
+        "ours": o,
+        "official": b,
+        "ratio": o / b,
+        "ours_rounds": ours_sps,
+        "official_rounds": base_sps,
+        "load_before": load_before,
+        "load_after": _load(),
+    }
+
+
+def render(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    def rounds(values: list[float]) -> str:
+        return ", ".join(f"{v:.0f}" for v in values)
+
+    table = "\n".join(
+        f"| {r['folder']} | {r['workers']} | {r['official']:.1f} | {r['ours']:.1f} | **{r['ratio']:.2f}x** | "
+        f"{rounds(r['official_rounds'])} / {rounds(r['ours_rounds'])} | "
+        f"{r['load_before']} / {r['load_after']} |"
+        for r in rows
+    )
+    return f"""## Data pipeline (CPU): ours vs the official pipeline
+
+- Date: {today()}
+- Hardware: {hardware()}
+- Command: `{command_line()}`
+- Data: two folders of 512 JPEGs of about 500 x 375 (a quarter portrait): synthetic (smooth colour
+  and noise, `swavctl.bench.jpegs.write_jpeg_folder`) and photographs (crops of scikit-learn's two
+  bundled photos, china.jpg and flower.jpg, resized, `write_photo_folder`). 2x224 + 6x96 crops,
+  batch {args.batch_size}, {args.warmup} warm-up batches then {args.batches} timed batches per loader,
+  median of {args.rounds} alternating rounds. Load: the 1, 5 and 15 minute load averages before and
+  after each row (the machine is shared: a load above the core count slows both loaders).
+- Baseline: the official `MultiCropDataset` (PIL decode, torchvision v1 transforms, PIL Gaussian blur,
+  default collate). Ours: the pretrain loop's loader (`swavctl bench data`, `data.augment_on="workers"`:
+  torchvision decode and `swavctl.data.multicrop.MultiCrop` in the workers).
+
+| folder | workers | official (samples/s) | ours (samples/s) | ratio | rounds: official / ours | load |
+|---|---|---|---|---|---|---|
+{table}
+"""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, help="JPEG folder (default: generate --images JPEGs)")
+    parser.add_argument("--data", type=Path, help="one JPEG folder instead of the two generated ones")
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--workers", default="2", help="comma-separated worker counts")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--batches", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
         "--doc", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
     )
     parser.add_argument("--no-doc", action="store_true", help="print only, leave docs/benchmarks.md alone")
     args = parser.parse_args()
 
-    data = args.data or write_jpeg_folder(Path(tempfile.gettempdir()) / "swavctl-bench-jpegs", args.images)
-    paths = list_images(data)
-    counts = [int(w) for w in args.workers.split(",")]
+    tmp = Path(tempfile.gettempdir())
+    folders = (
+        {args.data.name: args.data}
+        if args.data
+        else {
+            "synthetic": write_jpeg_folder(tmp / "swavctl-bench-jpegs", args.images),
+            "photographs": write_photo_folder(tmp / "swavctl-bench-photos", args.images),
+        }
+    )
     # The main process only waits on workers (and runs the loop's crop hand-over): one thread,
     # as in each worker, so both loaders get the same CPU.
     torch.set_num_threads(1)
-    official = OfficialMultiCropDataset(paths, [224, 96], [2, 6], [0.14, 0.05], [1.0, 0.14])
-    rows = []
-    for workers in counts:
-        settings = config.resolve(
-            flags={
-                "data.path": str(data),
-                "data.workers": workers,
-                "train.batch_size": args.batch_size,
-                "dist.gpus": 0,
-            }
-        )
-        ours_sps, base_sps = [], []
-        for r in range(args.rounds):
-            base = bench_official_loader(
-                official,
-                batch_size=args.batch_size,
-                workers=workers,
-                batches=args.batches,
-                warmup=args.warmup,
-                seed=r,
-            )
-            ours = bench_data(settings, batches=args.batches, warmup=args.warmup).figures[0]
-            base_sps.append(base.samples_per_s)
-            ours_sps.append(ours.samples_per_s)
-            print(
-                f"workers {workers} round {r}: official {base.samples_per_s:.1f}, "
-                f"ours {ours.samples_per_s:.1f} samples/s",
-                flush=True,
-            )
-        o, b = statistics.median(ours_sps), statistics.median(base_sps)
-        rows.append(
-            {
-                "workers": workers,
-                "ours": o,
-                "official": b,
-                "ratio": o / b,
-                "ours_rounds": ours_sps,
-                "official_rounds": base_sps,
-            }
-        )
-    print(json.dumps({"data": str(data), "images": len(paths), "rows": rows}))
-    if args.no_doc:
-        return
-
-    def rounds(values: list[float]) -> str:
-        return ", ".join(f"{v:.0f}" for v in values)
-
-    table = "\n".join(
-        f"| {r['workers']} | {r['official']:.1f} | {r['ours']:.1f} | **{r['ratio']:.2f}x** | "
-        f"{rounds(r['official_rounds'])} / {rounds(r['ours_rounds'])} |"
-        for r in rows
-    )
-    body = f"""## Data pipeline (CPU): ours vs the official pipeline
-
-- Date: {today()}
-- Hardware: {hardware()}
-- Command: `{command_line()}`
-- Data: {len(paths)} JPEGs of about 500 x 375 (`swavctl.bench.jpegs`), 2x224 + 6x96 crops,
-  batch {args.batch_size}, {args.warmup} warm-up batches then {args.batches} timed batches per loader,
-  median of {args.rounds} alternating rounds.
-- Baseline: the official `MultiCropDataset` (PIL decode, torchvision v1 transforms, PIL Gaussian blur,
-  default collate). Ours: the pretrain loop's loader (`swavctl bench data`, `data.augment_on="workers"`:
-  torchvision decode and `swavctl.data.fast_augment.FastMultiCrop` in the workers).
-
-| workers | official (samples/s) | ours (samples/s) | ratio | each round: official / ours |
-|---|---|---|---|---|
-{table}
-"""
-    update_section("data-pipeline", body, args.doc)
-    print(f"updated {args.doc}")
+    rows = [
+        measure(folder, name, int(workers), args)
+        for workers in args.workers.split(",")
+        for name, folder in folders.items()
+    ]
+    print(json.dumps({"rows": rows}))
+    if not args.no_doc:
+        update_section("data-pipeline", render(rows, args), args.doc)
+        print(f"updated {args.doc}")
 
 
 if __name__ == "__main__":

@@ -207,10 +207,9 @@ def _correctness(tiny: bool, device: Any) -> list[dict[str, Any]]:
     from swavctl.bench.jpegs import write_jpeg
     from swavctl.bench.sinkhorn import official_sinkhorn, realistic_scores
     from swavctl.bench.step import StepRunner
-    from swavctl.data.augment import AugmentSpec, CropSpec
-    from swavctl.data.batch_augment import batch_multicrop
     from swavctl.data.dataset import Batch, decode_images
     from swavctl.data.images import decode_file
+    from swavctl.data.multicrop import AugmentSpec, CropSpec, batch_multicrop
     from swavctl.sinkhorn_knopp import sinkhorn
     from swavctl.train.device_batch import batch_crops, decode_batch
 
@@ -369,7 +368,7 @@ def _correctness(tiny: bool, device: Any) -> list[dict[str, Any]]:
     batch = Batch(crops=None, images=[*encoded[:2], cpu_images[2]], indices=[0, 1, 2])
     batch = decode_batch(batch, [str(p) for p in paths], cuda)
     spec = [CropSpec(224, 0.14, 1.0), CropSpec(96, 0.05, 0.14)]
-    out = batch_crops(batch, spec, AugmentSpec(), cuda, 0, 0, 0, 0)
+    out = batch_crops(batch, spec, AugmentSpec(), cuda, 0, 0)
     shapes = [tuple(o.shape) for o in out]
     checks.append(
         _check(

@@ -70,7 +70,11 @@ class _Strict(BaseModel):
 
 
 class AugmentSettings(_Strict):
-    """Per-crop photometric augmentation (the paper's, in this order)."""
+    """Per-crop photometric augmentation (the paper's, in this order).
+
+    Also the multi-crop code's own spec (``swavctl.data.multicrop.AugmentSpec`` is this class), so
+    the fields are declared and validated here only.
+    """
 
     flip_prob: float = Field(0.5, ge=0, le=1, description="Probability of a horizontal flip.")
     jitter_prob: float = Field(0.8, ge=0, le=1, description="Probability of applying colour jitter.")
@@ -91,6 +95,8 @@ class AugmentSettings(_Strict):
     def _sigma_order(self) -> AugmentSettings:
         if self.blur_sigma_min > self.blur_sigma_max:
             raise ValueError("blur_sigma_min must not exceed blur_sigma_max")
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"std entries must be positive, got {list(self.std)}")
         return self
 
 

@@ -12,15 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from swavctl.bench.jpegs import write_jpeg_folder
+from swavctl.bench.jpegs import sample_photographs, write_jpeg_folder, write_photo_folder
 from swavctl.bench.padding import LARGE_PHOTO, bench_padding, jpeg_folder_sizes, mixed_photo_sizes
 from swavctl.bench.report import update_section
 from swavctl.bench.sinkhorn import bench_sinkhorn, official_sinkhorn
-from swavctl.data.augment import AugmentSpec, CropSpec
-from swavctl.data.batch_augment import size_groups
 from swavctl.data.dataset import PretrainDataset, collate, decode_images, is_encoded, pretrain_dataset
-from swavctl.data.fast_augment import FastMultiCrop
 from swavctl.data.images import decode_file
+from swavctl.data.multicrop import AugmentSpec, CropSpec, MultiCrop, size_groups
 from swavctl.model.swav import SwAV
 from swavctl.sinkhorn_knopp import sinkhorn
 from swavctl.train.step import swav_loss_from_outputs
@@ -274,6 +272,26 @@ def test_write_jpeg_folder(tmp_path: Path) -> None:
     assert [f.stat().st_mtime_ns for f in files] == before
 
 
+def test_write_photo_folder_cuts_the_bundled_photographs(tmp_path: Path) -> None:
+    """Crops of scikit-learn's two photographs, alternating, resized to the requested size."""
+    root = write_photo_folder(tmp_path / "photos", 4, width=50, height=40, portrait=0.5)
+    files = sorted(root.glob("*.jpg"))
+    assert len(files) == 4 and all(f.read_bytes()[:3] == b"\xff\xd8\xff" for f in files)
+    images = [decode_file(f) for f in files]
+    assert {tuple(im.shape) for im in images} == {(3, 40, 50), (3, 50, 40)}
+    photos = sample_photographs()
+    assert [p.shape for p in photos] == [(427, 640, 3)] * 2  # china.jpg, flower.jpg
+    # Each file's colours are its photograph's (the two differ: a temple and sky, a flower).
+    for i, im in enumerate(images):
+        mean = im.double().mean(dim=(1, 2))
+        own = torch.tensor(photos[i % 2].mean(axis=(0, 1)))
+        other = torch.tensor(photos[1 - i % 2].mean(axis=(0, 1)))
+        assert (mean - own).abs().sum() < (mean - other).abs().sum()
+    before = [f.stat().st_mtime_ns for f in files]
+    write_photo_folder(root, 4, width=50, height=40)
+    assert [f.stat().st_mtime_ns for f in files] == before
+
+
 # ----------------------------------------------------------------------------------------------
 # Speed settings, checked for correctness on the CPU
 
@@ -386,7 +404,7 @@ def test_pretrain_dataset_modes() -> None:
         torch.device("cuda"),
     )
     workers = pretrain_dataset([], seed=0, crops=crops, augment=augment, augment_on="workers", device=cuda)
-    assert isinstance(workers.transform, FastMultiCrop) and not workers.encoded
+    assert isinstance(workers.transform, MultiCrop) and not workers.encoded
     device_cpu = pretrain_dataset([], seed=0, crops=crops, augment=augment, augment_on="device", device=cpu)
     assert device_cpu.transform is None and not device_cpu.encoded
     device_gpu = pretrain_dataset([], seed=0, crops=crops, augment=augment, augment_on="device", device=cuda)

@@ -21,8 +21,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from swavctl.config import resolve
-from swavctl.data.batch_augment import batch_multicrop, size_groups
-from swavctl.train.build import augment_spec, crop_specs
+from swavctl.data.multicrop import batch_multicrop, size_groups
+from swavctl.train.build import crop_specs
 from swavctl.train.health import code_statistics
 from swavctl.train.loop import pretrain
 from tests.conftest import write_image_folder
@@ -60,7 +60,7 @@ class HostDeviceLog(TorchDispatchMode):
 
 def test_batched_augmentation_uploads_its_parameters_without_blocking() -> None:
     settings = resolve()  # the paper's 2x224 + 6x96 with every random op enabled
-    # Landscape, portrait and one large photo: several padding groups (batch_augment.size_groups).
+    # Landscape, portrait and one large photo: several padding groups (multicrop.size_groups).
     sizes = [(500, 375) if i % 4 == 0 else (375 + i % 3, 500) for i in range(15)] + [(1000, 1400)]
     assert len(size_groups(sizes)) >= 3
     images = [torch.empty((3, h, w), dtype=torch.uint8, device="meta") for h, w in sizes]
@@ -68,7 +68,7 @@ def test_batched_augmentation_uploads_its_parameters_without_blocking() -> None:
         crops = batch_multicrop(
             images,
             crop_specs(settings),
-            augment_spec(settings.data.augment),
+            settings.data.augment,
             generator=torch.Generator().manual_seed(0),
         )
     assert [tuple(c.shape) for c in crops] == [(16, 3, 224, 224)] * 2 + [(16, 3, 96, 96)] * 6
@@ -124,7 +124,7 @@ def test_batched_augmentation_on_cuda_never_synchronises() -> None:
     images = [
         torch.randint(0, 256, (3, 375 + i % 3, 500), dtype=torch.uint8, device="cuda") for i in range(8)
     ]
-    spec, augment = crop_specs(settings), augment_spec(settings.data.augment)
+    spec, augment = crop_specs(settings), settings.data.augment
     batch_multicrop(images, spec, augment, generator=torch.Generator().manual_seed(0))  # warm-up
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

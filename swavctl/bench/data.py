@@ -25,7 +25,7 @@ from swavctl.config import Settings
 from swavctl.data.dataset import Batch, pretrain_dataset, pretrain_loader, refuse_skipped
 from swavctl.data.sampler import EpochBatchSampler, steps_per_epoch
 from swavctl.errors import UserError
-from swavctl.train.build import augment_spec, crop_specs
+from swavctl.train.build import crop_specs
 from swavctl.train.device_batch import batch_crops, decode_batch
 from swavctl.train.plan import data_paths, pick_device
 from swavctl.train.report import QuietReporter, Reporter
@@ -73,9 +73,8 @@ def _measure(
     device: torch.device,
 ) -> WorkerFigure:
     crops = crop_specs(settings)
-    augment = augment_spec(settings.data.augment)
+    augment = settings.data.augment
     bs = settings.train.batch_size
-    per_epoch = steps_per_epoch(num_images, bs)
     done = 0
     samples = 0
     skipped = 0
@@ -86,7 +85,7 @@ def _measure(
     while done < warmup + batches:
         sampler = EpochBatchSampler(num_images, batch_size=bs, epoch=epoch, seed=settings.train.seed)
         loader = pretrain_loader(dataset, sampler, workers=workers, device=device)  # type: ignore[arg-type]
-        for k, batch in enumerate(loader):
+        for batch in loader:
             assert isinstance(batch, Batch)
             if batch.images is not None:
                 batch = decode_batch(batch, dataset.paths, device)  # type: ignore[attr-defined]
@@ -94,8 +93,7 @@ def _measure(
                 refuse_skipped(batch)
             skipped += len(batch.skipped)
             if batch.size:
-                step = epoch * per_epoch + k
-                batch_crops(batch, crops, augment, device, settings.train.seed, epoch, step, 0)
+                batch_crops(batch, crops, augment, device, settings.train.seed, epoch)
                 sync(device)
             done += 1
             if done == warmup:
@@ -158,7 +156,7 @@ def bench_data(
         paths,
         seed=settings.train.seed,
         crops=crop_specs(settings),
-        augment=augment_spec(settings.data.augment),
+        augment=settings.data.augment,
         augment_on=settings.data.augment_on,
         device=device,
         decode_in_workers=decode_in_workers,

@@ -1,8 +1,14 @@
-"""A folder of real JPEG files of ImageNet-like size for data benchmarks (no download).
+"""Folders of real JPEG files of ImageNet-like size for data benchmarks (no download).
 
-Each image is smooth colour structure at a random coarse scale (a bicubic upscale of a few random
-pixels) plus pixel noise, encoded at quality 90: about 70 KB for 500 x 375, close to ImageNet's
-average file, with natural-image decode cost (a pure-noise JPEG decodes much slower).
+Two kinds:
+
+* :func:`write_jpeg_folder`, synthetic: smooth colour structure at a random coarse scale (a
+  bicubic upscale of a few random pixels) plus pixel noise, encoded at quality 90: about 70 KB
+  for 500 x 375, close to ImageNet's average file. Smooth colour decodes faster than a photo.
+* :func:`write_photo_folder`, photographs: random crops of scikit-learn's two bundled photographs
+  (``load_sample_images``: china.jpg and flower.jpg, 640 x 427), resized to 500 x 375 (a quarter
+  portrait, 375 x 500), some mirrored, encoded at quality 90: real textures and edges, so they
+  decode, and compress, like ImageNet's photos.
 """
 
 from __future__ import annotations
@@ -42,6 +48,11 @@ def _write_range(args: tuple[str, int, int, int, int, float]) -> int:
     return stop - start
 
 
+def _folder_is_complete(root: Path, count: int) -> bool:
+    existing = {p.name for p in root.glob("img*.jpg")}
+    return all(f"img{i:06d}.jpg" in existing for i in range(count))
+
+
 def write_jpeg_folder(
     root: Path,
     count: int,
@@ -56,8 +67,7 @@ def write_jpeg_folder(
     Files that already exist are kept, so a second call is free. Returns ``root``.
     """
     root.mkdir(parents=True, exist_ok=True)
-    existing = {p.name for p in root.glob("img*.jpg")}
-    if all(f"img{i:06d}.jpg" in existing for i in range(count)):
+    if _folder_is_complete(root, count):
         return root
     processes = max(1, min(processes or os.cpu_count() or 1, count // 64 + 1))
     bounds = np.linspace(0, count, processes + 1).astype(int)
@@ -71,4 +81,44 @@ def write_jpeg_folder(
     else:
         with ProcessPoolExecutor(processes) as pool:
             list(pool.map(_write_range, jobs))
+    return root
+
+
+def sample_photographs() -> list[np.ndarray]:
+    """scikit-learn's bundled photographs (china.jpg, flower.jpg) as ``[H, W, 3]`` uint8 arrays."""
+    from sklearn.datasets import load_sample_images
+
+    return [np.asarray(image, dtype=np.uint8) for image in load_sample_images().images]
+
+
+def write_photo(path: Path, photo: np.ndarray, seed: int, width: int, height: int, quality: int = 90) -> None:
+    """A random crop of ``photo`` with the aspect ratio of ``width x height``, covering 40 to 100%
+    of the largest such crop's area, resized (Lanczos) to ``width x height``, mirrored with
+    probability 1/2, saved as a JPEG."""
+    rng = np.random.default_rng(seed)
+    src_h, src_w = photo.shape[:2]
+    full_w = min(src_w, src_h * width / height)  # the largest crop of the target aspect ratio
+    side = float(np.sqrt(rng.uniform(0.4, 1.0)))
+    box_w, box_h = max(1, round(full_w * side)), max(1, round(full_w * side * height / width))
+    left, top = int(rng.integers(0, src_w - box_w + 1)), int(rng.integers(0, src_h - box_h + 1))
+    image = Image.fromarray(photo[top : top + box_h, left : left + box_w])
+    image = image.resize((width, height), Image.Resampling.LANCZOS)
+    if rng.random() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    image.save(path, quality=quality)
+
+
+def write_photo_folder(
+    root: Path, count: int, *, width: int = 500, height: int = 375, portrait: float = 0.25
+) -> Path:
+    """Write ``count`` JPEGs cut from :func:`sample_photographs` into ``root``, alternating the two
+    photographs (``width x height``, a ``portrait`` share turned 90 degrees, as
+    :func:`write_jpeg_folder`). Files that already exist are kept. Returns ``root``."""
+    root.mkdir(parents=True, exist_ok=True)
+    if _folder_is_complete(root, count):
+        return root
+    photos = sample_photographs()
+    for i in range(count):
+        w, h = (height, width) if is_portrait(i, portrait) else (width, height)
+        write_photo(root / f"img{i:06d}.jpg", photos[i % len(photos)], seed=i, width=w, height=h)
     return root

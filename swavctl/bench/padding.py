@@ -1,9 +1,9 @@
 """Batched augmentation of a batch of mixed image sizes: padding in size groups against one stack.
 
-:func:`swavctl.data.batch_augment.apply_params` cuts every crop from zero-padded stacks of the
+:func:`swavctl.data.multicrop.apply_draws` cuts every crop from zero-padded stacks of the
 batch's decoded images. The baseline pads the whole batch into one ``[N, 3, H_max, W_max]``
 stack (``pad_slack=inf``, what it did before size groups); ours pads each group of
-:func:`~swavctl.data.batch_augment.size_groups` separately. Both apply the same drawn parameters
+:func:`~swavctl.data.multicrop.size_groups` separately. Both apply the same draws
 to the same images, so their outputs must agree up to float rounding, which is checked in the
 same run. Only the sizes matter for the cost, so the images are random pixels.
 """
@@ -21,8 +21,7 @@ import torch
 
 from swavctl.bench.common import timed
 from swavctl.bench.jpegs import is_portrait
-from swavctl.data.augment import AugmentSpec, CropSpec
-from swavctl.data.batch_augment import PAD_SLACK, apply_params, sample_params, size_groups
+from swavctl.data.multicrop import PAD_SLACK, AugmentSpec, CropSpec, apply_draws, draw_batch, size_groups
 
 Size = tuple[int, int]
 
@@ -88,7 +87,7 @@ def bench_padding(
     rounds: int = 3,
     seed: int = 0,
 ) -> PaddingBenchResult:
-    """Time ``apply_params`` on one batch of ``sizes``: one padded stack against size groups.
+    """Time ``apply_draws`` on one batch of ``sizes``: one padded stack against size groups.
 
     One warm-up call each, then ``rounds`` alternating timed calls; medians.
     """
@@ -96,10 +95,10 @@ def bench_padding(
         raise ValueError(f"rounds must be at least 1, got {rounds}")
     g = torch.Generator().manual_seed(seed)
     images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g).to(device) for h, w in sizes]
-    params = sample_params(list(sizes), crops, augment, generator=g)
+    draws = draw_batch(list(sizes), crops, augment, generator=g)
 
     def run(slack: float) -> list[torch.Tensor]:
-        return apply_params(images, crops, augment, params, pad_slack=slack)
+        return apply_draws(images, crops, augment, draws, pad_slack=slack)
 
     baseline, ours = run(math.inf), run(PAD_SLACK)
     diff = max(float((a - b).abs().max()) for a, b in zip(baseline, ours, strict=True))

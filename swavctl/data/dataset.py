@@ -8,10 +8,11 @@ Unreadable files come back as :class:`Skipped` records and are counted, not rais
 
 Three kinds of item, chosen by :func:`pretrain_dataset` from ``data.augment_on`` and the device:
 
-* ``workers``: the worker decodes and multi-crops (:class:`~swavctl.data.fast_augment.FastMultiCrop`);
+* ``workers``: the worker decodes and multi-crops (:class:`~swavctl.data.multicrop.MultiCrop`);
   the batch holds stacked crops;
 * ``device`` on a CPU: the worker decodes; the loop multi-crops the batch
-  (:func:`~swavctl.data.batch_augment.batch_multicrop`);
+  (:func:`~swavctl.data.multicrop.batch_multicrop`, from the same per-sample seeds, so the
+  crops are the worker path's up to the resize's rounding);
 * ``device`` on a GPU: the worker only reads the file. JPEG files travel as their raw bytes (a
   1-D uint8 tensor) and are decoded on the GPU by :func:`decode_images` (nvjpeg), other formats
   are decoded in the worker.
@@ -27,9 +28,8 @@ from typing import Any, NamedTuple
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from swavctl.data.augment import AugmentSpec, CropSpec
-from swavctl.data.fast_augment import FastMultiCrop
 from swavctl.data.images import BadImage, decode_bytes, decode_file
+from swavctl.data.multicrop import AugmentSpec, CropSpec, MultiCrop
 from swavctl.errors import UserError
 
 JPEG_MAGIC = b"\xff\xd8\xff"  # start-of-image marker + the first marker's 0xff
@@ -78,7 +78,8 @@ class Batch:
 
 
 class PretrainDataset(Dataset):
-    """Images under a folder; ``transform`` (if given) maps a uint8 image to a list of crops.
+    """Images under a folder; ``transform`` (if given) maps a uint8 image to its list of crops,
+    drawn from a generator seeded by :func:`sample_seed` of (seed, epoch, index).
 
     With ``encoded=True`` (and no transform) a JPEG file comes back undecoded, as its bytes in a
     1-D uint8 tensor, for :func:`decode_images` to decode on the device; other files are decoded.
@@ -89,7 +90,7 @@ class PretrainDataset(Dataset):
         paths: Sequence[Path],
         *,
         seed: int,
-        transform: Any | None = None,
+        transform: MultiCrop | None = None,
         encoded: bool = False,
     ) -> None:
         if encoded and transform is not None:
@@ -117,17 +118,10 @@ class PretrainDataset(Dataset):
             return index, Skipped(path, str(exc))
         if self.transform is None:
             return index, image
-        if isinstance(self.transform, FastMultiCrop):
-            # A private generator: torch.manual_seed also seeds (lazily) every accelerator
-            # backend, which costs more than the crops of a small image.
-            generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
-            return index, self.transform(image, generator=generator)
-        state = torch.random.get_rng_state()
-        torch.manual_seed(sample_seed(self.seed, epoch, index))
-        try:
-            return index, self.transform(image)
-        finally:
-            torch.random.set_rng_state(state)
+        # A private generator: torch.manual_seed also seeds (lazily) every accelerator backend,
+        # which costs more than the crops of a small image.
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
+        return index, self.transform(image, generator=generator)
 
 
 def collate(items: list[tuple[int, Any]]) -> Batch:
@@ -268,7 +262,7 @@ def pretrain_dataset(
     return PretrainDataset(
         paths,
         seed=seed,
-        transform=None if on_device else FastMultiCrop(crops, augment),
+        transform=None if on_device else MultiCrop(crops, augment),
         encoded=on_device and device.type == "cuda" and not decode_in_workers,
     )
 

@@ -1,4 +1,4 @@
-"""Build the pieces of a run from settings: model, optimizer, crops and augmentation.
+"""Build the pieces of a run from settings: model, optimizer and crops.
 
 Shared by the training loop and the benchmarks, so both measure the same objects.
 """
@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from swavctl.config import AugmentSettings, Settings
-from swavctl.data.augment import AugmentSpec, CropSpec, expand_crops
+from swavctl.config import Settings
+from swavctl.data import multicrop
 from swavctl.model.swav import SwAV
 from swavctl.train.lars import LARC, parameter_groups
 from swavctl.train.precision import keep_scores_fp32
@@ -46,25 +46,7 @@ def build_optimizer(model: torch.nn.Module, settings: Settings) -> LARC:
     )
 
 
-def crop_specs(settings: Settings) -> list[CropSpec]:
-    """One :class:`CropSpec` per crop, high resolution first."""
-    data = settings.data
-    return expand_crops(data.crop_counts, data.crop_sizes, data.min_scales, data.max_scales)
-
-
-def augment_spec(aug: AugmentSettings) -> AugmentSpec:
-    """The :class:`AugmentSpec` of ``data.augment``."""
-    return AugmentSpec(
-        flip_prob=aug.flip_prob,
-        jitter_prob=aug.jitter_prob,
-        brightness=aug.brightness,
-        contrast=aug.contrast,
-        saturation=aug.saturation,
-        hue=aug.hue,
-        grayscale_prob=aug.grayscale_prob,
-        blur_prob=aug.blur_prob,
-        blur_sigma_min=aug.blur_sigma_min,
-        blur_sigma_max=aug.blur_sigma_max,
-        mean=aug.mean,
-        std=aug.std,
-    )
+def crop_specs(settings: Settings) -> list[multicrop.CropSpec]:
+    """One :class:`~swavctl.data.multicrop.CropSpec` per crop, high resolution first. (The
+    augmentation's spec is ``settings.data.augment`` itself.)"""
+    return multicrop.crop_specs(settings.data)

@@ -7,37 +7,36 @@ batched pass (:func:`batch_crops`). With worker augmentation the crops are simpl
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 
-from swavctl.data.augment import AugmentSpec
 from swavctl.data.dataset import Batch, Skipped, decode_images, sample_seed
+from swavctl.data.multicrop import AugmentSpec, CropSpec
 
 
 def batch_crops(
     batch: Batch,
-    crops: list[Any],
+    crops: Sequence[CropSpec],
     augment: AugmentSpec,
     device: torch.device,
     seed: int,
     epoch: int,
-    step: int,
-    rank: int,
 ) -> list[torch.Tensor]:
     """The batch's crops on ``device``: made by the workers (moved), or made here in one batch.
 
-    Device augmentation draws its random parameters from a generator seeded by (seed, epoch,
-    step, rank), so a batch's crops do not depend on when or on which thread it is prepared.
+    Device augmentation draws each image's crops from a generator seeded by (seed, epoch, index),
+    as the workers do, so a batch's crops do not depend on when, on which thread or on which rank
+    it is prepared, and equal the worker path's up to the resize's rounding.
     """
     if batch.crops is not None:
         return [c.to(device, non_blocking=True) for c in batch.crops]
-    from swavctl.data.batch_augment import batch_multicrop
+    from swavctl.data.multicrop import batch_multicrop
 
     assert batch.images is not None
     images = [im.to(device, non_blocking=True) for im in batch.images]  # decoded by decode_batch
-    generator = torch.Generator(device="cpu").manual_seed(sample_seed(seed, epoch, step * 1_000_003 + rank))
-    return batch_multicrop(images, crops, augment, generator=generator)
+    seeds = [sample_seed(seed, epoch, index) for index in batch.indices]
+    return batch_multicrop(images, crops, augment, seeds=seeds)
 
 
 def decode_batch(batch: Batch, paths: list[str], device: torch.device) -> Batch:

@@ -31,7 +31,7 @@ from swavctl.safe_io import write_json_atomic, write_text_atomic
 from swavctl.train import checkpoint as ckpt
 from swavctl.train import rng
 from swavctl.train.agreement import StepReadout, agree_on_step_start, read_step
-from swavctl.train.build import augment_spec, build_model, build_optimizer, crop_specs
+from swavctl.train.build import build_model, build_optimizer, crop_specs
 from swavctl.train.device_batch import batch_crops, decode_batch
 from swavctl.train.health import CollapseDetector, MetricsLog, code_statistics, collapsed_loss
 from swavctl.train.plan import RunPlan, plan_run
@@ -471,7 +471,7 @@ class _Run:
             train_model = torch.compile(train_model)  # type: ignore[assignment]
         self.train_model = train_model
         self.crops = crop_specs(settings)
-        self.augment = augment_spec(settings.data.augment)
+        self.augment = settings.data.augment
         self.dataset = pretrain_dataset(
             self.plan.paths,
             seed=settings.train.seed,
@@ -538,21 +538,18 @@ class _Run:
             device=device,
             seed=sample_seed(settings.train.seed, epoch, -1 - self.rank),
         )
-        dataset, crops, augment, rank = self.dataset, self.crops, self.augment, self.rank
+        dataset, crops, augment = self.dataset, self.crops, self.augment
         channels_last = settings.train.channels_last
 
-        def prepare(
-            batch: Batch, index: int, epoch: int = epoch, first_step: int = self.step
-        ) -> tuple[Batch, list[torch.Tensor] | None]:
-            """Decode, then augment or copy to the device: the crops of step first_step + index."""
+        def prepare(batch: Batch, index: int, epoch: int = epoch) -> tuple[Batch, list[torch.Tensor] | None]:
+            """Decode, then augment or copy to the device: the crops of the epoch's batch ``index``
+            (each image's seeded by its own index, so ``index`` itself changes nothing)."""
             with phase("augment"):
                 if batch.images is not None:
                     batch = decode_batch(batch, dataset.paths, device)
                 if batch.size == 0:
                     return batch, None
-                crops_t = batch_crops(
-                    batch, crops, augment, device, settings.train.seed, epoch, first_step + index, rank
-                )
+                crops_t = batch_crops(batch, crops, augment, device, settings.train.seed, epoch)
                 if channels_last:
                     crops_t = [c.contiguous(memory_format=torch.channels_last) for c in crops_t]
                 return batch, crops_t

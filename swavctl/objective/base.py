@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from swavctl.model.swav import SwAV
+from swavctl.model.swav import Scores, SwAV
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,8 @@ class StepInputs:
     """
 
     embeddings: torch.Tensor  # (V*B, D): the projection head's unit-norm outputs
-    scores: torch.Tensor  # (V*B, K): embeddings @ prototypes^T
-    prototypes: torch.Tensor  # (K, D): the prototype weights that made ``scores``
+    scores: Scores  # (V*B, K) = embeddings @ C^T; with several prototype sets, one (V*B, K_h) per set
+    prototypes: list[torch.Tensor]  # the weight C_h (K_h, D) of each prototype set, which made ``scores``
     batch_size: int  # B, this rank's samples
     indices: Sequence[int] = ()  # the dataset index of each of the B samples (for per-sample memories)
 

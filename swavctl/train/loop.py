@@ -302,9 +302,8 @@ class Trainer:
             with self._autocast():
                 embeddings, scores = self.train_model(crops)
         with phase("loss"):
-            out = self.objective(
-                StepInputs(embeddings, scores, model.prototypes.weight, batch.size, batch.indices)
-            )
+            prototypes = [p.weight for p in model.prototype_sets]
+            out = self.objective(StepInputs(embeddings, scores, prototypes, batch.size, batch.indices))
             loss = self.faults.poison(
                 self._global_mean(out.loss, batch.size, global_images), self.rank, step + 1
             )

@@ -261,3 +261,14 @@ def test_flags_and_set_values_win_over_the_chosen_recipe(tmp_path: Path) -> None
     assert (resolved.data.augment.hue, resolved.swav.freeze_prototypes_steps) == (0.1, 8)  # 32 / 4
     assert resolved.monitor.knn_data is None  # one folder of classes: no held-out part to monitor on
     assert "12 prototypes, batch 4, queue 16 from epoch 1, lr 4.8, 3 epochs" in out.stderr
+
+
+def test_the_api_chooses_as_the_command_does(tmp_path: Path) -> None:
+    import swavctl
+
+    data = str(write_image_folder(tmp_path / "images", per_class=16, size=16))
+    chosen = swavctl.load_settings(data=data, gpus=0, overrides={"train.epochs": 3})
+    assert (chosen.preset, chosen.model.arch, chosen.train.batch_size, chosen.train.epochs) == (
+        "auto", "convnet-tiny", 8, 3
+    )  # fmt: skip
+    assert swavctl.load_settings(preset="smoke", data=data).preset == "smoke"  # a preset: no choice

@@ -1,5 +1,8 @@
 """A labelled folder of small real colour photographs: patches of scikit-learn's sample photographs.
 
+``python -m swavctl.bench.patches DIR`` writes it (``bench/own_data_quality.py`` measures
+``swavctl pretrain --data DIR`` on it; docs/benchmarks.md has the figures).
+
 scikit-learn ships two colour photographs (``china.jpg``, a pagoda over a lake, and
 ``flower.jpg``, a dahlia on a blurred background; 640 x 427 each; nothing is downloaded). Each
 class is a region of one of them, a texture of its own:
@@ -14,17 +17,22 @@ petals   flower    orange dahlia petals
 bokeh    flower    the blurred teal-green background
 ======== ========= ======================================================
 
-The classes come in pairs of like colour (sky/lake, trees/bokeh, pagoda/petals), so colour alone
-separates about half of them and texture must do the rest.
+**As if photographed under other light.** Two photographs give each class one exposure and one
+white balance, so colour alone would tell the classes apart (raw pixels score 1.00 on the
+fast probe without it, docs/benchmarks.md). Each patch is therefore given a seeded random light:
+its contrast about its mean times ``exp(U(-contrast, contrast))``, a quarter of them (``grey``)
+in black and white, then every channel times ``exp(e + w_c)`` with an exposure
+``e ~ U(-exposure, exposure)`` and a white balance ``w_c ~ U(-white_balance, white_balance)``,
+clipped to 0..255. What is left to tell the classes apart is mostly their texture.
 
-**No leakage between train and val.** Every class has a train box and a val box that do not
-overlap (a region cut in two, or two separate regions), and each patch lies wholly inside one
-box, so no val patch shares a pixel with a train patch.
+**No leakage between train and val.** No val box overlaps a train box of any class of the same
+photograph (a region cut in two, or two separate regions), and each patch lies wholly inside
+one box, so no val patch shares a pixel with a train patch.
 
-Patches are square crops of ``patch`` source pixels at seeded random positions (the same seed
-gives the same files), written as PNG: ``ROOT/train/<class>/NNN.png`` and
+Patches are squares of ``patch`` source pixels at seeded random positions (the same arguments
+give the same files), written as PNG: ``ROOT/train/<class>/NNN.png`` and
 ``ROOT/val/<class>/NNN.png``, the layout ``swavctl pretrain --data ROOT`` (which uses ``train/``)
-and ``swavctl eval-linear --data ROOT`` read.
+and ``swavctl eval-linear`` (train/ against val/) read.
 """
 
 from __future__ import annotations
@@ -73,27 +81,36 @@ def _photos() -> dict[str, np.ndarray]:
     return {Path(f).name: image for f, image in zip(bunch.filenames, bunch.images, strict=True)}
 
 
-def _squares(box: Box, sides: tuple[int, int], count: int, rng: np.random.Generator) -> list[Box]:
-    """``count`` seeded squares lying wholly inside ``box``, of sides drawn from ``sides``
-    (inclusive; capped at the box's width and height)."""
+def _squares(box: Box, side: int, count: int, rng: np.random.Generator) -> list[Box]:
+    """``count`` seeded ``side``-pixel squares lying wholly inside ``box``."""
     left, top, right, bottom = box
-    largest = min(sides[1], right - left, bottom - top)
-    if largest < sides[0]:
-        raise ValueError(f"box {box} is smaller than a {sides[0]} px square")
-    squares = []
-    for _ in range(count):
-        side = int(rng.integers(sides[0], largest + 1))
-        x, y = int(rng.integers(left, right - side + 1)), int(rng.integers(top, bottom - side + 1))
-        squares.append((x, y, x + side, y + side))
-    return squares
+    if right - left < side or bottom - top < side:
+        raise ValueError(f"box {box} is smaller than a {side} px square")
+    xs = rng.integers(left, right - side + 1, size=count)
+    ys = rng.integers(top, bottom - side + 1, size=count)
+    return [(int(x), int(y), int(x) + side, int(y) + side) for x, y in zip(xs, ys, strict=True)]
 
 
-def _relight(pixels: np.ndarray, rng: np.random.Generator, exposure: float, balance: float) -> np.ndarray:
-    """The patch as if photographed under other light: every channel times ``exp(e + w_c)``, with
-    ``e ~ U(-exposure, exposure)`` for the patch and ``w_c ~ U(-balance, balance)`` per
-    channel, clipped to 0..255."""
-    gains = np.exp(rng.uniform(-exposure, exposure) + rng.uniform(-balance, balance, size=3))
-    return np.clip(pixels.astype(np.float64) * gains, 0, 255).round().astype(np.uint8)
+@dataclass(frozen=True)
+class Light:
+    """The spread of the random light of each patch (module docstring); zero everywhere: as shot."""
+
+    exposure: float = 0.6
+    white_balance: float = 0.4
+    contrast: float = 0.5
+    grey: float = 0.25
+
+
+def relight(pixels: np.ndarray, rng: np.random.Generator, light: Light) -> np.ndarray:
+    """``pixels`` (H x W x 3, uint8) under a random light drawn from ``rng`` (module docstring)."""
+    x = pixels.astype(np.float64)
+    mean = x.mean()
+    x = mean + np.exp(rng.uniform(-light.contrast, light.contrast)) * (x - mean)
+    if rng.random() < light.grey:
+        x = np.repeat((x @ np.array([0.299, 0.587, 0.114]))[..., None], 3, axis=2)
+    spread = light.white_balance
+    gains = np.exp(rng.uniform(-light.exposure, light.exposure) + rng.uniform(-spread, spread, size=3))
+    return np.asarray(np.clip(x * gains, 0, 255).round().astype(np.uint8))
 
 
 def write_patch_folder(
@@ -102,16 +119,16 @@ def write_patch_folder(
     train_per_class: int = 96,
     val_per_class: int = 24,
     patch: int = 64,
-    source_sides: tuple[int, int] | None = None,
-    exposure: float = 0.0,
-    white_balance: float = 0.0,
+    light: Light | None = None,
     seed: int = 0,
 ) -> Path:
     """Write the labelled patch folder under ``root`` (``train/`` and ``val/``); returns ``root``.
 
     ``train_per_class`` and ``val_per_class`` patches of ``patch`` x ``patch`` source pixels per
-    class (default 480 train and 120 val images of 64 px). The same arguments write the same files.
+    class (default 480 train and 120 val images of 64 px), under ``light`` (default
+    :class:`Light`'s; ``Light(0, 0, 0, 0)``: as shot). The same arguments write the same files.
     """
+    light = Light() if light is None else light
     photos = _photos()
     rng = np.random.default_rng(seed)
     for cls in CLASSES:
@@ -120,17 +137,27 @@ def write_patch_folder(
             folder = root / split / cls.name
             folder.mkdir(parents=True, exist_ok=True)
             shares = [count // len(boxes) + (i < count % len(boxes)) for i in range(len(boxes))]
-            sides = source_sides or (patch, patch)
-            squares = [q for box, n in zip(boxes, shares, strict=True) for q in _squares(box, sides, n, rng)]
+            squares = [q for box, n in zip(boxes, shares, strict=True) for q in _squares(box, patch, n, rng)]
             for i, (x0, y0, x1, y1) in enumerate(squares):
-                crop = Image.fromarray(pixels[y0:y1, x0:x1])
-                if crop.size != (patch, patch):
-                    crop = crop.resize((patch, patch), Image.Resampling.BICUBIC)
-                relit = _relight(np.asarray(crop), rng, exposure, white_balance)
-                Image.fromarray(relit).save(folder / f"{i:03d}.png")
+                Image.fromarray(relight(pixels[y0:y1, x0:x1], rng, light)).save(folder / f"{i:03d}.png")
     return root
 
 
 def boxes_overlap(a: Box, b: Box) -> bool:
     """Whether two boxes share any pixel (half-open intervals)."""
     return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write the labelled patch folder (train/ and val/).")
+    parser.add_argument("root", type=Path, help="folder to write")
+    args = parser.parse_args(argv)
+    write_patch_folder(args.root)
+    print(f"wrote {args.root}/train (480 images) and {args.root}/val (120 images)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -8,6 +8,7 @@ print. See ``docs/api.md``.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,9 +40,20 @@ def load_settings(
     """Validated settings: the defaults, then ``preset`` (a name or TOML path), then ``keywords``
     (``epochs=``, ``data=``, ... as the ``pretrain`` flags), then ``overrides``.
 
+    Without a preset, and with data, the recipe is chosen from the data and the devices, as
+    ``swavctl pretrain --data DIR`` chooses it (:mod:`swavctl.train.auto_recipe`); the keywords
+    and overrides win over it.
+
     ``overrides`` maps dotted keys to values (``{"train.epochs": 1}``) or lists ``--set``
     strings (``["data.crop_sizes=[64,32]"]``). Raises :class:`UserError` naming a bad key or value.
     """
+    return _settings(preset, overrides, keywords)[0]
+
+
+def _settings(
+    preset: str | None, overrides: Mapping[str, Any] | Sequence[str] | None, keywords: Mapping[str, Any]
+) -> tuple[Settings, str | None]:
+    """The settings of :func:`load_settings`, and the line that says which recipe was chosen."""
     unknown = sorted(set(keywords) - set(SHORT_KEYS))
     if unknown:
         raise UserError(
@@ -57,13 +69,25 @@ def load_settings(
     elif overrides is not None:
         texts = list(overrides)
     settings = config.resolve(preset=preset, flags=flags, overrides=texts)
+    named = set(flags) | {".".join(config.parse_override(text)[0]) for text in texts}
+    line = None
+    if preset is None and settings.data.path:
+        from swavctl.train.survey import auto_recipe
+
+        recipe_flags = dict(flags)
+        if settings.model.init and "model.arch" not in named:
+            from swavctl.init_weights import arch_of_init
+
+            recipe_flags["model.arch"] = arch_of_init(settings.model.init)  # the recipe is built around it
+        choice = auto_recipe(flags=recipe_flags, overrides=texts)
+        settings, line = choice.settings, choice.line
     if not settings.model.init:
-        return settings
+        return settings, line
     from swavctl.init_weights import resolve_init
 
-    named = set(flags) | {".".join(config.parse_override(text)[0]) for text in texts}
     # Without an architecture of its own choosing, the run takes the init weights' (as --init does).
-    return resolve_init(settings, arch_where="model.arch" if "model.arch" in named else None, where="init")
+    arch_where = "model.arch" if "model.arch" in named else None
+    return resolve_init(settings, arch_where=arch_where, where="init"), line
 
 
 def _summary(outcome: Any) -> dict[str, Any]:
@@ -90,11 +114,14 @@ def pretrain(
     """Pretrain (or resume) as ``swavctl pretrain`` does; returns the run summary.
 
     Pass ``settings`` (from :func:`load_settings`), or build them here from ``preset``,
-    ``keywords`` (``data=``, ``epochs=``, ``out=``, ...) and ``overrides``. The summary holds
+    ``keywords`` (``data=``, ``epochs=``, ``out=``, ...) and ``overrides`` (without a preset, the
+    recipe chosen from the data, its line on stderr, as the command). The summary holds
     ``out_dir``, ``steps``, ``final_loss``, ``backbone`` (the exported backbone) and more.
     """
     if settings is None:
-        settings = load_settings(preset, overrides, **keywords)
+        settings, line = _settings(preset, overrides, keywords)
+        if line:
+            print(line, file=sys.stderr)
     elif preset is not None or overrides is not None or keywords:
         raise UserError("pass either settings or preset/overrides/keywords, not both")
     from swavctl import launch

@@ -334,7 +334,11 @@ class Settings(_Strict):
         le=SCHEMA_VERSION,
         description="Version of this settings layout; files of older versions are migrated when read.",
     )
-    preset: str | None = Field(None, description="Preset the run started from (informational).")
+    preset: str | None = Field(
+        None,
+        description="Preset the run started from (informational); 'auto' = the recipe pretrain --data "
+        "chose from the data and devices without --preset.",
+    )
     out: str | None = Field(
         None,
         description="Output folder (default: a new folder under runs/); not written to resolved.toml, "
@@ -661,6 +665,7 @@ def validate(
 def resolve(
     *,
     preset: str | None = None,
+    base: Mapping[str, Any] | None = None,
     flags: Mapping[str, Any] | None = None,
     overrides: Sequence[str] = (),
     flag_names: Mapping[str, str] | None = None,
@@ -668,6 +673,8 @@ def resolve(
 ) -> Settings:
     """Build settings from defaults, a preset, explicit flags (dotted keys) and ``--set`` overrides.
 
+    ``base`` is a settings tree applied after the preset and before the flags: the recipe that
+    ``swavctl pretrain --data DIR`` chooses without a preset (:mod:`swavctl.train.auto_recipe`).
     ``flag_names`` maps the dotted keys of ``flags`` to the flags typed (``--epochs``), which then
     name a bad value in the error. Lines worth telling the user (a preset setting not applied)
     are appended to ``notes``.
@@ -691,21 +698,29 @@ def resolve(
         # A run's resolved.toml keeps naming the preset the recipe came from.
         if not isinstance(preset_tree.get("preset"), str) or path.name != RESOLVED_NAME:
             tree["preset"] = preset
+    if base:
+        tree = _deep_merge(tree, copy.deepcopy(dict(base)))
     for dotted, value in (flags or {}).items():
         if value is not None:
             _set_path(tree, dotted.split("."), value)
     validate(tree, source="flags", flag_names=flag_names)
     # The overrides are validated together, so several of them can change related settings at
     # once (e.g. the lengths of all four crop lists).
-    explicit = {key for key, value in (flags or {}).items() if value is not None}
     for text in overrides:
         path_parts, value = parse_override(text)
         _set_path(tree, path_parts, value)
-        explicit.add(".".join(path_parts))
+    explicit = set(explicit_keys(flags, overrides))
     note = _unbind_preset_data(tree, preset_tree, explicit, preset)
     if note and notes is not None:
         notes.append(note)
     return validate(tree, source="--set" if overrides else "settings")
+
+
+def explicit_keys(flags: Mapping[str, Any] | None, overrides: Sequence[str]) -> frozenset[str]:
+    """The dotted keys the user set: flags given a value, and every ``--set`` key."""
+    keys = {key for key, value in (flags or {}).items() if value is not None}
+    keys.update(".".join(parse_override(text)[0]) for text in overrides)
+    return frozenset(keys)
 
 
 def _same_data(a: Any, b: Any) -> bool:

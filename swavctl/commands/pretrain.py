@@ -76,7 +76,10 @@ def pretrain_command(
     fresh: Annotated[bool, typer.Option("--fresh", help="Start over instead of resuming.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Pretrain a backbone with SwAV; re-running the same command resumes it."""
+    """Pretrain a backbone with SwAV; re-running the same command resumes it.
+
+    Without --preset, the recipe is chosen from the data and the devices (one line says which).
+    """
     # --gpus N (N > 1) starts N worker processes (NCCL), --gpus 0 --procs N as many CPU workers
     # (gloo); under torchrun or SLURM srun each process is one worker (swavctl.launch).
     from swavctl import config
@@ -103,11 +106,27 @@ def pretrain_command(
         settings = config.resolve(
             preset=preset, flags=flags, overrides=overrides or [], flag_names=_FLAG_NAMES, notes=notes
         )
+        if preset is None and settings.data.path:
+            # No preset: a recipe chosen from the data and the devices, told in one line.
+            from swavctl.train.survey import auto_recipe
+
+            recipe_flags = dict(flags)
+            named = {".".join(config.parse_override(text)[0]) for text in overrides or []}
+            if settings.model.init and arch is None and "model.arch" not in named:
+                from swavctl.init_weights import arch_of_init
+
+                # Built around the init weights' architecture (RN50 weights make an RN50 run).
+                recipe_flags["model.arch"] = arch_of_init(settings.model.init)
+            choice = auto_recipe(flags=recipe_flags, overrides=overrides or [], flag_names=_FLAG_NAMES)
+            settings = choice.settings
+            notes.append(choice.line)
     except UserError as exc:
         raise fail(str(exc), exc.exit_code) from None
-    for note in notes:
+    from swavctl import dist, launch
+
+    env = dist.detect_env()
+    for note in notes if env is None or env.rank == 0 else []:  # once, not once per worker
         err.print(note, markup=False)
-    from swavctl import launch
     from swavctl.data.demo import anchored_data_path
     from swavctl.model.backbones import check_backbone_name
 

@@ -35,6 +35,7 @@ train split, and only that classifier is scored on val.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -202,3 +203,69 @@ def grid_axes(lrs: tuple[float, ...], wds: tuple[float, ...]) -> tuple[torch.Ten
     lr_list = [lr for lr in lrs for _ in wds]
     wd_list = [wd for _ in lrs for wd in wds]
     return torch.tensor(lr_list, dtype=torch.float64), torch.tensor(wd_list, dtype=torch.float64)
+
+
+@dataclass
+class ProbeResult:
+    """What :func:`fast_probe` found: the val scores of the chosen probe (None when every member
+    diverged), the grid's held-out results, whether the chosen (lr, wd) was retrained on all of
+    train (False: it diverged there, and the fit-part member scored val), and the sizes."""
+
+    scores: torch.Tensor | None
+    choice: GridChoice
+    refit: bool
+    epochs: int
+    n_fit: int
+    n_holdout: int
+
+
+def fast_probe(
+    feats: Sequence[torch.Tensor],
+    labels: Sequence[torch.Tensor],
+    is_held: Sequence[torch.Tensor],
+    val_features: torch.Tensor,
+    *,
+    num_classes: int,
+    lrs: tuple[float, ...] = DEFAULT_LRS,
+    wds: tuple[float, ...] = DEFAULT_WDS,
+    epochs: int = 100,
+    batch_size: int = 256,
+    seed: int = 0,
+    standardize: bool = False,
+    advance: Callable[..., None] | None = None,
+) -> ProbeResult:
+    """The fast probe of the module docstring on cached features.
+
+    ``feats[v]``, ``labels[v]`` and ``is_held[v]`` (a bool mask) are view ``v`` of the train
+    images; view 0 is the centre view, and only its held-out rows are scored to choose. The grid
+    is fitted on the rows not held out of every view; the chosen (lr, wd) is then retrained on all
+    rows, and that classifier scores ``val_features``. ``advance(1)`` is called after each of the
+    two fits.
+    """
+    fit_f = torch.cat([f[~h] for f, h in zip(feats, is_held, strict=True)])
+    fit_y = torch.cat([y[~h] for y, h in zip(labels, is_held, strict=True)])
+    held_f, held_y = feats[0][is_held[0]], labels[0][is_held[0]]
+    all_f, all_y = torch.cat(list(feats)), torch.cat(list(labels))
+    if standardize:
+        std_fit, std_all = Standardizer.fit(fit_f), Standardizer.fit(all_f)
+        fit_f, held_f = std_fit(fit_f), std_fit(held_f)
+        all_f, val_features = std_all(all_f), std_all(val_features)
+    lr_axis, wd_axis = grid_axes(lrs, wds)
+    common = {"num_classes": num_classes, "epochs": epochs, "batch_size": batch_size, "seed": seed}
+    grid = train_linear_grid(fit_f, fit_y, lrs=lr_axis, wds=wd_axis, **common)  # type: ignore[arg-type]
+    choice = choose_member(grid, held_f, held_y)
+    sizes = {"epochs": epochs, "n_fit": int(fit_f.shape[0]), "n_holdout": int(held_f.shape[0])}
+    if choice.holdout_top1[choice.chosen] < 0:
+        return ProbeResult(None, choice, False, **sizes)
+    if advance is not None:
+        advance(1, f"chosen lr {choice.lr:g} wd {choice.wd:g}")
+    chosen_lr = torch.tensor([choice.lr], dtype=torch.float64)
+    chosen_wd = torch.tensor([choice.wd], dtype=torch.float64)
+    final = train_linear_grid(all_f, all_y, lrs=chosen_lr, wds=chosen_wd, **common)  # type: ignore[arg-type]
+    if advance is not None:
+        advance(1)
+    refit = bool(torch.isfinite(final.weight).all() and torch.isfinite(final.bias).all())
+    if refit:
+        return ProbeResult(final.logits(val_features)[:, 0], choice, True, **sizes)
+    weight, bias = grid.member(choice.chosen)
+    return ProbeResult(val_features @ weight + bias, choice, False, **sizes)

@@ -422,52 +422,31 @@ def _run_fast(ctx: _Context, out: Path) -> _ModeResult | None:
     _, held_idx = holdout_split([s.label for s in ctx.split.train], o.holdout, o.seed)
     held_set = torch.as_tensor(held_idx, dtype=torch.int64)
     is_held = [torch.isin(kept, held_set).to(ctx.device) for kept in indices]
-    fit_f = torch.cat([f[~h] for f, h in zip(feats, is_held, strict=True)])
-    fit_y = torch.cat([y[~h] for y, h in zip(labels, is_held, strict=True)])
-    held_f, held_y = feats[0][is_held[0]], labels[0][is_held[0]]
-    if held_f.shape[0] == 0 or fit_f.shape[0] == 0:
+    if not bool(is_held[0].any()) or all(bool(h.all()) for h in is_held):
         raise UserError(f"too few train images ({len(ctx.split.train)}) for a --holdout of {o.holdout:g}")
-    lrs, wds = fast_mod.grid_axes(o.fast_lrs, o.fast_wds)
-    epochs = o.epochs or DEFAULT_EPOCHS["fast"]
-    all_f, all_y = torch.cat(feats), torch.cat(labels)
-    if o.standardize:
-        std_fit, std_all = fast_mod.Standardizer.fit(fit_f), fast_mod.Standardizer.fit(all_f)
-        fit_f, held_f, all_f, val_f = std_fit(fit_f), std_fit(held_f), std_all(all_f), std_all(val_f)
-    with ctx.reporter.stage(f"fast grid ({lrs.numel()} probes)", 2, "fits") as advance:
-        grid = fast_mod.train_linear_grid(
-            fit_f,
-            fit_y,
+    with ctx.reporter.stage(f"fast grid ({len(o.fast_lrs) * len(o.fast_wds)} probes)", 2, "fits") as advance:
+        probe = fast_mod.fast_probe(
+            feats,
+            labels,
+            is_held,
+            val_f,
             num_classes=c,
-            lrs=lrs,
-            wds=wds,
-            epochs=epochs,
+            lrs=o.fast_lrs,
+            wds=o.fast_wds,
+            epochs=o.epochs or DEFAULT_EPOCHS["fast"],
             batch_size=o.batch_size,
             seed=o.seed,
+            standardize=o.standardize,
+            advance=advance,
         )
-        choice = fast_mod.choose_member(grid, held_f, held_y)
-        if choice.holdout_top1[choice.chosen] < 0:
-            raise UserError("every probe of the fast grid diverged; try smaller --fast-lrs or --standardize")
-        advance(1, f"chosen lr {choice.lr:g} wd {choice.wd:g}")
-        final = fast_mod.train_linear_grid(
-            all_f,
-            all_y,
-            num_classes=c,
-            lrs=torch.tensor([choice.lr], dtype=torch.float64),
-            wds=torch.tensor([choice.wd], dtype=torch.float64),
-            epochs=epochs,
-            batch_size=o.batch_size,
-            seed=o.seed,
-        )
-        advance(1)
-    refit = bool(torch.isfinite(final.weight).all() and torch.isfinite(final.bias).all())
-    if refit:
-        scores = final.logits(val_f)[:, 0]
-    else:  # the chosen rate diverged on all of train: keep the member that was chosen
+    if probe.scores is None:
+        raise UserError("every probe of the fast grid diverged; try smaller --fast-lrs or --standardize")
+    choice, refit, scores = probe.choice, probe.refit, probe.scores
+    if not refit:
         ctx.reporter.warn(
             "the chosen probe diverged when retrained on all of train; using the fit-part probe"
         )
-        weight, bias = grid.member(choice.chosen)
-        scores = val_f @ weight + bias
+    epochs = probe.epochs
     ctx.timings["classifier"] = time.perf_counter() - start
     chosen = {"lr": choice.lr, "weight_decay": choice.wd, "holdout_top1": choice.holdout_top1[choice.chosen]}
     extra = {
@@ -475,8 +454,8 @@ def _run_fast(ctx: _Context, out: Path) -> _ModeResult | None:
             "epochs": epochs,
             "aug_passes": o.aug_passes,
             "holdout_fraction": o.holdout,
-            "n_fit": int(fit_f.shape[0]),
-            "n_holdout": int(held_f.shape[0]),
+            "n_fit": probe.n_fit,
+            "n_holdout": probe.n_holdout,
             "standardized": o.standardize,
             "refit_on_all_train": refit,
             "chosen": chosen,

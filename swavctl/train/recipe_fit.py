@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from swavctl import config
 from swavctl.errors import UserError
+from swavctl.train.auto_recipe import AUTO
 
 #: The settings that depend on the global batch (the paper's two recipes differ in these).
 BATCH_BOUND_SETTINGS = ("optim.base_lr", "swav.queue_length", "swav.freeze_prototypes_steps")
@@ -43,7 +44,10 @@ def presets_tuned_near(global_batch: int, arch: str, *, exclude: str | None = No
 
 def batch_mismatch_note(preset: str | None, *, batch_size: int, world: int, arch: str) -> str | None:
     """The warning when the run's global batch is more than 2x from the recipe's (None when not,
-    or when the preset records no ``[tuned_for]``)."""
+    or when the preset records no ``[tuned_for]``, or the recipe was chosen for this run's batch:
+    ``preset = "auto"``, :mod:`swavctl.train.auto_recipe`)."""
+    if preset == AUTO:
+        return None
     tuned = config.preset_tuned_for(preset)
     global_batch = batch_size * world
     if tuned is None or _within(global_batch, tuned.global_batch):

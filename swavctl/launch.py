@@ -178,13 +178,16 @@ def run_pretrain(settings: Settings, *, fresh: bool = False) -> Outcome:
         use_cuda=wants_cuda(settings),
         timeout_s=settings.dist.timeout_s,
     )
+    from swavctl.train.faults import FaultHooks
     from swavctl.train.loop import pretrain
 
     return run_job(
         job,
         gpus=settings.dist.gpus,
         procs=settings.dist.procs,
-        single=lambda stop: pretrain(settings, reporter=_reporter(), fresh=fresh, stop=stop),
+        single=lambda stop: pretrain(
+            settings, reporter=_reporter(), fresh=fresh, stop=stop, faults=FaultHooks.from_env()
+        ),
     )
 
 
@@ -249,7 +252,8 @@ def _is_peer_failure(exc: BaseException) -> bool:
 def _guarded(body: Any, *, rank: int, stop: Any = None, reraise_bugs: bool = True) -> Outcome:
     """Run ``body(stop)`` and turn how it ended into an :class:`Outcome`."""
     from swavctl.train.checkpoint import CheckpointWriteError
-    from swavctl.train.loop import Interrupted, NonFiniteError
+    from swavctl.train.loop import NonFiniteError
+    from swavctl.train.stop import Interrupted
 
     try:
         summary = body(stop)
@@ -295,10 +299,15 @@ def _job_body(job: Job, env: dist.DistEnv, *, announce_join: bool = False) -> An
             )
         device = dist.init_process_group(env, use_cuda=job.use_cuda, timeout_s=job.timeout_s)
         if job.kind == "pretrain":
+            from swavctl.train.faults import FaultHooks
             from swavctl.train.loop import pretrain
 
             settings = Settings.model_validate_json(job.args["settings"])
-            return pretrain(settings, reporter=_reporter(), fresh=bool(job.args["fresh"]), stop=stop_flag)
+            # The fault tests' hooks are read here, at the process edge, and handed to the loop.
+            faults = FaultHooks.from_env()
+            return pretrain(
+                settings, reporter=_reporter(), fresh=bool(job.args["fresh"]), stop=stop_flag, faults=faults
+            )
         if job.kind == "eval":
             from swavctl.eval.run import EvalOptions, run_eval
             from swavctl.progress import StageProgress

@@ -22,8 +22,8 @@ from swavctl.data.dataset import PretrainDataset, collate, decode_images, is_enc
 from swavctl.data.fast_augment import FastMultiCrop
 from swavctl.data.images import decode_file
 from swavctl.model.swav import SwAV
+from swavctl.objective.swav import swav_loss_from_outputs
 from swavctl.sinkhorn_knopp import sinkhorn
-from swavctl.train.step import swav_loss_from_outputs
 from tests.conftest import cli_env, write_image_folder
 
 Cli = Callable[..., subprocess.CompletedProcess[str]]

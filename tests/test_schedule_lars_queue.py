@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from swavctl.queue import EmbeddingQueue
-from swavctl.train.lars import LARC, parameter_groups
+from swavctl.objective.queue import EmbeddingQueue
+from swavctl.train.larc import LARC, parameter_groups
 from swavctl.train.schedule import learning_rate, schedule_conflicts
 
 
@@ -292,7 +292,7 @@ def test_queue_length_is_rounded_down_to_the_global_batch_and_split(
 ) -> None:
     """The global length is rounded down to a multiple of ``batch_size * world`` (one warning when
     it changes) and each rank holds ``rounded / world`` rows."""
-    from swavctl.queue import queue_length_per_rank
+    from swavctl.objective.queue import queue_length_per_rank
 
     warnings: list[str] = []
     got = queue_length_per_rank(_queue_settings(requested, batch), world, warnings.append)
@@ -305,7 +305,7 @@ def test_queue_length_is_rounded_down_to_the_global_batch_and_split(
 def test_queue_length_below_the_global_batch_is_an_error() -> None:
     """A requested length shorter than one global batch would round to 0: a UserError, no warning."""
     from swavctl.errors import UserError
-    from swavctl.queue import queue_length_per_rank
+    from swavctl.objective.queue import queue_length_per_rank
 
     warnings: list[str] = []
     with pytest.raises(UserError, match="smaller than the global batch 400"):

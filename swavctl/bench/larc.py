@@ -1,7 +1,7 @@
 """LARC speed: the fused (``torch._foreach``) rescaling against one parameter at a time.
 
 The baseline, :func:`per_parameter_larc`, applies the same formula as
-:meth:`swavctl.train.lars.LARC.adapt_gradients` one parameter at a time, as the official code
+:meth:`swavctl.train.larc.LARC.adapt_gradients` one parameter at a time, as the official code
 (apex's LARC) and swavctl's first version did: about two dozen small operators per parameter.
 Both run on the same model with the same random gradients; calls alternate and the figures are
 medians. The operator count per call (torch.profiler) is what matters on a GPU, where each one
@@ -19,7 +19,7 @@ import torch
 from swavctl.bench.common import timed
 from swavctl.config import resolve
 from swavctl.train.build import build_model, build_optimizer
-from swavctl.train.lars import LARC
+from swavctl.train.larc import LARC
 
 
 @torch.no_grad()

@@ -2,7 +2,7 @@
 
 Each step is the pretrain loop's step: normalise the prototypes, forward all crops under the
 loop's autocast (one backbone pass per run of equal-size crops), Sinkhorn codes and the swapped
-prediction loss (:func:`~swavctl.train.step.swav_loss_from_outputs`), backward, the prototype
+prediction loss (:class:`~swavctl.objective.swav.SwAVObjective`), backward, the prototype
 freeze, the finiteness check, and the LARC/SGD step, with the loop's model, optimizer,
 precision, ``channels_last`` and ``compile`` rules. The crops are random tensors made once on
 the device, so no data loading is measured. With a queue (``swav.queue_length``), the step is
@@ -30,13 +30,14 @@ from swavctl.config import Settings
 from swavctl.errors import UserError
 from swavctl.launch import processes_asked
 from swavctl.model.swav import SwAV
-from swavctl.queue import EmbeddingQueue, queue_length_per_rank
+from swavctl.objective import StepInputs, SwAVObjective
+from swavctl.objective.queue import queue_length_per_rank
+from swavctl.train.agreement import grads_finite
 from swavctl.train.build import build_model as build_swav
 from swavctl.train.build import build_optimizer, crop_specs
-from swavctl.train.lars import LARC
+from swavctl.train.larc import LARC
 from swavctl.train.plan import pick_device
 from swavctl.train.precision import autocast_dtype
-from swavctl.train.step import freeze_prototype_grads, grads_finite, swav_loss_from_outputs
 
 
 @dataclass
@@ -92,17 +93,19 @@ def synthetic_crops(
     return crops
 
 
-def full_queue(settings: Settings, device: torch.device) -> EmbeddingQueue | None:
-    """This process's queue as the loop has it once it is in use: full; None without a queue."""
+def objective_in_use(settings: Settings, model: SwAV, device: torch.device) -> SwAVObjective:
+    """The SwAV objective as the loop has it from ``swav.queue_start_epoch`` on: its queue (this
+    process's share, when there is one) full of random unit embeddings, and in use."""
     world = processes_asked(settings.dist.gpus, settings.dist.procs)
     length = queue_length_per_rank(settings, world, lambda _: None)
-    if length == 0:
-        return None
-    queue = EmbeddingQueue(len(settings.swav.assignment_crops), length, settings.model.embedding_dim)
-    g = torch.Generator().manual_seed(1)
-    queue.buffer = F.normalize(torch.randn(queue.buffer.shape, generator=g), dim=-1)
-    queue.filled = length
-    return queue.to(device)
+    objective = SwAVObjective.from_settings(settings, queue_per_rank=length)
+    if objective.queue is not None:
+        queue = objective.queue
+        g = torch.Generator().manual_seed(1)
+        queue.buffer = F.normalize(torch.randn(queue.buffer.shape, generator=g), dim=-1)
+        queue.filled = length
+    objective.to(device).start_epoch(settings.swav.queue_start_epoch, model)
+    return objective
 
 
 def peak_tflops(device: torch.device) -> float | None:
@@ -125,40 +128,31 @@ class StepRunner:
         self.model, self.train_model, self.optimizer, self.channels_last = build_model(settings, self.device)
         self.amp_dtype = autocast_dtype(settings, self.device)
         self.crops = synthetic_crops(settings, self.device, channels_last=self.channels_last)
-        self.queue = full_queue(settings, self.device)
+        self.objective = objective_in_use(settings, self.model, self.device)
         self.steps_done = 0
         self.loss = float("nan")
         self.first_loss = float("nan")
 
     def step(self) -> tuple[float, float]:
         """One training step: (forward + backward + optimizer seconds, Sinkhorn + loss seconds)."""
-        device, swav, model = self.device, self.settings.swav, self.model
+        device, objective, model = self.device, self.objective, self.model
         amp = self.amp_dtype
+        batch_size = self.settings.train.batch_size
         sync(device)
         t0 = time.perf_counter()
-        model.normalize_prototypes()
+        objective.before_forward(model)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             embeddings, scores = self.train_model(self.crops)
         sync(device)
         t1 = time.perf_counter()
-        out = swav_loss_from_outputs(
-            embeddings.float(),
-            scores.float(),
-            batch_size=self.settings.train.batch_size,
-            num_crops=len(self.crops),
-            assignment_crops=swav.assignment_crops,
-            prototypes=model.prototypes.weight,
-            temperature=swav.temperature,
-            epsilon=swav.epsilon,
-            sinkhorn_iterations=swav.sinkhorn_iterations,
-            queue=self.queue,
+        out = objective(
+            StepInputs(embeddings, scores, model.prototypes.weight, batch_size, range(batch_size))
         )
         sync(device)
         t2 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
-        if self.steps_done < swav.freeze_prototypes_steps:
-            freeze_prototype_grads(model)
+        objective.after_backward(model, self.steps_done)
         finite = bool(torch.isfinite(out.loss.detach()) & grads_finite(model))
         self.optimizer.step()
         self.loss = float(out.loss.detach())
@@ -223,7 +217,7 @@ def summarize(
         samples_per_s=sps,
         forward_backward_samples_per_s=bs / fb_s,
         sinkhorn_loss_samples_per_s=bs / sl_s,
-        queue_rows=runner.queue.length if runner.queue is not None else 0,
+        queue_rows=runner.objective.queue.length if runner.objective.queue is not None else 0,
         first_loss=runner.first_loss,
         final_loss=runner.loss,
         mfu=sps * RN50_SWAV_FLOP_PER_SAMPLE / (peak * 1e12) if (peak and is_paper) else None,

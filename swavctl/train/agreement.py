@@ -29,6 +29,14 @@ class StepReadout:
     time_up: bool  # some rank is past train.max_seconds: every rank ends the run after this step
 
 
+def grads_finite(model: torch.nn.Module) -> torch.Tensor:
+    """A bool tensor on the parameters' device: every gradient is finite (no host read)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.ones((), dtype=torch.bool, device=next(model.parameters()).device)
+    return torch.stack([torch.isfinite(g).all() for g in grads]).all()
+
+
 def read_step(
     loss: torch.Tensor, grads_ok: torch.Tensor, code_stats: torch.Tensor, *, time_up: bool = False
 ) -> StepReadout:

@@ -21,7 +21,7 @@ from swavctl.data.sampler import steps_per_epoch
 from swavctl.errors import UserError
 from swavctl.eval.monitor import monitor_split
 from swavctl.eval.splits import EvalSplit
-from swavctl.queue import queue_length_per_rank
+from swavctl.objective.queue import queue_length_per_rank
 from swavctl.safe_io import probe_writable
 from swavctl.train.recipe_fit import batch_mismatch_note
 from swavctl.train.report import Reporter

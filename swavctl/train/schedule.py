@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from swavctl.config import Settings
+
 
 def learning_rate(
     step: int,
@@ -30,6 +32,44 @@ def learning_rate(
     decay_steps = max(1, steps_per_epoch * epochs - warmup_steps)
     t = min(step - warmup_steps, decay_steps)
     return final_lr + 0.5 * (base_lr - final_lr) * (1 + math.cos(math.pi * t / decay_steps))
+
+
+class LrSchedule:
+    """The learning rate of every optimizer step of a run: :func:`learning_rate` with the run's
+    ``optim`` settings, ``train.epochs`` and steps per epoch, fixed once."""
+
+    def __init__(self, settings: Settings, steps_per_epoch: int) -> None:
+        self.settings = settings
+        self.steps_per_epoch = steps_per_epoch
+
+    def __call__(self, step: int) -> float:
+        """The learning rate of optimizer step ``step`` (0-based)."""
+        optim = self.settings.optim
+        return learning_rate(
+            step,
+            steps_per_epoch=self.steps_per_epoch,
+            epochs=self.settings.train.epochs,
+            base_lr=optim.base_lr,
+            final_lr=optim.final_lr,
+            warmup_epochs=optim.warmup_epochs,
+            start_warmup_lr=optim.start_warmup_lr,
+        )
+
+    def resume_line(self, step: int, previous: Settings | None) -> str:
+        """The learning rate a run resumes at, and whether the cosine schedule was recomputed."""
+        epochs = self.settings.train.epochs
+        text = (
+            f"learning rate at step {step}: {self(step):.6g} "
+            f"(cosine to step {self.steps_per_epoch * epochs}, {epochs} epochs)"
+        )
+        if previous is not None and previous.train.epochs != epochs:
+            text += (
+                f"; the schedule is recomputed over {epochs} epochs instead of "
+                f"{previous.train.epochs}, so the rate rises from where the shorter run left it"
+                if epochs > previous.train.epochs
+                else f"; the schedule is recomputed over {epochs} epochs instead of {previous.train.epochs}"
+            )
+        return text
 
 
 def schedule_conflicts(

@@ -28,6 +28,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -125,3 +126,28 @@ class StopFlag:
                 with contextlib.suppress(OSError):
                     os.close(fd)
             self._pipe = None
+
+
+class Interrupted(Exception):
+    """The run stopped on a signal after writing a checkpoint."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None, requeue: str | None = None) -> None:
+        self.signum = signum
+        self.step = step
+        self.checkpoint = checkpoint
+        self.requeue = requeue
+        self.exit_code = EXIT_SIGNAL.get(signal.Signals(signum), 128 + signum)
+        name = signal.Signals(signum).name
+        message = f"stopped by {name} at step {step}; checkpoint {checkpoint}"
+        if requeue:
+            message += f"; {requeue}"
+        super().__init__(message)
+
+
+def first_stop_signal(received: set[int]) -> int:
+    """The signal that names a stop: SIGTERM over SIGINT over SIGUSR1."""
+    return next(int(s) for s in STOP_SIGNALS if s in received)
+
+
+def in_slurm_job() -> bool:
+    return bool(os.environ.get("SLURM_JOB_ID") or os.environ.get("SLURM_JOBID"))

@@ -1,0 +1,107 @@
+"""The interface every training objective implements, and what a step gives it and gets back.
+
+An objective is a method's part of a training step: where the step's targets (codes) come from,
+the loss on them, the memory that helps make them (SwAV's queue; the per-rank bank of the previous
+epoch's embeddings of DeepCluster-v2 and SeLa-v2), that memory's state in the checkpoint, and the
+hooks around the steps. The training loop (:mod:`swavctl.train.loop`) calls only this interface,
+in this order::
+
+    start_epoch(epoch, model, first_batch)     # before the first step the loop runs in an epoch
+    for each step:
+        before_forward(model)
+        output = objective(StepInputs(...))     # codes and loss
+        ... backward ...
+        after_backward(model, step)             # before the gradients are checked and applied
+        end_epoch(epoch, model)                 # after an epoch's last step, before its checkpoint
+
+An objective is not an ``nn.Module`` on purpose: it is never wrapped in DDP (whose buffer
+broadcast would overwrite every rank's memory with rank 0's), never exported with the weights,
+and its state is per rank. The loop gathers :meth:`Objective.state_dict` from every rank into the
+checkpoint entry named :attr:`Objective.checkpoint_key` (a list indexed by rank), and gives each
+rank its own entry back on resume.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from swavctl.model.swav import SwAV
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """What one step's forward pass gives the objective.
+
+    Rows are crop-major, as the model returns them: crop ``v`` of sample ``b`` is row ``v*B + b``.
+    """
+
+    embeddings: torch.Tensor  # (V*B, D): the projection head's unit-norm outputs
+    scores: torch.Tensor  # (V*B, K): embeddings @ prototypes^T
+    prototypes: torch.Tensor  # (K, D): the prototype weights that made ``scores``
+    batch_size: int  # B, this rank's samples
+    indices: Sequence[int] = ()  # the dataset index of each of the B samples (for per-sample memories)
+
+
+@dataclass
+class ObjectiveOutput:
+    """What the objective gives back for one step."""
+
+    loss: torch.Tensor  # scalar: this rank's mean over its batch (DDP averages the ranks)
+    codes: list[torch.Tensor]  # per assignment crop, (B, K) targets whose rows sum to 1 (one-hot if hard)
+    record: dict[str, Any] = field(default_factory=dict)  # the method's own fields of the metrics line
+
+
+class Objective(abc.ABC):
+    """A self-labelling objective: codes, loss, memory, their per-rank state, and the epoch hooks.
+
+    The hooks other than :meth:`__call__` do nothing unless a method needs them.
+    """
+
+    #: The checkpoint entry that holds every rank's :meth:`state_dict` (a list indexed by rank).
+    checkpoint_key: ClassVar[str]
+
+    def to(self, device: torch.device) -> Objective:
+        """Move the memory to ``device``; returns self."""
+        return self
+
+    def start_epoch(self, epoch: int, model: SwAV, *, first_batch: int = 0) -> None:  # noqa: B027 - an optional hook, a no-op by default
+        """Before the first step the loop runs in ``epoch``; ``first_batch`` > 0 when a resume
+        starts the epoch in its middle (a method that clusters its memory here keeps the epoch's
+        saved assignments then)."""
+
+    def before_forward(self, model: SwAV) -> None:  # noqa: B027 - an optional hook, a no-op by default
+        """Before the step's forward pass (SwAV re-normalises its prototypes here)."""
+
+    @abc.abstractmethod
+    def __call__(self, inputs: StepInputs) -> ObjectiveOutput:
+        """The step's codes and loss; updates the memory (the only hook that sees the batch)."""
+
+    def after_backward(self, model: SwAV, step: int) -> None:  # noqa: B027 - an optional hook, a no-op by default
+        """After backward of optimizer step ``step`` (0-based), before the gradients are checked
+        and applied (the prototypes' freeze drops their gradients here)."""
+
+    def end_epoch(self, epoch: int, model: SwAV) -> None:  # noqa: B027 - an optional hook, a no-op by default
+        """After the last step of ``epoch``, before the checkpoint that ends it."""
+
+    @abc.abstractmethod
+    def state_dict(self) -> dict[str, Any] | None:
+        """This rank's state for the checkpoint (tensors on the CPU), or None when there is none.
+
+        None must be the same on every rank (the loop then saves ``None`` without gathering).
+        """
+
+    @abc.abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take this rank's saved state back (a resume)."""
+
+
+def freeze_prototype_grads(model: SwAV) -> None:
+    """Drop the prototypes' gradients (the official freeze for the first iterations): used in
+    forward, not updated, and DDP needs no ``find_unused_parameters``."""
+    for param in model.prototypes.parameters():
+        param.grad = None

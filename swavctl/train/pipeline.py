@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import torch
@@ -87,11 +87,13 @@ class DataPipeline:
             depth=self.prefetch_depth,
             stream=self.prefetch_stream,
         )
+        batches = self._ready(prefetcher)
         try:
-            yield self._ready(prefetcher)
+            yield batches
         finally:
+            batches.close()
             prefetcher.close()
-            del prefetcher, loader
+            del batches, prefetcher, loader  # the loader's workers end here, before the next epoch's start
 
     def _prepare_for(self, epoch: int, first_step: int) -> Prepare:
         """``prepare(batch, index)`` for the prefetcher: the crops of step ``first_step + index``."""
@@ -112,7 +114,7 @@ class DataPipeline:
 
         return prepare
 
-    def _ready(self, prefetcher: Prefetcher) -> Iterator[tuple[Ready, float]]:
+    def _ready(self, prefetcher: Prefetcher) -> Generator[tuple[Ready, float], None, None]:
         wait_start = time.perf_counter()
         while True:
             with phase("data_wait"):

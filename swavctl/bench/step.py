@@ -129,6 +129,7 @@ class StepRunner:
         self.amp_dtype = autocast_dtype(settings, self.device)
         self.crops = synthetic_crops(settings, self.device, channels_last=self.channels_last)
         self.objective = objective_in_use(settings, self.model, self.device)
+        self.queue = self.objective.queue  # this process's share of the run's queue (None without)
         self.steps_done = 0
         self.loss = float("nan")
         self.first_loss = float("nan")
@@ -217,7 +218,7 @@ def summarize(
         samples_per_s=sps,
         forward_backward_samples_per_s=bs / fb_s,
         sinkhorn_loss_samples_per_s=bs / sl_s,
-        queue_rows=runner.objective.queue.length if runner.objective.queue is not None else 0,
+        queue_rows=runner.queue.length if runner.queue is not None else 0,
         first_loss=runner.first_loss,
         final_loss=runner.loss,
         mfu=sps * RN50_SWAV_FLOP_PER_SAMPLE / (peak * 1e12) if (peak and is_paper) else None,

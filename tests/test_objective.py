@@ -94,18 +94,18 @@ def test_the_objective_state_round_trips_and_is_none_without_a_queue() -> None:
     objective = SwAVObjective.from_settings(settings, queue_per_rank=8)
     objective.start_epoch(0, model=None)  # type: ignore[arg-type]
     objective(_inputs(4))
-    state = objective.state_dict()
+    state = objective.rank_state()
     assert state is not None and state["filled"] == BATCH
 
     restored = SwAVObjective.from_settings(settings, queue_per_rank=8)
-    restored.load_state_dict(state)
+    restored.load_rank_states([None, state], rank=1)  # its own rank's entry
     assert restored.queue is not None and restored.queue.filled == BATCH
     assert torch.equal(restored.queue.buffer, objective.queue.buffer)  # type: ignore[union-attr]
     assert SwAVObjective.checkpoint_key == "queues"  # the layout older checkpoints have
 
     without = SwAVObjective.from_settings(_settings("swav.queue_length=0"), queue_per_rank=0)
-    assert without.state_dict() is None
-    without.load_state_dict(state)  # nothing to restore into: ignored
+    assert without.rank_state() is None
+    without.load_rank_states([state], rank=0)  # nothing to restore into: ignored
     assert without.queue is None
 
 

@@ -16,9 +16,11 @@ in this order::
 
 An objective is not an ``nn.Module`` on purpose: it is never wrapped in DDP (whose buffer
 broadcast would overwrite every rank's memory with rank 0's), never exported with the weights,
-and its state is per rank. The loop gathers :meth:`Objective.state_dict` from every rank into the
-checkpoint entry named :attr:`Objective.checkpoint_key` (a list indexed by rank), and gives each
-rank its own entry back on resume.
+and its state is per rank. The loop gathers :meth:`Objective.rank_state` from every rank into the
+checkpoint entry named :attr:`Objective.checkpoint_key` (a list indexed by rank), and on resume
+hands every rank that whole list (:meth:`Objective.load_rank_states`): a rank takes its own entry
+(SwAV's queue, a bank's shard), and a state all ranks hold alike (a method's dataset-wide
+assignments) is put in rank 0's entry alone, so it is saved once.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ class Objective(abc.ABC):
     The hooks other than :meth:`__call__` do nothing unless a method needs them.
     """
 
-    #: The checkpoint entry that holds every rank's :meth:`state_dict` (a list indexed by rank).
+    #: The checkpoint entry that holds every rank's :meth:`rank_state` (a list indexed by rank).
     checkpoint_key: ClassVar[str]
 
     def to(self, device: torch.device) -> Objective:
@@ -89,15 +91,20 @@ class Objective(abc.ABC):
         """After the last step of ``epoch``, before the checkpoint that ends it."""
 
     @abc.abstractmethod
-    def state_dict(self) -> dict[str, Any] | None:
+    def rank_state(self) -> dict[str, Any] | None:
         """This rank's state for the checkpoint (tensors on the CPU), or None when there is none.
 
         None must be the same on every rank (the loop then saves ``None`` without gathering).
         """
 
     @abc.abstractmethod
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Take this rank's saved state back (a resume)."""
+    def load_rank_states(self, states: Sequence[dict[str, Any] | None], rank: int) -> None:
+        """Take the saved state back on ``rank`` (a resume); ``states`` are every saved rank's.
+
+        A saved run may have had another world size (a method whose memory is sharded by rank
+        refuses or re-shards here; SwAV's settings check refuses it before, see
+        :func:`swavctl.train.run_dir.incompatible_changes`).
+        """
 
 
 def freeze_prototype_grads(model: SwAV) -> None:

@@ -158,9 +158,11 @@ class SwAVObjective(Objective):
         if step < self.freeze_prototypes_steps:
             freeze_prototype_grads(model)
 
-    def state_dict(self) -> dict[str, Any] | None:
+    def rank_state(self) -> dict[str, Any] | None:
         return self.queue.state_dict() if self.queue is not None else None
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.queue is not None:
-            self.queue.load_state_dict(state)
+    def load_rank_states(self, states: Sequence[dict[str, Any] | None], rank: int) -> None:
+        if self.queue is not None and rank < len(states):
+            state = states[rank]
+            if state is not None:
+                self.queue.load_state_dict(state)

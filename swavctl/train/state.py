@@ -90,7 +90,7 @@ class TrainingState:
         if self.checkpoint_step == step:
             return self.last_checkpoint
         gathered_rng = dist.gather_objects(rng.capture())
-        objective_state = self.parts.objective.state_dict()  # None on every rank alike
+        objective_state = self.parts.objective.rank_state()  # None on every rank alike
         gathered_objective = dist.gather_objects(objective_state) if objective_state is not None else None
         failure: tuple[str, str, int | None] | None = None
         if dist.is_main():
@@ -224,8 +224,8 @@ class TrainingState:
         parts.optimizer.load_state_dict(state["optimizer"])
         parts.scaler.load_state_dict(state["scaler"])
         saved_objective = state.get(parts.objective.checkpoint_key)
-        if saved_objective is not None and self.rank < len(saved_objective):
-            parts.objective.load_state_dict(saved_objective[self.rank])
+        if saved_objective is not None:
+            parts.objective.load_rank_states(saved_objective, self.rank)
         parts.health.load_state_dict(state["health"])
         saved_rng = state["rng"]
         if isinstance(saved_rng, dict):

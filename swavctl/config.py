@@ -25,12 +25,22 @@ import tomllib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from swavctl.errors import UserError
+from swavctl.latest import follow
 
 #: The name of the settings file a run writes into its folder (``swavctl.train.run_dir``).
 RESOLVED_NAME = "resolved.toml"
@@ -134,6 +144,17 @@ class DataSettings(_Strict):
         return sum(self.crop_counts)
 
 
+_PROTOTYPE_COUNT: TypeAdapter[int] = TypeAdapter(Annotated[int, Field(ge=2)])
+
+
+def _prototype_count(value: Any, where: str) -> int:
+    """One set's K, validated as a plain ``int`` field with ``ge=2`` would be."""
+    try:
+        return _PROTOTYPE_COUNT.validate_python(value)
+    except ValidationError as exc:
+        raise PydanticCustomError("prototype_sets", where + exc.errors()[0]["msg"]) from None
+
+
 class ModelSettings(_Strict):
     """Backbone, projection head and prototypes."""
 
@@ -143,7 +164,26 @@ class ModelSettings(_Strict):
     )
     hidden_dim: int = Field(2048, ge=0, description="Projection-head hidden width (0 = one linear layer).")
     embedding_dim: int = Field(128, ge=1, description="Dimension of the L2-normalised embedding z.")
-    prototypes: int = Field(3000, ge=2, description="Number of prototypes K.")
+    prototypes: int | list[int] = Field(
+        3000,
+        description="Number of prototypes K, or a list of prototype-set sizes [K_0, K_1, ...] (several "
+        "sets, as DeepCluster-v2 and SeLa-v2 use: [3000, 3000, 3000]); each at least 2, and a list of one "
+        "is that one set. SwAV trains one set: pretrain refuses a list until those methods are available; "
+        "such models (imported, e.g.) load, export and inspect.",
+    )
+
+    @field_validator("prototypes", mode="before")
+    @classmethod
+    def _prototype_sets(cls, value: Any) -> int | list[int]:
+        """K, or a list of set sizes, each an integer >= 2; a list of one is that set's K, so the
+        model's layout (``prototypes.weight``, or ``prototypes.h.weight`` for several sets)
+        follows the number of sets alone."""
+        if not isinstance(value, list | tuple):
+            return _prototype_count(value, "")
+        if not value:
+            raise PydanticCustomError("prototype_sets", "a list of prototype sets needs at least one size")
+        sizes = [_prototype_count(k, f"set {h}: ") for h, k in enumerate(value)]
+        return sizes[0] if len(sizes) == 1 else sizes
 
 
 class SwavSettings(_Strict):
@@ -391,7 +431,7 @@ def preset_names() -> list[str]:
 
 def preset_path(name_or_path: str) -> Path:
     """Resolve a preset name (``demo``) or a TOML path to a file."""
-    candidate = Path(name_or_path).expanduser()
+    candidate = follow(Path(name_or_path).expanduser())  # runs/latest/resolved.toml too
     # A file path; a folder of the same name as a preset (a 'demo/' here) does not hide the preset.
     if candidate.suffix == ".toml" or "/" in name_or_path or candidate.is_file():
         if not candidate.is_file():

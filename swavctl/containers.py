@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from swavctl import messages
+from swavctl import latest, messages
 from swavctl.errors import UserError
 
 #: Default cap on the JSON header size (100 MiB).
@@ -243,7 +243,7 @@ def check_weights_file(path: Path) -> None:
 def check_model_file(path: Path) -> None:
     """Check what MODEL names before torch is imported: that it exists, and, for a file, that its
     container is sound (a run folder is left to the loader)."""
-    path = Path(path).expanduser()
+    path = latest.follow(Path(path).expanduser())
     if not path.exists():
         raise UserError(messages.model_not_found(path))
     if path.is_dir() or (path.suffix == ".json" and path.with_suffix(".pt").is_file()):

@@ -13,7 +13,10 @@ File layout (format ``swavctl-export``, version 1):
 * with ``with_head=True`` also the projection head under ``head.*`` (``head.0`` Linear(d, hidden),
   ``head.1`` BatchNorm1d, ``head.3`` Linear(hidden, D); or ``head.weight/bias`` for a one-layer
   head) and the prototypes under ``prototypes.weight`` (K x D, the matrix C of the paper whose
-  rows are L2-normalised before every training step, arXiv 2006.09882 Sec. 3.1);
+  rows are L2-normalised before every training step, arXiv 2006.09882 Sec. 3.1); a model with
+  several prototype sets (``model.prototypes = [K_0, K_1, ...]``, DeepCluster-v2 and SeLa-v2) has
+  ``prototypes.0.weight`` (K_0 x D), ``prototypes.1.weight``, ... instead, and the metadata names
+  them (``prototype_sets``);
 * string-to-string metadata (:data:`METADATA_KEYS`), among them the resolved settings as JSON and
   ``payload_sha256``, the SHA-256 of the tensors as stored (recipe in
   :func:`swavctl.safe_io.payload_sha256`).
@@ -25,7 +28,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +63,7 @@ __all__ = [
     "export_tensors",
     "import_official",
     "official_settings",
+    "prototype_metadata",
     "write_export",
     "write_export_tensors",
 ]
@@ -82,7 +86,8 @@ METADATA_KEYS = (
     "feature_dim",  # pooled backbone feature dimension d
     "hidden_dim",  # projection-head hidden width (0 = one linear layer)
     "embedding_dim",  # dimension D of the embedding z
-    "num_prototypes",  # K ("" when unknown: an imported backbone-only checkpoint)
+    "num_prototypes",  # K ("" when unknown: imported backbone-only); several sets: JSON [K_0, K_1, ...]
+    "prototype_sets",  # several sets only: JSON [{"set": h, "key": "prototypes.h.weight", "size": K_h}, ...]
     "contents",  # "backbone" or "backbone+head"
     "dtype",  # fp32, bf16 or fp16 (floating tensors; num_batches_tracked stays int64)
     "mean",  # JSON list: normalisation mean (RGB, images in [0, 1])
@@ -105,12 +110,31 @@ METADATA_KEYS = (
 
 
 def export_tensors(model: SwAV, *, with_head: bool) -> dict[str, torch.Tensor]:
-    """The tensors of an export: backbone (torchvision names) and optionally head and prototypes."""
+    """The tensors of an export: backbone (torchvision names) and optionally head and prototypes
+    (``prototypes.weight``, or ``prototypes.h.weight`` per set for several sets: the model's keys)."""
     tensors = {k: v.detach().cpu() for k, v in model.backbone.state_dict().items()}
     if with_head:
         tensors.update({HEAD_PREFIX + k: v.detach().cpu() for k, v in model.head.state_dict().items()})
-        tensors[PROTOTYPES_KEY] = model.prototypes.weight.detach().cpu()
+        prototypes = model.prototypes.state_dict()
+        tensors.update({"prototypes." + k: v.detach().cpu() for k, v in prototypes.items()})
     return tensors
+
+
+def prototype_metadata(prototypes: int | Sequence[int]) -> dict[str, str]:
+    """``num_prototypes`` (and, for several sets, ``prototype_sets``) of ``model.prototypes``.
+
+    One set: ``{"num_prototypes": "K"}``, as every export has had. Several:
+    ``num_prototypes`` is the JSON list of sizes and ``prototype_sets`` names each set by its
+    index, its tensor key in an export with the head, and its size.
+    """
+    from swavctl.model.swav import prototype_set_keys, prototype_set_sizes
+
+    sizes = prototype_set_sizes(prototypes)
+    if len(sizes) == 1:
+        return {"num_prototypes": str(sizes[0])}
+    keys = prototype_set_keys(len(sizes))
+    sets = [{"set": h, "key": key, "size": k} for h, (key, k) in enumerate(zip(keys, sizes, strict=True))]
+    return {"num_prototypes": json.dumps(sizes), "prototype_sets": json.dumps(sets)}
 
 
 def _cast(tensors: Mapping[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
@@ -148,12 +172,13 @@ def export_metadata(
     epoch: int | None,
     with_head: bool,
     dtype: str = "fp32",
-    num_prototypes: int | None = None,
+    num_prototypes: int | list[int] | None = None,
     extra: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """String-to-string metadata of an export whose (already cast) tensors are ``tensors``.
 
-    ``num_prototypes`` defaults to ``settings.model.prototypes``; pass ``0`` for "unknown".
+    ``num_prototypes`` (K, or the list of set sizes) defaults to ``settings.model.prototypes``;
+    pass ``0`` for "unknown".
     ``payload_sha256`` is computed over ``tensors`` exactly as they will be stored.
     """
     aug = settings.data.augment
@@ -166,7 +191,7 @@ def export_metadata(
         "feature_dim": str(feature_dim),
         "hidden_dim": str(settings.model.hidden_dim),
         "embedding_dim": str(settings.model.embedding_dim),
-        "num_prototypes": str(k) if k else "",
+        **(prototype_metadata(k) if k else {"num_prototypes": ""}),
         "contents": "backbone+head" if with_head else "backbone",
         "dtype": dtype,
         "mean": json.dumps(list(aug.mean)),
@@ -200,7 +225,7 @@ def write_export_tensors(
     epoch: int | None,
     with_head: bool,
     dtype: str = "fp32",
-    num_prototypes: int | None = None,
+    num_prototypes: int | list[int] | None = None,
     extra: Mapping[str, str] | None = None,
     source: str = "model",
 ) -> dict[str, str]:
@@ -299,7 +324,8 @@ def official_settings(arch: str, head: Mapping[str, torch.Tensor]) -> Settings:
 
     ``model.arch`` is ``arch``; ``hidden_dim``, ``embedding_dim`` and ``prototypes`` are read from
     the converted head's shapes (``head.0.weight`` is hidden x d, ``head.3.weight`` D x hidden,
-    ``prototypes.weight`` K x D; a one-layer head has hidden 0). Without a head they keep the
+    ``prototypes.weight`` K x D; a one-layer head has hidden 0; several sets
+    ``prototypes.h.weight`` K_h x D give the list [K_0, K_1, ...]). Without a head they keep the
     paper's defaults (2048, 128, 3000). Crops (2x224 + 6x96) and normalisation (mean
     0.485/0.456/0.406, std 0.228/0.224/0.225) are the settings defaults, i.e. the paper's.
     """
@@ -311,7 +337,11 @@ def official_settings(arch: str, head: Mapping[str, torch.Tensor]) -> Settings:
         else:
             model["hidden_dim"] = int(head["head.0.weight"].shape[0])
             model["embedding_dim"] = int(head["head.3.weight"].shape[0])
-        model["prototypes"] = int(head[PROTOTYPES_KEY].shape[0])
+        if PROTOTYPES_KEY in head:
+            model["prototypes"] = int(head[PROTOTYPES_KEY].shape[0])
+        else:
+            sets = sum(1 for key in head if key.startswith("prototypes."))
+            model["prototypes"] = [int(head[f"prototypes.{h}.weight"].shape[0]) for h in range(sets)]
     return validate({"model": model}, source=f"official {arch} head")
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from swavctl import messages
+from swavctl import latest, messages
 from swavctl.config import Settings, from_toml_text, read_tree
 from swavctl.containers import PICKLE_SUFFIXES, looks_like_pickle
 from swavctl.data.demo import DEMO_NAME
@@ -101,7 +101,7 @@ def resolve_model_path(path: Path, warn: Callable[[str], None] | None = None) ->
     A newer checkpoint that does not verify (truncated, altered) is skipped, with ``warn(message)``
     naming it and why, as pretrain's resume does: the weights used are then an older step's.
     """
-    path = Path(path).expanduser()
+    path = latest.follow(Path(path).expanduser())
     if not path.exists():
         raise UserError(messages.model_not_found(path))
     if path.is_dir():
@@ -335,8 +335,10 @@ def export_run(
         for key in ("source", "source_file", "source_sha256"):
             if source_meta.get(key):
                 extra[key] = source_meta[key]
-        if not loaded.has_head and "num_prototypes" in source_meta:
-            extra["num_prototypes"] = source_meta["num_prototypes"]
+        if not loaded.has_head:
+            for key in ("num_prototypes", "prototype_sets"):
+                if key in source_meta:
+                    extra[key] = source_meta[key]
     meta = write_export(
         loaded.model,
         out,
@@ -355,7 +357,7 @@ def export_run(
         "contents": meta["contents"],
         "dtype": dtype,
         "tensors": len(loaded.model.backbone.state_dict())
-        + (len(loaded.model.head.state_dict()) + 1 if with_head else 0),
+        + (len(loaded.model.head.state_dict()) + len(loaded.model.prototype_sets) if with_head else 0),
         "step": loaded.step,
         "epoch": loaded.epoch,
         "payload_sha256": meta["payload_sha256"],

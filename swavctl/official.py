@@ -8,7 +8,10 @@ The official training script saves ``{"epoch", "state_dict", "optimizer", ...}``
 * ``projection_head``: either ``Sequential(Linear(d, hidden), BatchNorm1d(hidden), ReLU,
   Linear(hidden, out))`` (keys ``projection_head.{0,1,3}.*``) or a single ``Linear(d, out)``
   (keys ``projection_head.weight/bias``), and
-* ``prototypes``: ``Linear(out, K, bias=False)`` (key ``prototypes.weight``).
+* ``prototypes``: ``Linear(out, K, bias=False)`` (key ``prototypes.weight``), or, in the
+  DeepCluster-v2 and SeLa-v2 checkpoints, ``MultiPrototypes``: one ``Linear(out, K_h,
+  bias=False)`` per set h (keys ``prototypes.prototypes0.weight``, ``prototypes.prototypes1.weight``,
+  ...; ``src/resnet50.py`` ``MultiPrototypes``, 3 x 3000 in the released models).
 
 The wide variants resnet50w2/w4/w5 use the ResNet-50 layout with every width multiplied by
 ``w`` (``conv1`` has ``64*w`` output channels, the feature dimension is ``2048*w``).
@@ -20,6 +23,7 @@ the wrong shape is a :class:`~swavctl.errors.UserError` that lists the offending
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -27,6 +31,7 @@ import torch
 from torch import nn
 
 from swavctl.errors import UserError
+from swavctl.model.swav import prototype_set_keys
 from swavctl.safe_io import assert_finite
 
 __all__ = [
@@ -61,6 +66,8 @@ _MLP_HEAD = (
 )
 _LINEAR_HEAD = ("projection_head.weight", "projection_head.bias")
 _PROTOTYPES = "prototypes.weight"
+#: One set of the official ``MultiPrototypes`` (DeepCluster-v2, SeLa-v2): ``prototypes{h}``.
+_MULTI_PROTOTYPES = re.compile(r"^prototypes\.prototypes(\d+)\.weight$")
 _MAX_LISTED = 10
 
 
@@ -148,6 +155,19 @@ def _strip_module(state: Mapping[str, Any], source: str) -> dict[str, torch.Tens
     return out
 
 
+def _official_prototype_keys(state: Mapping[str, torch.Tensor]) -> tuple[str, ...]:
+    """The prototype keys an official checkpoint must have, given the ones it has.
+
+    ``prototypes.weight`` (one set), unless it has keys of the ``MultiPrototypes`` layout: then
+    ``prototypes.prototypes0.weight`` ... ``prototypes.prototypes{H-1}.weight``, H being the
+    number of such keys found (a gap then shows as a missing key and the highest as unexpected).
+    """
+    count = sum(1 for k in state if _MULTI_PROTOTYPES.match(k))
+    if count == 0:
+        return (_PROTOTYPES,)
+    return tuple(f"prototypes.prototypes{h}.weight" for h in range(count))
+
+
 def _width_hint(state: Mapping[str, torch.Tensor], arch: str) -> str:
     conv1 = state.get("conv1.weight")
     if conv1 is None or conv1.dim() != 4:
@@ -173,19 +193,20 @@ def convert_official_state_dict(
     leading ``module.`` is stripped from every key. Backbone keys keep their torchvision names
     and load with ``strict=True`` into a torchvision ResNet whose ``fc`` is ``nn.Identity()``
     (for the wide variants, the equally named but wider layout). Head keys are renamed
-    ``projection_head.X`` -> ``head.X``; ``prototypes.weight`` keeps its name. A backbone-only
-    checkpoint (no projection head and no prototypes) gives an empty ``head_state``.
+    ``projection_head.X`` -> ``head.X``; ``prototypes.weight`` keeps its name, and the sets of a
+    ``MultiPrototypes`` checkpoint (DeepCluster-v2, SeLa-v2) ``prototypes.prototypes{h}.weight``
+    become ``prototypes.{h}.weight``, the layout of a swavctl model with several sets (one such
+    set becomes ``prototypes.weight``: one set has one layout). A backbone-only checkpoint (no
+    projection head and no prototypes) gives an empty ``head_state``.
 
     Raises :class:`UserError` (messages start with ``source``) for an unknown ``arch``, missing
-    or unexpected keys (``fc.*`` included), multi-prototype checkpoints, wrong shapes or dtypes
-    and NaN/Inf values.
+    or unexpected keys (``fc.*`` included), wrong shapes or dtypes and NaN/Inf values.
     """
     _check_arch(arch)
     state = _strip_module(_unwrap(obj, source), source)
 
     multi = sorted(k for k in state if k.startswith("prototypes.prototypes"))
-    if multi:
-        raise UserError(f"{source}: multi-prototype checkpoints are not supported (found {_listing(multi)})")
+    prototype_keys = _official_prototype_keys(state) if multi else (_PROTOTYPES,)
 
     shapes = expected_backbone_shapes(arch)
     head_present = [k for k in state if k.startswith("projection_head.")]
@@ -199,7 +220,7 @@ def convert_official_state_dict(
         head_expected = ()
     expected = set(shapes) | set(head_expected)
     if head_expected:
-        expected.add(_PROTOTYPES)
+        expected.update(prototype_keys)
 
     missing = expected - state.keys()
     unexpected = state.keys() - expected
@@ -217,7 +238,6 @@ def convert_official_state_dict(
     want: dict[str, tuple[int, ...]] = dict(shapes)
     if head_expected:
         d = backbone_feature_dim(arch)
-        protos = state[_PROTOTYPES]
         if linear_head:
             out_dim = state["projection_head.weight"].shape[0]
             want["projection_head.weight"] = (out_dim, d)
@@ -232,7 +252,9 @@ def convert_official_state_dict(
             want["projection_head.1.num_batches_tracked"] = ()
             want["projection_head.3.weight"] = (out_dim, hidden)
             want["projection_head.3.bias"] = (out_dim,)
-        want[_PROTOTYPES] = (protos.shape[0] if protos.dim() == 2 else 0, out_dim)
+        for key in prototype_keys:  # each set's K_h is the file's own
+            protos = state[key]
+            want[key] = (protos.shape[0] if protos.dim() == 2 else 0, out_dim)
 
     wrong = [
         f"{k} {_shape_str(state[k].shape)} (expected {_shape_str(v)})"
@@ -260,5 +282,6 @@ def convert_official_state_dict(
     for k in head_expected:
         head["head." + k[len("projection_head.") :]] = state[k]
     if head_expected:
-        head[_PROTOTYPES] = state[_PROTOTYPES]
+        for key, name in zip(prototype_keys, prototype_set_keys(len(prototype_keys)), strict=True):
+            head[name] = state[key]
     return backbone, head

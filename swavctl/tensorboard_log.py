@@ -13,9 +13,9 @@ version (no reliance on ``purge_step`` handling), and turning TensorBoard on for
 gives it its whole history. The eval files (``*.eval``) are left alone.
 
 The event folder is ``RUN/tb``. Both of TensorBoard's loaders (the Python multiplexer and the
-Rust data server) follow symbolic links to folders when they walk a logdir, so
-``tensorboard --logdir runs`` also lists the newest run a second time, as ``latest/tb``, through
-the ``runs/latest`` link; ``tensorboard --logdir runs/<name>`` or a ``--logdir_spec`` avoids it.
+Rust data server) follow symbolic links to folders when they walk a logdir; ``runs/latest`` is a
+one-line pointer file (:mod:`swavctl.latest`), not a folder link, so that
+``tensorboard --logdir runs`` lists each run once.
 """
 
 from __future__ import annotations

@@ -273,14 +273,19 @@ def test_prototypes_without_head_is_missing_keys() -> None:
         convert_official_state_dict(state, arch="resnet18")
 
 
-def test_multi_prototypes_refused() -> None:
+def test_multi_prototypes_convert_to_prototype_sets() -> None:
+    """DeepCluster-v2 / SeLa-v2 ``MultiPrototypes`` (refused before prototype sets existed)."""
     state = _real_backbone_state("resnet18")
     state.update(_small_head(512))
     del state["prototypes.weight"]
     state["prototypes.prototypes0.weight"] = torch.randn(10, 16)
     state["prototypes.prototypes1.weight"] = torch.randn(20, 16)
-    with pytest.raises(UserError, match="multi-prototype checkpoints are not supported"):
-        convert_official_state_dict(state, arch="resnet18")
+    _, head = convert_official_state_dict(state, arch="resnet18")
+    assert set(head) == (_MLP_HEAD_KEYS - {"prototypes.weight"}) | {
+        "prototypes.0.weight",
+        "prototypes.1.weight",
+    }
+    assert torch.equal(head["prototypes.1.weight"], state["prototypes.prototypes1.weight"])
 
 
 def test_non_tensor_value_and_bad_dtype() -> None:

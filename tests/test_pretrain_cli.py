@@ -19,6 +19,7 @@ import torchvision
 from PIL import Image
 from safetensors.torch import load_file
 
+from swavctl.latest import latest_run
 from tests.conftest import write_image_folder
 
 SMOKE = ("pretrain", "--preset", "smoke", "--gpus", "0")
@@ -33,7 +34,9 @@ def test_smoke_run_writes_everything(cli, image_folder: Path, tmp_path: Path) ->
     assert summary["steps"] == 3 and summary["skipped_images"] == 0
     out = tmp_path / summary["out_dir"]
     assert out.parent == tmp_path / "runs"
-    assert (tmp_path / "runs" / "latest").resolve() == out.resolve()
+    # runs/latest is a one-line pointer file, not a folder link (tools that walk runs/ see each run once)
+    assert (tmp_path / "runs" / "latest").read_text() == f"{out.name}\n"
+    assert latest_run(tmp_path / "runs") == out.resolve()
     resolved = tomllib.loads((out / "resolved.toml").read_text())
     assert resolved["model"]["arch"] == "convnet-tiny" and resolved["data"]["path"] == str(image_folder)
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -60,6 +63,10 @@ def test_smoke_run_writes_everything(cli, image_folder: Path, tmp_path: Path) ->
     assert "[model]" in state["settings"]
     weights = load_file(out / "backbone.safetensors")
     assert weights and not any(k.startswith(("head.", "prototypes", "module.")) for k in weights)
+    # Commands read through the pointer when it is named: export of runs/latest exports this run.
+    exported = cli("export", "runs/latest", "--out", "via-latest.safetensors", "--json")
+    assert exported.returncode == 0, exported.stderr
+    assert load_file(tmp_path / "via-latest.safetensors").keys() == weights.keys()
 
 
 def test_resnet18_backbone_loads_strictly_into_torchvision(cli, image_folder: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

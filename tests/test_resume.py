@@ -22,6 +22,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from swavctl.latest import latest_run
 from swavctl.train import checkpoint as ckpt
 from tests.conftest import (
     cli_env,
@@ -143,12 +144,15 @@ def test_kill_9_single_process_with_truncated_latest_then_resume_is_bitwise_equa
     k = random.randint(7, 12)
     command = (*SMOKE, *QUEUE, "--data", images)  # no --out: the re-run finds runs/latest itself
     proc = start_cli(*command, cwd=tmp_path, env=cli_env(**SLOW))
-    latest = tmp_path / "runs" / "latest"
-    wait_until(lambda: last_logged_step(latest) >= k, timeout=180, proc=proc)
+    runs = tmp_path / "runs"
+    wait_until(
+        lambda: (run := latest_run(runs)) is not None and last_logged_step(run) >= k, timeout=180, proc=proc
+    )
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=30)
     assert proc.returncode == -signal.SIGKILL
-    run_dir = latest.resolve()
+    run_dir = latest_run(runs)
+    assert run_dir is not None
     steps = committed_steps(run_dir)
     assert len(steps) >= 2, steps
     newest = ckpt.checkpoint_at(run_dir, steps[-1]).state_path

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,7 @@ from PIL import Image
 from swavctl import config
 from swavctl.data.demo import demo_dataset
 from swavctl.data.images import class_of, list_images
+from swavctl.latest import follow, latest_run, read_pointer
 from swavctl.train.run_dir import (
     SUMMARY_FILE,
     finished_latest_note,
@@ -98,3 +101,26 @@ def test_a_busy_cpu_gets_the_one_thread_advice_and_an_idle_one_does_not() -> Non
     assert note is not None and "load average 4.2 on 2 cores" in note and "OMP_NUM_THREADS=1" in note
     assert busy_cpu_note(1.5, 2, 2) is None  # e.g. right after an install: room for the run
     assert busy_cpu_note(6.0, 2, 1) is None  # one thread does not spin-wait
+
+
+def test_latest_is_a_pointer_file_that_replaces_an_old_link_and_is_followed(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    old, new = runs / "20260101-000000-demo", runs / "20260102-000000-demo"
+    old.mkdir(parents=True)
+    new.mkdir()
+    os.symlink(old.name, runs / "latest")  # as swavctl wrote it before the pointer file
+    assert latest_run(runs) == old.resolve() and follow(runs / "latest").resolve() == old.resolve()
+    point_latest(new, runs)
+    pointer = runs / "latest"
+    assert not pointer.is_symlink() and pointer.read_text() == f"{new.name}\n"
+    assert latest_run(runs) == new.resolve() and follow(pointer) == new.resolve()
+    elsewhere = tmp_path / "elsewhere" / "run"
+    elsewhere.mkdir(parents=True)
+    point_latest(elsewhere, runs)  # a run outside runs/ is named by its absolute path
+    assert pointer.read_text() == f"{elsewhere.resolve()}\n" and latest_run(runs) == elsewhere.resolve()
+    shutil.rmtree(elsewhere)  # a pointer to a vanished run leads nowhere, and is reported as given
+    assert latest_run(runs) is None and follow(pointer) == pointer
+    other = tmp_path / "notes" / "latest"  # any other file named latest is not a pointer
+    other.parent.mkdir()
+    other.write_text("line one\nline two\n")
+    assert follow(other) == other and read_pointer(runs / "20260101-000000-demo") is None

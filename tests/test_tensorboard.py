@@ -19,6 +19,8 @@ pytest.importorskip("tensorboard")  # the dev extra includes it; CI reads the ev
 from tensorboard.backend.event_processing import plugin_event_multiplexer  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
+from swavctl.latest import latest_run
+
 
 def _scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
     """Every scalar series in ``folder`` as TensorBoard reads it: tag -> [(step, value)]."""
@@ -69,10 +71,14 @@ def test_tensorboard_events_survive_a_kill_and_resume_and_take_eval_results(tmp_
     ]
     # Killed at once after step 3 (its checkpoint is at step 2), with step 3 already in the events.
     watched = start_watched(*args, cwd=tmp_path, env=cli_env(SWAVCTL_TEST_STEP_SLEEP="0.3"))
-    run = tmp_path / "runs" / "latest"
+    runs = tmp_path / "runs"
     try:
         wait_until(  # step 3 in metrics.jsonl and in the events (written just after it)
-            lambda: last_logged_step(run) >= 3 and _last_event_step(run) >= 3,
+            lambda: (
+                (run := latest_run(runs)) is not None
+                and last_logged_step(run) >= 3
+                and _last_event_step(run) >= 3
+            ),
             timeout=180,
             proc=watched.proc,
             stderr=watched.stderr,
@@ -81,6 +87,8 @@ def test_tensorboard_events_survive_a_kill_and_resume_and_take_eval_results(tmp_
         watched.proc.wait()
     finally:
         watched.kill()
+    run = latest_run(runs)
+    assert run is not None
     logged = last_logged_step(run)
     assert any(step > 2 for step, _ in _scalars(run / TB_DIR)["train/loss"])  # past the checkpoint
 
@@ -100,11 +108,11 @@ def test_tensorboard_events_survive_a_kill_and_resume_and_take_eval_results(tmp_
     assert series["eval/knn/top5"] == [(8, pytest.approx(summary["top5"]))]
     _assert_events_match_metrics(run)  # the pretraining series untouched
 
-    # TensorBoard's own loader finds the run under its name (and, through the runs/latest link,
-    # a second time: both TensorBoard loaders follow links to folders).
+    # TensorBoard's own loader finds the run under its name, once: runs/latest is a pointer file,
+    # not a folder link (both TensorBoard loaders follow links to folders).
     multiplexer = plugin_event_multiplexer.EventMultiplexer()
-    multiplexer.AddRunsFromDirectory(str(tmp_path / "runs"))
-    assert f"{run.resolve().name}/{TB_DIR}" in multiplexer.Runs()
+    multiplexer.AddRunsFromDirectory(str(runs))
+    assert sorted(multiplexer.Runs()) == [f"{run.name}/{TB_DIR}"]
 
 
 def test_without_the_tensorboard_package_the_setting_is_refused_with_the_install_line(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import typer
 
 from swavctl.commands.common import DataOpt, GpusOpt, JsonOpt, SetOpt, err, fail
 from swavctl.errors import UserError
+from swavctl.messages import check_trainable_prototypes
 
 bench_app = typer.Typer(
     help="Measure the pretrain loader and the training step separately (samples/s).", no_args_is_help=True
@@ -131,6 +132,7 @@ def bench_step_command(
         settings = _settings(
             preset, {"train.batch_size": batch_size, "model.arch": arch, "dist.gpus": gpus}, overrides
         )
+        check_trainable_prototypes(settings.model.prototypes)  # the step is SwAV's: one set
         result = bench_step(settings, steps=steps, warmup=warmup, max_seconds=max_seconds)
     except UserError as exc:
         raise fail(str(exc), exc.exit_code) from None

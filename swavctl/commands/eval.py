@@ -10,6 +10,8 @@ import typer
 
 from swavctl.commands.common import GpusOpt, JsonOpt, err, fail, finish
 from swavctl.errors import UserError
+from swavctl.latest import follow
+from swavctl.messages import DEFAULT_MODEL
 
 
 def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
@@ -142,9 +144,11 @@ def eval_linear_command(
     from swavctl.containers import check_model_file
     from swavctl.messages import check_output_folder
 
+    # Paths through runs/latest (a pointer file) read as the run folder it names.
+    model, out = follow(model or DEFAULT_MODEL), (None if out is None else follow(out))
     try:
         # A missing or malformed MODEL is refused before torch and torchvision are imported.
-        check_model_file(model or Path("runs/latest"))
+        check_model_file(model)
         if out is not None:
             check_output_folder(out)
     except UserError as exc:
@@ -155,7 +159,7 @@ def eval_linear_command(
 
     try:
         options = EvalOptions(
-            model=model or Path("runs/latest"),
+            model=model,
             data=data,
             mode=mode,
             out=out,

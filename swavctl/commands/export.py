@@ -11,7 +11,8 @@ import typer
 from swavctl.commands.common import JsonOpt, err, fail
 from swavctl.containers import check_model_file, check_pickle_container, check_safetensors
 from swavctl.errors import UserError
-from swavctl.messages import check_output_file
+from swavctl.latest import follow
+from swavctl.messages import DEFAULT_MODEL, check_output_file
 
 #: The --dtype names of swavctl.export.DTYPES (named here so that the command can check MODEL
 #: before importing torch).
@@ -28,6 +29,7 @@ _INFO_ORDER = (
     "hidden_dim",
     "embedding_dim",
     "num_prototypes",
+    "prototype_sets",
     "mean",
     "std",
     "crop_size",
@@ -42,6 +44,16 @@ _INFO_ORDER = (
 )
 
 
+def _sets_text(value: str) -> str:
+    """``prototype_sets`` as a line: ``3 sets: 0 = prototypes.0.weight (3000), ...`` (else as stored)."""
+    try:
+        sets = json.loads(value)
+        parts = [f"{s['set']} = {s['key']} ({s['size']})" for s in sets]
+    except (ValueError, TypeError, KeyError):
+        return value
+    return f"{len(parts)} sets: {', '.join(parts)}"
+
+
 def _print_info(info: dict[str, Any]) -> None:
     meta: dict[str, str] = info["metadata"]
     err.print(
@@ -52,7 +64,8 @@ def _print_info(info: dict[str, Any]) -> None:
     keys = [k for k in keys if k != "settings"] + (["settings"] if "settings" in meta else [])
     width = max((len(k) for k in keys), default=0)
     for key in keys:
-        err.print(f"  {key:<{width}}  {meta[key]}", markup=False)
+        value = _sets_text(meta[key]) if key == "prototype_sets" else meta[key]
+        err.print(f"  {key:<{width}}  {value}", markup=False)
     if not meta:
         err.print("  (no metadata)", markup=False)
     if info.get("verified"):
@@ -67,7 +80,12 @@ def export_command(
         Path | None, typer.Option("--out", metavar="FILE", help="Output .safetensors file.")
     ] = None,
     with_head: Annotated[
-        bool, typer.Option("--with-head", help="Include the projection head (head.*) and prototypes.weight.")
+        bool,
+        typer.Option(
+            "--with-head",
+            help="Include the projection head (head.*) and the prototypes (prototypes.weight; "
+            "prototypes.0.weight, prototypes.1.weight, ... for several sets).",
+        ),
     ] = False,
     dtype: Annotated[
         str,
@@ -100,6 +118,8 @@ def export_command(
 ) -> None:
     """Export weights to safetensors (backbone under torchvision's key names), show an export's
     metadata (--info FILE), or import an official SwAV checkpoint (--from-official CKPT --arch A)."""
+    # Paths through runs/latest (a pointer file) read as the run folder it names.
+    model, out = (None if model is None else follow(model)), (None if out is None else follow(out))
     try:
         result = _run(model, out, with_head, dtype, info, verify, from_official, arch, as_json)
     except UserError as exc:
@@ -174,12 +194,12 @@ def _run(
         if out is not None:
             check_output_file(out)
         if dtype in _DTYPE_NAMES:  # else export_run names the bad --dtype first
-            check_model_file(model or Path("runs/latest"))  # before torch is imported
+            check_model_file(model or follow(DEFAULT_MODEL))  # before torch is imported
 
     from swavctl.model_io import export_run
 
     result = export_run(
-        model or Path("runs/latest"),
+        model or follow(DEFAULT_MODEL),
         out=out,
         with_head=with_head,
         dtype=dtype,

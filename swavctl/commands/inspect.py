@@ -10,6 +10,8 @@ import typer
 
 from swavctl.commands.common import JsonOpt, err, fail
 from swavctl.errors import UserError
+from swavctl.latest import follow
+from swavctl.messages import DEFAULT_MODEL
 
 
 def inspect_clusters_command(
@@ -38,7 +40,11 @@ def inspect_clusters_command(
     ] = "auto",
     out: Annotated[
         Path | None,
-        typer.Option("--out", metavar="DIR", help="Output folder (default: <run folder>/clusters)."),
+        typer.Option(
+            "--out",
+            metavar="DIR",
+            help="Output folder (default: <run folder>/clusters; clusters-setN with --prototype-set N > 0).",
+        ),
     ] = None,
     assignment: Annotated[
         str,
@@ -127,17 +133,28 @@ def inspect_clusters_command(
     seed: Annotated[
         int, typer.Option("--seed", metavar="N", help="Seed of the random members in the grids.")
     ] = 0,
+    prototype_set: Annotated[
+        int,
+        typer.Option(
+            "--prototype-set",
+            metavar="N",
+            help="Prototype set to inspect, of a model with several (DeepCluster-v2, SeLa-v2); 0 is the "
+            "only set of a SwAV model.",
+        ),
+    ] = 0,
     as_json: JsonOpt = False,
 ) -> None:
     """Prototype assignments, cluster health and browsable pictures (alias: cluster-inspect)."""
     from swavctl.containers import check_model_file
     from swavctl.messages import check_output_folder
 
+    # Paths through runs/latest (a pointer file) read as the run folder it names.
+    model, out = follow(model or DEFAULT_MODEL), (None if out is None else follow(out))
     if copy and sort_into is None:
         raise fail("--copy needs --sort-into DIR")
     try:
         # A missing or malformed MODEL is refused before torch and torchvision are imported.
-        check_model_file(model or Path("runs/latest"))
+        check_model_file(model)
         if out is not None:
             check_output_folder(out)
         if sort_into is not None:
@@ -165,6 +182,7 @@ def inspect_clusters_command(
         gpus=gpus,
         image_size=image_size,
         max_images=max_images,
+        prototype_set=prototype_set,
         sort_into=sort_into,
         copy=copy,
         seed=seed,
@@ -185,9 +203,11 @@ def _num(value: Any, digits: int = 3) -> str:
 
 def _human(s: dict[str, Any]) -> str:
     a = s["assignment"]
+    sets = s["prototype_sets"]
+    which = f" (prototype set {s['prototype_set']} of {sets})" if sets > 1 else ""
     lines = [
         f"{s['n_images']} images ({s['skipped_images']} unreadable skipped), "
-        f"K = {s['num_prototypes']} prototypes",
+        f"K = {s['num_prototypes']} prototypes{which}",
         f"{a}: {s['prototypes_used']} prototypes used, {s['empty_prototypes']} empty, entropy/ln K "
         f"{_num(s['entropy_ratio'])}, largest/median {_num(s['largest_over_median'], 2)}, "
         f"Gini {_num(s['gini'])}",

@@ -10,6 +10,7 @@ import typer
 
 from swavctl.commands.common import DataOpt, GpusOpt, JsonOpt, OutOpt, SetOpt, err, fail, finish
 from swavctl.errors import UserError
+from swavctl.latest import follow
 
 if TYPE_CHECKING:
     from swavctl.config import Settings
@@ -70,6 +71,7 @@ def pretrain_command(
 
     try:
         if out is not None:
+            out = str(follow(Path(out)))  # --out runs/latest: the run folder it names
             check_output_folder(out)  # before torch is imported, as are the settings
         flags = {
             "data.path": data,

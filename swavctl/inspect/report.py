@@ -129,6 +129,8 @@ def render_report(
     other = "balanced" if primary == "argmax" else "argmax"
     stats = summary[primary]
     k = summary["num_prototypes"]
+    sets = summary.get("prototype_sets", 1)
+    which = f" (prototype set {summary['prototype_set']} of {sets})" if sets > 1 else ""
     cards = [
         _card(f"{summary['n_images']}", "images assigned"),
         _card(f"{summary['skipped_images']}", "unreadable files skipped", warn=summary["skipped_images"] > 0),
@@ -211,7 +213,7 @@ def render_report(
 </head><body>
 <h1>Cluster report</h1>
 <p class="sub">model {html.escape(summary["model"])} &middot; data {html.escape(summary["data"])}
- &middot; K = {k} prototypes
+ &middot; K = {k} prototypes{which}
  &middot; grids and sorting follow the <b>{html.escape(primary)}</b> assignment</p>
 <div id="js-error"></div>
 <div class="cards">{"".join(cards)}</div>

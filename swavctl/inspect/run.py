@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from swavctl.errors import UserError
-from swavctl.inspect import assign, grids, metrics, report, stats
+from swavctl.inspect import assign, grids, metrics, report, sources, stats
 from swavctl.inspect.embeddings import EmbeddingStore
 from swavctl.inspect.extract import Embedder, EvalView, iter_embeddings, pick_devices
 from swavctl.inspect.sort_into import Sorter, folder_name
@@ -63,6 +63,7 @@ class InspectOptions:
     gpus: int | None = None
     image_size: int | None = None  # default data.crop_sizes[0]
     max_images: int | None = None
+    prototype_set: int = 0  # which set of a model with several (DeepCluster-v2, SeLa-v2)
     sort_into: Path | None = None
     copy: bool = False
     thumb: int = 64
@@ -125,6 +126,7 @@ def _check_options(options: InspectOptions) -> None:
         (options.workers is None or options.workers >= 0, "--workers must be 0 or more"),
         (options.image_size is None or options.image_size >= 1, "--image-size must be at least 1"),
         (options.max_images is None or options.max_images >= 1, "--max-images must be at least 1"),
+        (options.prototype_set >= 0, "--prototype-set must be 0 or more"),
         (16 <= options.thumb <= 512, "--thumb must lie in 16..512"),
     ]
     for ok, message in checks:
@@ -146,12 +148,13 @@ def inspect_clusters(options: InspectOptions, progress: StageReporter | None = N
             "pass the run folder or a checkpoint, or export with 'swavctl export --with-head'"
         )
     settings = loaded.settings
+    layer = sources.prototype_layer(loaded, options.prototype_set)
     devices = pick_devices(options.gpus)
     images = resolve_images(options.data, split=options.split, loaded=loaded, max_images=options.max_images)
     if images.note:
         progress.warn(images.note)
-    out = prepare_out(options.out or default_out(loaded))
-    k = loaded.model.prototypes.weight.shape[0]
+    out = prepare_out(options.out or default_out(loaded, options.prototype_set))
+    k = layer.weight.shape[0]
     # Checked (and prepared) before the expensive passes, so a bad folder fails at once.
     sorter = Sorter(options.sort_into, k, copy=options.copy) if options.sort_into is not None else None
     temperature = options.temperature or settings.swav.temperature
@@ -162,9 +165,11 @@ def inspect_clusters(options: InspectOptions, progress: StageReporter | None = N
         settings.data.augment.std,
     )
     workers = options.workers if options.workers is not None else settings.data.workers
-    prototypes = loaded.model.prototypes.weight.detach().float()
+    prototypes = layer.weight.detach().float()
+    sets = len(loaded.model.prototype_sets)
+    which = f", prototype set {options.prototype_set} of {sets}" if sets > 1 else ""
     progress.info(
-        f"model {loaded.source} (K = {k}); {len(images.paths)} images under {images.folder}"
+        f"model {loaded.source} (K = {k}{which}); {len(images.paths)} images under {images.folder}"
         + (f", {len(images.label_names)} labels" if images.label_names else ", no labels")
         + f"; writing to {out}"
     )
@@ -384,10 +389,8 @@ def _write_outputs(
                 names[c]: int(column[c]) for c in np.argsort(-column, kind="stable") if column[c]
             }
         entries.append(entry)
-    write_json_atomic(
-        out / "clusters.json",
-        {"num_prototypes": k, "assignment_for_members": primary, "prototypes": entries},
-    )
+    head = {"num_prototypes": k, "prototype_set": options.prototype_set, "assignment_for_members": primary}
+    write_json_atomic(out / "clusters.json", {**head, "prototypes": entries})
     if names:
         text = io.StringIO(newline="")
         writer = csv.writer(text)
@@ -443,6 +446,8 @@ def _write_outputs(
         "n_images": n_images,
         "skipped_images": len(skipped),
         "num_prototypes": k,
+        "prototype_set": options.prototype_set,
+        "prototype_sets": len(loaded.model.prototype_sets),
         "assignment": primary,
         "prototypes_used": top["prototypes_used"],
         "empty_prototypes": top["empty_prototypes"],

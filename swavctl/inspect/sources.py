@@ -6,13 +6,17 @@ Defaults (``swavctl inspect-clusters`` with no arguments):
 * data: the folder recorded in the model's settings (``data.path``; ``demo`` is the built-in
   digits). Of a root with splits, ``val/`` is read when present (held-out images, as for the
   demo's NMI bar), else ``train/``, else the folder itself; ``--split`` picks one explicitly;
-* out: ``<run folder>/clusters``.
+* prototype set: 0 (``--prototype-set``; a model with several has one per DeepCluster-v2 head);
+* out: ``<run folder>/clusters`` (``clusters-set{N}`` for ``--prototype-set N`` > 0, so the
+  reports of a model's sets lie side by side).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+from torch import nn
 
 from swavctl.data.demo import resolve_data_path
 from swavctl.data.images import IMAGE_SUFFIXES, class_of, list_images
@@ -82,9 +86,23 @@ def resolve_images(data: str | None, *, split: str, loaded: LoadedModel, max_ima
     return ImageSet(folder, paths, names, [index[c] for c in classes if c is not None])
 
 
-def default_out(loaded: LoadedModel) -> Path:
-    """``<run folder>/clusters``: beside the checkpoints folder, or beside the export file."""
-    return run_folder(loaded) / "clusters"
+def default_out(loaded: LoadedModel, prototype_set: int = 0) -> Path:
+    """``<run folder>/clusters``: beside the checkpoints folder, or beside the export file;
+    ``clusters-set{N}`` for prototype set N > 0."""
+    return run_folder(loaded) / ("clusters" if prototype_set == 0 else f"clusters-set{prototype_set}")
+
+
+def prototype_layer(loaded: LoadedModel, index: int) -> nn.Linear:
+    """Prototype set ``index`` (``--prototype-set``) of the loaded model; a :class:`UserError`
+    naming the valid range when it has no such set (a one-set model has only set 0)."""
+    sets = loaded.model.prototype_sets
+    if not 0 <= index < len(sets):
+        if len(sets) == 1:
+            valid = "it has one prototype set, so --prototype-set takes only 0"
+        else:
+            valid = f"it has {len(sets)} prototype sets: pass --prototype-set 0 to {len(sets) - 1}"
+        raise UserError(f"--prototype-set {index} is out of range for {loaded.source}: {valid}")
+    return sets[index]
 
 
 #: Where the embeddings are kept while an inspection runs (``.NAME.tmp-PID``, removed after).

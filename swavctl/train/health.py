@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +36,22 @@ def code_statistics(codes: torch.Tensor) -> torch.Tensor:
     return torch.stack([entropy.double(), used.double()])
 
 
-class CollapseDetector:
-    """Warn once when the loss stays within ``tolerance`` of ln K for ``patience`` steps after warmup."""
+def collapsed_loss(prototypes: int | Sequence[int]) -> float:
+    """The loss of a model that predicts the uniform distribution: ln K for one prototype set, and
+    the mean of ln K_h over several sets (their loss is the mean of the sets' cross-entropies, and
+    a uniform prediction over K_h prototypes costs ln K_h whatever the targets)."""
+    sizes = [prototypes] if isinstance(prototypes, int) else list(prototypes)
+    return sum(math.log(k) for k in sizes) / len(sizes)
 
-    def __init__(self, num_prototypes: int, *, tolerance: float, patience: int, warmup_steps: int) -> None:
-        self.log_k = math.log(num_prototypes)
+
+class CollapseDetector:
+    """Warn once when the loss stays within ``tolerance`` of ln K (:func:`collapsed_loss`) for
+    ``patience`` steps after warmup."""
+
+    def __init__(
+        self, num_prototypes: int | Sequence[int], *, tolerance: float, patience: int, warmup_steps: int
+    ) -> None:
+        self.log_k = collapsed_loss(num_prototypes)
         self.tolerance = tolerance
         self.patience = patience
         self.warmup_steps = warmup_steps

@@ -20,7 +20,6 @@ math modules know nothing of them.
 from __future__ import annotations
 
 import contextlib
-import math
 import signal
 import time
 from collections.abc import Callable
@@ -40,7 +39,7 @@ from swavctl.train import rng
 from swavctl.train.agreement import StepReadout, agree_on_step_start, grads_finite, read_step
 from swavctl.train.build import build_model_on, build_optimizer, wrap_for_training
 from swavctl.train.faults import FaultHooks
-from swavctl.train.health import CollapseDetector, MetricsLog, code_statistics
+from swavctl.train.health import CollapseDetector, MetricsLog, code_statistics, collapsed_loss
 from swavctl.train.monitoring import Monitoring
 from swavctl.train.pipeline import DataPipeline
 from swavctl.train.plan import RunPlan, plan_run
@@ -396,7 +395,7 @@ class Trainer:
             "step": step,
             "epoch": epoch,
             "loss": readout.loss,
-            "loss_over_lnk": readout.loss / math.log(self.settings.model.prototypes),
+            "loss_over_lnk": readout.loss / collapsed_loss(self.settings.model.prototypes),
             "lr": result.lr,
             "samples_per_s": images * self.world / max(seconds, 1e-9),
             "data_wait_fraction": waited / max(seconds, 1e-9),

@@ -170,9 +170,10 @@ def plan_run(settings: Settings, *, reporter: Reporter, fresh: bool, held: conte
     )
     if batch_note:
         warn_all(batch_note)
-    if global_batch + settings.swav.queue_length < settings.model.prototypes:
+    prototypes = settings.model.prototypes  # SwAV's one set (launch refuses several until their methods)
+    if isinstance(prototypes, int) and global_batch + settings.swav.queue_length < prototypes:
         warn_all(
-            f"global batch {global_batch} + queue {settings.swav.queue_length} < {settings.model.prototypes} "
+            f"global batch {global_batch} + queue {settings.swav.queue_length} < {prototypes} "
             "prototypes: the equal-partition constraint cannot fill every prototype each step and clusters "
             "will go empty; use a larger batch, a queue, or fewer prototypes"
         )

@@ -34,10 +34,11 @@ class Float32Linear(nn.Linear):
 
 
 def keep_scores_fp32(model: SwAV) -> SwAV:
-    """Make ``model``'s prototype scores float32 under autocast (in place; returns ``model``)."""
-    layer = model.prototypes
-    if type(layer) is nn.Linear:
-        layer.__class__ = Float32Linear
+    """Make ``model``'s prototype scores float32 under autocast, every set's (in place; returns
+    ``model``)."""
+    for layer in model.prototype_sets:
+        if type(layer) is nn.Linear:
+            layer.__class__ = Float32Linear
     return model
 
 

@@ -14,9 +14,10 @@ from typing import Any
 
 from swavctl.config import RESOLVED_NAME, Settings, dotted, from_toml_text
 from swavctl.errors import UserError
+from swavctl.latest import latest_run
+from swavctl.latest import point_latest as _point_latest
 
 RUNS_ROOT = Path("runs")
-LATEST = "latest"
 SUMMARY_FILE = "summary.json"
 RESOLVED_FILE = RESOLVED_NAME
 
@@ -149,11 +150,11 @@ def select_run_dir(settings: Settings, *, fresh: bool, runs_root: Path = RUNS_RO
     """
     if settings.out:
         return Path(settings.out).expanduser(), False
-    latest = runs_root / LATEST
-    if not fresh and latest.is_dir() and not is_complete(latest):
+    latest = latest_run(runs_root)
+    if not fresh and latest is not None and not is_complete(latest):
         previous = read_resolved(latest)
         if previous is not None and not settings_diff(previous, settings):
-            return latest.resolve(), True
+            return latest, True
     label = (settings.preset or settings.model.arch).replace("/", "_").replace(".toml", "")
     label = Path(label).name
     return _unused(runs_root / f"{time.strftime('%Y%m%d-%H%M%S')}-{label}"), False
@@ -174,8 +175,8 @@ def finished_latest_note(settings: Settings, *, fresh: bool, runs_root: Path = R
     command that trains the finished one further instead. None otherwise (``--out`` given,
     ``--fresh``, other settings).
     """
-    latest = runs_root / LATEST
-    if settings.out or fresh or not latest.is_dir():
+    latest = latest_run(runs_root)
+    if settings.out or fresh or latest is None:
         return None
     summary = read_summary(latest)
     previous = read_resolved(latest)
@@ -184,7 +185,7 @@ def finished_latest_note(settings: Settings, *, fresh: bool, runs_root: Path = R
     changed = settings_diff(previous, settings)
     if set(changed) - {"train.epochs"}:
         return None
-    folder = latest.resolve()
+    folder = latest
     if "train.epochs" in changed:
         old, new = changed["train.epochs"]
         advice = continue_advice(folder, previous, summary, epochs=new)
@@ -200,11 +201,11 @@ def unfinished_latest_note(settings: Settings, *, fresh: bool, runs_root: Path =
     differ (or cannot be read), so a new run starts; the line says so and how to resume the
     unfinished one. None when it resumes, or there is none, or ``--out``/``--fresh`` was given.
     """
-    latest = runs_root / LATEST
-    if settings.out or fresh or not latest.is_dir() or is_complete(latest):
+    latest = latest_run(runs_root)
+    if settings.out or fresh or latest is None or is_complete(latest):
         return None
     previous, why = read_resolved_or_why(latest)
-    folder = latest.resolve()
+    folder = latest
     if previous is None:
         if why is None:  # it stopped before writing its settings: nothing to resume
             return None
@@ -251,15 +252,8 @@ def set_aside_earlier_run(run_dir: Path) -> Path | None:
 
 
 def point_latest(run_dir: Path, runs_root: Path = RUNS_ROOT) -> None:
-    """Make ``runs/latest`` a symlink to ``run_dir`` (atomically replaced)."""
-    run_dir = run_dir.resolve()
-    runs_root.mkdir(parents=True, exist_ok=True)
-    root = runs_root.resolve()
-    target = os.path.relpath(run_dir, root)
-    tmp = root / f".latest-{os.getpid()}"
-    tmp.unlink(missing_ok=True)
-    os.symlink(target, tmp)
-    os.replace(tmp, root / LATEST)
+    """Make ``runs/latest`` point at ``run_dir`` (see :mod:`swavctl.latest`)."""
+    _point_latest(run_dir, runs_root)
 
 
 LOCK_FILE = ".lock"

@@ -330,7 +330,7 @@ class RichReporter(Display):
                 Field(f"lr {record['lr']:.3g}", 5),
                 Field(f"{record['samples_per_s']:.1f} samples/s", 2),
                 Field(f"wait {record['data_wait_fraction']:.0%}", 6),
-                Field(f"protos {record['prototypes_used']}{' queue' if record['queue_in_use'] else ''}", 7),
+                Field(f"protos {record['prototypes_used']}{' queue' if record.get('queue_in_use') else ''}", 7),
             ]
         if terminal:
             fields.append(Field(clock_text(count.elapsed()), 3, "yellow"))

@@ -140,13 +140,15 @@ class SwAVObjective(Objective):
         model.normalize_prototypes()
 
     def __call__(self, inputs: StepInputs) -> ObjectiveOutput:
+        scores, prototypes = inputs.scores, inputs.prototypes
+        assert isinstance(scores, torch.Tensor) and isinstance(prototypes, torch.Tensor)  # one set
         out = swav_loss_from_outputs(
             inputs.embeddings.float(),
-            inputs.scores.float(),
+            scores.float(),
             batch_size=inputs.batch_size,
             num_crops=self.num_crops,
             assignment_crops=self.assignment_crops,
-            prototypes=inputs.prototypes,
+            prototypes=prototypes,
             temperature=self.temperature,
             epsilon=self.epsilon,
             sinkhorn_iterations=self.sinkhorn_iterations,

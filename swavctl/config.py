@@ -39,6 +39,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from swavctl import method_settings
 from swavctl.errors import UserError
 from swavctl.latest import follow
 
@@ -217,6 +218,40 @@ class SwavSettings(_Strict):
     queue_start_epoch: int = Field(15, ge=0, description="Epoch at which the queue starts filling.")
 
 
+class DeepClusterSettings(_Strict):
+    """DeepCluster-v2's own settings (``method = "deepcluster-v2"``; docs/methods.md)."""
+
+    kmeans_iterations: int = Field(
+        10,
+        ge=1,
+        description="Spherical k-means rounds (E-step, all-reduced M-step) over the memory bank at each "
+        "epoch start, one final E-step after them (official: 10).",
+    )
+
+
+class SelaSettings(_Strict):
+    """SeLa-v2's own settings (``method = "sela-v2"``): the offline Sinkhorn-Knopp over the bank."""
+
+    epsilon: float = Field(
+        0.004,
+        gt=0,
+        description="Entropy regularisation of the offline Sinkhorn-Knopp on the bank's scores "
+        "(P = exp(score / epsilon)); epsilon = swav.temperature / lambda, so SeLa's lambda = 25 at "
+        "tau = 0.1 is 0.004 (solved in float64, in the log domain where needed).",
+    )
+    tolerance: float = Field(
+        0.1,
+        ge=0,
+        description="Stop when sum_i |c_i / c_new,i - 1| is at most this (SeLa's rule and value: 0.1).",
+    )
+    check_every: int = Field(
+        10, ge=1, description="Check the stopping rule every this many iterations (SeLa: 10)."
+    )
+    max_iterations: int = Field(
+        1000, ge=1, description="Stop the offline Sinkhorn-Knopp after this many iterations at most."
+    )
+
+
 class OptimSettings(_Strict):
     """SGD + LARC and the learning-rate schedule."""
 
@@ -339,6 +374,12 @@ class Settings(_Strict):
         description="Preset the run started from (informational); 'auto' = the recipe pretrain --data "
         "chose from the data and devices without --preset.",
     )
+    method: str = Field(
+        "swav",
+        description="Training method: 'swav' (online codes, Sec. 3), 'deepcluster-v2' (k-means over a "
+        "memory bank, Sec. 5.1) or 'sela-v2' (offline Sinkhorn over a memory bank, App. D); see "
+        "docs/methods.md. Settings of another method are refused.",
+    )
     out: str | None = Field(
         None,
         description="Output folder (default: a new folder under runs/); not written to resolved.toml, "
@@ -346,7 +387,14 @@ class Settings(_Strict):
     )
     data: DataSettings = Field(default_factory=DataSettings, description="Data and multi-crop.")
     model: ModelSettings = Field(default_factory=ModelSettings, description="Model.")
-    swav: SwavSettings = Field(default_factory=SwavSettings, description="SwAV objective.")
+    swav: SwavSettings = Field(
+        default_factory=SwavSettings,
+        description="SwAV objective (temperature and assignment_crops are every method's).",
+    )
+    deepcluster: DeepClusterSettings = Field(
+        default_factory=DeepClusterSettings, description="DeepCluster-v2's k-means."
+    )
+    sela: SelaSettings = Field(default_factory=SelaSettings, description="SeLa-v2's offline Sinkhorn-Knopp.")
     optim: OptimSettings = Field(default_factory=OptimSettings, description="Optimizer and schedule.")
     train: TrainSettings = Field(default_factory=TrainSettings, description="Training length and precision.")
     checkpoint: CheckpointSettings = Field(default_factory=CheckpointSettings, description="Checkpoints.")
@@ -356,6 +404,22 @@ class Settings(_Strict):
         default_factory=MonitorSettings, description="Evaluation during pretraining."
     )
     log: LogSettings = Field(default_factory=LogSettings, description="Logs besides metrics.jsonl.")
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _known_method(cls, value: Any) -> str:
+        if value not in method_settings.METHODS:
+            raise PydanticCustomError("method", method_settings.unknown_method_message(value))
+        return str(value)
+
+    @model_validator(mode="after")
+    def _method_settings(self) -> Settings:
+        """Refuse a value other than the default for a setting the method does not use (the source
+        a value came from is named earlier, by :func:`resolve`)."""
+        flat = dotted(self.model_dump(mode="json"))
+        for key, reason in method_settings_in_use(self.method, flat, prototype_sets=False).items():
+            raise ValueError(f"{key} does not apply to method '{self.method}': {reason}")
+        return self
 
     @model_validator(mode="after")
     def _assignment_crops(self) -> Settings:
@@ -368,6 +432,43 @@ class Settings(_Strict):
         if total < 2:
             raise ValueError("the swapped prediction needs at least two crops in total")
         return self
+
+
+_DEFAULTS: dict[str, Any] = {}
+
+
+def setting_defaults() -> dict[str, Any]:
+    """Every setting's default, by dotted key (JSON values)."""
+    if not _DEFAULTS:
+        _DEFAULTS.update(dotted(Settings.model_construct().model_dump(mode="json")))
+    return _DEFAULTS
+
+
+def method_settings_in_use(
+    method: str, flat: Mapping[str, Any], *, all_keys: bool = False, prototype_sets: bool = True
+) -> dict[str, str]:
+    """The dotted keys of ``flat`` that do not apply to ``method``, with why.
+
+    Only values other than the default count, unless ``all_keys`` (a flag or ``--set`` that names
+    such a setting is refused whatever its value). With ``prototype_sets``, a list of prototype
+    sets counts for SwAV (the settings tree itself accepts one: a model imported with several sets
+    loads, exports and inspects; training it is what is refused).
+    """
+    defaults = setting_defaults()
+    found: dict[str, str] = {}
+    for key, value in flat.items():
+        reason = method_settings.inapplicable_reason(method, key)
+        if reason is not None and (all_keys or value != defaults.get(key, value)):
+            found[key] = reason
+    prototypes = flat.get("model.prototypes")
+    if (
+        prototype_sets
+        and method == method_settings.SWAV
+        and isinstance(prototypes, list)
+        and len(prototypes) > 1
+    ):
+        found["model.prototypes"] = method_settings.SWAV_ONE_SET
+    return found
 
 
 # ---------------------------------------------------------------------------------------------
@@ -703,11 +804,14 @@ def resolve(
     for dotted, value in (flags or {}).items():
         if value is not None:
             _set_path(tree, dotted.split("."), value)
+    parsed = [parse_override(text) for text in overrides]
+    method_note = _method_sources(tree, preset_tree, preset, flags or {}, parsed, flag_names or {})
+    if method_note and notes is not None:
+        notes.append(method_note)
     validate(tree, source="flags", flag_names=flag_names)
     # The overrides are validated together, so several of them can change related settings at
     # once (e.g. the lengths of all four crop lists).
-    for text in overrides:
-        path_parts, value = parse_override(text)
+    for path_parts, value in parsed:
         _set_path(tree, path_parts, value)
     explicit = set(explicit_keys(flags, overrides))
     note = _unbind_preset_data(tree, preset_tree, explicit, preset)
@@ -721,6 +825,59 @@ def explicit_keys(flags: Mapping[str, Any] | None, overrides: Sequence[str]) -> 
     keys = {key for key, value in (flags or {}).items() if value is not None}
     keys.update(".".join(parse_override(text)[0]) for text in overrides)
     return frozenset(keys)
+
+
+def _method_sources(
+    tree: dict[str, Any],
+    preset_tree: Mapping[str, Any],
+    preset: str | None,
+    flags: Mapping[str, Any],
+    parsed: Sequence[tuple[list[str], Any]],
+    flag_names: Mapping[str, str],
+) -> str | None:
+    """Refuse a flag, ``--set`` or preset setting that does not apply to the chosen method.
+
+    A flag or ``--set`` naming such a setting is refused whatever its value. A preset that names
+    its ``method`` is a recipe for that method: its values (other than the defaults) that do not
+    apply to the chosen method are refused too. A preset without ``method`` (``demo``, ``smoke``)
+    carries settings for several methods: those that do not apply are left out, with a note (the
+    returned line). ``tree`` is changed in place.
+    """
+    method = tree.get("method", method_settings.SWAV)
+    for path, value in parsed:
+        if path == ["method"]:
+            method = value
+    if method not in method_settings.METHODS:
+        return None  # refused with the nearest name by validation
+    given = [(flag_names.get(k, k), {k: v}) for k, v in flags.items() if v is not None]
+    given += [(f"--set {'.'.join(p)}", _flat_at(p, v)) for p, v in parsed]
+    for source, flat in given:
+        for key, reason in method_settings_in_use(method, flat, all_keys=True).items():
+            raise UserError(f"{source}: {key} does not apply to method '{method}': {reason}")
+    found = method_settings_in_use(method, dotted(preset_tree))
+    if not found:
+        return None
+    key, reason = next(iter(found.items()))
+    own = preset_tree.get("method")
+    if own is not None or key == "model.prototypes":
+        recipe = f" (a {own} recipe)" if own else ""
+        raise UserError(f"preset {preset}{recipe}: {key} does not apply to method '{method}': {reason}")
+    for key in found:
+        _drop_path(tree, key.split("."))
+    return f"preset {preset}: left out {', '.join(found)}, which method '{method}' does not use"
+
+
+def _flat_at(path: Sequence[str], value: Any) -> dict[str, Any]:
+    key = ".".join(path)
+    return dotted(value, key + ".") if isinstance(value, Mapping) else {key: value}
+
+
+def _drop_path(tree: dict[str, Any], path: Sequence[str]) -> None:
+    node: Any = tree
+    for part in path[:-1]:
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+        node.pop(path[-1], None)
 
 
 def _same_data(a: Any, b: Any) -> bool:

@@ -172,7 +172,9 @@ def run_job(job: Job, *, gpus: int | None, procs: int, single: Any) -> Outcome:
 
 def run_pretrain(settings: Settings, *, fresh: bool = False) -> Outcome:
     """Run pretraining the way the environment and ``settings.dist`` ask for (see module doc)."""
-    messages.check_trainable_prototypes(settings.model.prototypes)  # before any worker starts
+    messages.check_trainable_prototypes(
+        settings.method, settings.model.prototypes
+    )  # before any worker starts
     job = Job(
         "pretrain",
         {"settings": settings.model_dump_json(), "fresh": fresh},

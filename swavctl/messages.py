@@ -8,7 +8,7 @@ Every command reports these through the functions here, so that ``pretrain``, ``
 - an output that cannot be written (:func:`output_not_writable`; :func:`check_output_folder` and
   :func:`check_output_file` check an output before the work, and before torch is imported);
 - an output folder that is a file (:func:`output_is_file`);
-- training settings with several prototype sets, which SwAV does not train
+- SwAV training settings with several prototype sets, which only the other methods train
   (:func:`check_trainable_prototypes`).
 
 This module imports nothing heavy (no torch), so a command can check its input before it loads
@@ -98,18 +98,19 @@ def check_output_file(path: Path, flag: str = "--out") -> None:
         raise UserError(output_not_writable(path, _reason(exc), flag)) from None
 
 
-def check_trainable_prototypes(prototypes: int | Sequence[int]) -> None:
-    """Refuse to train a model with several prototype sets (``model.prototypes`` a list).
+def check_trainable_prototypes(method: str, prototypes: int | Sequence[int]) -> None:
+    """Refuse to train SwAV with several prototype sets (``model.prototypes`` a list).
 
-    SwAV's objective trains one set; several sets are for DeepCluster-v2 and SeLa-v2, whose
-    training is not in this version yet. Such models still load, export and inspect. Without this
-    check, pretraining would fail deep in the step instead (or train set 0 only).
+    SwAV's objective trains one set; several sets are for DeepCluster-v2 and SeLa-v2. Such models
+    still load, export and inspect (a settings tree may hold a list). Without this check, SwAV
+    would fail deep in the step instead. :func:`swavctl.config.resolve` refuses it earlier, naming
+    the source; this covers settings built otherwise.
     """
-    if isinstance(prototypes, int):
+    if method != "swav" or isinstance(prototypes, int):
         return
     sizes = list(prototypes)
     raise UserError(
-        f"model.prototypes = {sizes} asks for {len(sizes)} prototype sets, which are for the "
-        "DeepCluster-v2 and SeLa-v2 methods that this swavctl cannot train yet; SwAV trains one "
-        "set: give one number K (e.g. --set model.prototypes=3000)"
+        f"model.prototypes = {sizes} asks for {len(sizes)} prototype sets, which are for --method "
+        "deepcluster-v2 and sela-v2; SwAV trains one set: give one number K "
+        "(e.g. --set model.prototypes=3000)"
     )

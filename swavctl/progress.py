@@ -330,7 +330,7 @@ class RichReporter(Display):
                 Field(f"lr {record['lr']:.3g}", 5),
                 Field(f"{record['samples_per_s']:.1f} samples/s", 2),
                 Field(f"wait {record['data_wait_fraction']:.0%}", 6),
-                Field(f"protos {record['prototypes_used']}{' queue' if record['queue_in_use'] else ''}", 7),
+                Field(f"protos {record['prototypes_used']}{_queue_mark(record)}", 7),
             ]
         if terminal:
             fields.append(Field(clock_text(count.elapsed()), 3, "yellow"))
@@ -448,3 +448,8 @@ class StageProgress(Display):
             self.info(
                 f"{name}: {count.done} {unit} in {seconds:.1f} s" + (f", {note_now}" if note_now else "")
             )
+
+
+def _queue_mark(record: dict[str, Any]) -> str:
+    """' queue' while SwAV's queue is in use (the other methods' records have no such field)."""
+    return " queue" if record.get("queue_in_use") else ""

@@ -46,7 +46,7 @@ def _inputs(seed: int, crops: int = 3) -> StepInputs:
     g = torch.Generator().manual_seed(seed)
     prototypes = F.normalize(torch.randn(PROTOTYPES, DIM, generator=g), dim=1)
     embeddings = F.normalize(torch.randn(crops * BATCH, DIM, generator=g), dim=1)
-    return StepInputs(embeddings, embeddings @ prototypes.t(), [prototypes], BATCH, list(range(BATCH)))
+    return StepInputs(embeddings, embeddings @ prototypes.t(), prototypes, BATCH, list(range(BATCH)))
 
 
 def _reference(settings: config.Settings, inputs: StepInputs, queue: EmbeddingQueue | None):  # type: ignore[no-untyped-def]
@@ -57,7 +57,7 @@ def _reference(settings: config.Settings, inputs: StepInputs, queue: EmbeddingQu
         batch_size=BATCH,
         num_crops=3,
         assignment_crops=swav.assignment_crops,
-        prototypes=inputs.prototypes[0],
+        prototypes=inputs.prototypes,
         temperature=swav.temperature,
         epsilon=swav.epsilon,
         sinkhorn_iterations=swav.sinkhorn_iterations,

@@ -3,8 +3,8 @@
 the proof that a one-set model keeps every key, shape and value it had before sets existed.
 
 The models are the smoke preset's tiny convnet; their checkpoints are written by the real
-checkpoint writer (``train.checkpoint.save_checkpoint``), as a run writes them, since training
-with several sets waits for the methods that use them (and is refused until then, tested here).
+checkpoint writer (``train.checkpoint.save_checkpoint``), as a run writes them; training with
+several sets (DeepCluster-v2, SeLa-v2) is tested in test_methods.py, SwAV's refusal here.
 """
 
 from __future__ import annotations
@@ -42,7 +42,10 @@ SCHEMA0 = Path(__file__).parent / "fixtures" / "schema0"
 
 def _settings(prototypes: Any, data: Path | None = None) -> config.Settings:
     flags = {"data.path": str(data)} if data is not None else {}
-    return config.resolve(preset="smoke", flags=flags, overrides=[f"model.prototypes={prototypes}"])
+    overrides = [f"model.prototypes={prototypes}"]
+    if isinstance(prototypes, str) and prototypes.startswith("[") and "," in prototypes:
+        overrides.append("method=sela-v2")  # SwAV trains one set (refused for SwAV, tested below)
+    return config.resolve(preset="smoke", flags=flags, overrides=overrides)
 
 
 def _model(settings: config.Settings, seed: int = 0) -> SwAV:
@@ -331,7 +334,7 @@ def test_eval_linear_is_unchanged_by_the_sets(sets_run: dict[str, Any], tmp_path
     assert predictions[0] == predictions[1]  # every image's scores, to the printed digit
 
 
-def test_pretrain_and_bench_step_refuse_several_sets(sets_run: dict[str, Any], tmp_path: Path) -> None:
+def test_swav_pretrain_and_bench_step_refuse_several_sets(sets_run: dict[str, Any], tmp_path: Path) -> None:
     images = str(sets_run["images"])
     result = run_cli(
         "pretrain", "--preset", "smoke", "--data", images, "--out", "never",
@@ -339,21 +342,21 @@ def test_pretrain_and_bench_step_refuse_several_sets(sets_run: dict[str, Any], t
     )  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
-        "error: model.prototypes = [5, 7, 9] asks for 3 prototype sets, which are for the DeepCluster-v2 "
-        "and SeLa-v2 methods that this swavctl cannot train yet; SwAV trains one set: give one number K "
-        "(e.g. --set model.prototypes=3000)"
+        "error: --set model.prototypes: model.prototypes does not apply to method 'swav': SwAV trains one "
+        "prototype set: give one number K (e.g. --set model.prototypes=3000); several sets ([3000, 3000, "
+        "3000]) are for --method deepcluster-v2 and sela-v2"
     )
     assert not (tmp_path / "never").exists()
     from swavctl.api import pretrain
 
-    with pytest.raises(UserError, match="asks for 2 prototype sets"):
+    with pytest.raises(UserError, match="SwAV trains one prototype set"):
         pretrain(
             preset="smoke", data=images, out=str(tmp_path / "api"), overrides=["model.prototypes=[4, 4]"]
         )
     bench = _in_process(
         "bench", "step", "--preset", "smoke", "--set", "model.prototypes=[4, 4]", cwd=tmp_path
     )
-    assert bench.returncode == 2 and "asks for 2 prototype sets" in bench.stderr
+    assert bench.returncode == 2 and "SwAV trains one prototype set" in bench.stderr
 
 
 # ---- one set, as before -----------------------------------------------------------------------

@@ -146,8 +146,9 @@ class StepRunner:
             embeddings, scores = self.train_model(self.crops)
         sync(device)
         t1 = time.perf_counter()
-        prototypes = [p.weight for p in model.prototype_sets]
-        out = objective(StepInputs(embeddings, scores, prototypes, batch_size, range(batch_size)))
+        out = objective(
+            StepInputs(embeddings, scores, model.prototypes.weight, batch_size, range(batch_size))
+        )
         sync(device)
         t2 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)

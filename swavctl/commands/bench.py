@@ -132,7 +132,7 @@ def bench_step_command(
         settings = _settings(
             preset, {"train.batch_size": batch_size, "model.arch": arch, "dist.gpus": gpus}, overrides
         )
-        check_trainable_prototypes(settings.model.prototypes)  # the step is SwAV's: one set
+        check_trainable_prototypes("swav", settings.model.prototypes)  # the step is SwAV's: one set
         result = bench_step(settings, steps=steps, warmup=warmup, max_seconds=max_seconds)
     except UserError as exc:
         raise fail(str(exc), exc.exit_code) from None

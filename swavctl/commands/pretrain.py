@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 _FLAG_NAMES = {
     "data.path": "--data",
     "out": "--out",
+    "method": "--method",
     "train.epochs": "--epochs",
     "train.batch_size": "--batch-size",
     "model.arch": "--arch",
@@ -37,6 +38,13 @@ def pretrain_command(
         str | None, typer.Option("--preset", help="Preset name (see 'swavctl presets list') or TOML path.")
     ] = None,
     out: OutOpt = None,
+    method: Annotated[
+        str | None,
+        typer.Option(
+            "--method",
+            help="Training method: swav (default), deepcluster-v2 or sela-v2 (see docs/methods.md).",
+        ),
+    ] = None,
     epochs: Annotated[int | None, typer.Option("--epochs", help="Number of epochs.")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Images per device.")] = None,
     arch: Annotated[
@@ -76,7 +84,7 @@ def pretrain_command(
     fresh: Annotated[bool, typer.Option("--fresh", help="Start over instead of resuming.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Pretrain a backbone with SwAV; re-running the same command resumes it.
+    """Pretrain a backbone with SwAV, DeepCluster-v2 or SeLa-v2 (--method); re-running it resumes.
 
     Without --preset, the recipe is chosen from the data and the devices (one line says which).
     """
@@ -92,6 +100,7 @@ def pretrain_command(
         flags = {
             "data.path": data,
             "out": out,
+            "method": method,
             "train.epochs": epochs,
             "train.batch_size": batch_size,
             "model.arch": arch,

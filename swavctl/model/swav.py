@@ -140,6 +140,13 @@ class SwAV(nn.Module):
         return [layer for layer in self.prototypes if isinstance(layer, nn.Linear)]
 
     @property
+    def prototype_weights(self) -> torch.Tensor | list[torch.Tensor]:
+        """The prototype weights as :meth:`forward`'s scores come: one K x D tensor for one set, a
+        list of K_h x D tensors for several."""
+        weights = [layer.weight for layer in self.prototype_sets]
+        return weights[0] if isinstance(self.prototypes, nn.Linear) else weights
+
+    @property
     def prototype_sizes(self) -> list[int]:
         """K_h of each set, in set order."""
         return [layer.out_features for layer in self.prototype_sets]

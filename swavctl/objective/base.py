@@ -6,6 +6,8 @@ epoch's embeddings of DeepCluster-v2 and SeLa-v2), that memory's state in the ch
 hooks around the steps. The training loop (:mod:`swavctl.train.loop`) calls only this interface,
 in this order::
 
+    initial_pass(model, batches)               # once, before a fresh run's first epoch, when
+                                               # needs_initial_pass() (fills a memory bank)
     start_epoch(epoch, model, first_batch)     # before the first step the loop runs in an epoch
     for each step:
         before_forward(model)
@@ -26,12 +28,13 @@ assignments) is put in rank 0's entry alone, so it is saved once.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
+from swavctl.data.dataset import Batch
 from swavctl.model.swav import Scores, SwAV
 
 
@@ -43,10 +46,11 @@ class StepInputs:
     """
 
     embeddings: torch.Tensor  # (V*B, D): the projection head's unit-norm outputs
-    scores: Scores  # (V*B, K) = embeddings @ C^T; with several prototype sets, one (V*B, K_h) per set
-    prototypes: list[torch.Tensor]  # the weight C_h (K_h, D) of each prototype set, which made ``scores``
+    scores: Scores  # (V*B, K): embeddings @ prototypes^T; a list of them with several prototype sets
+    prototypes: torch.Tensor | list[torch.Tensor]  # (K, D): the weights that made ``scores`` (one per set)
     batch_size: int  # B, this rank's samples
     indices: Sequence[int] = ()  # the dataset index of each of the B samples (for per-sample memories)
+    step: int = 0  # the optimizer step (0-based) this forward is for
 
 
 @dataclass
@@ -70,6 +74,17 @@ class Objective(abc.ABC):
     def to(self, device: torch.device) -> Objective:
         """Move the memory to ``device``; returns self."""
         return self
+
+    def needs_initial_pass(self) -> bool:
+        """Whether :meth:`initial_pass` should run before the first epoch (a fresh run's empty
+        memory bank; False once a checkpoint's state was loaded)."""
+        return False
+
+    def initial_pass(  # noqa: B027 - an optional hook, a no-op by default
+        self, model: SwAV, batches: Iterable[tuple[list[torch.Tensor] | None, Batch]]
+    ) -> None:
+        """Fill the memory from epoch 0's batches ``(crops or None, batch)`` with no gradient (the
+        loop runs it under ``torch.no_grad`` and autocast, the model in train mode)."""
 
     def start_epoch(self, epoch: int, model: SwAV, *, first_batch: int = 0) -> None:  # noqa: B027 - an optional hook, a no-op by default
         """Before the first step the loop runs in ``epoch``; ``first_batch`` > 0 when a resume

@@ -22,7 +22,7 @@ import torch
 
 from swavctl.config import Settings
 from swavctl.loss import swapped_prediction_loss
-from swavctl.model.swav import SwAV, as_score_sets
+from swavctl.model.swav import SwAV
 from swavctl.objective.base import Objective, ObjectiveOutput, StepInputs, freeze_prototype_grads
 from swavctl.objective.queue import EmbeddingQueue
 from swavctl.sinkhorn_knopp import sinkhorn
@@ -140,16 +140,15 @@ class SwAVObjective(Objective):
         model.normalize_prototypes()
 
     def __call__(self, inputs: StepInputs) -> ObjectiveOutput:
-        score_sets = as_score_sets(inputs.scores)
-        if len(score_sets) != 1 or len(inputs.prototypes) != 1:
-            raise ValueError(f"SwAV trains one prototype set, got {len(score_sets)}")
+        scores, prototypes = inputs.scores, inputs.prototypes
+        assert isinstance(scores, torch.Tensor) and isinstance(prototypes, torch.Tensor)  # one set
         out = swav_loss_from_outputs(
             inputs.embeddings.float(),
-            score_sets[0].float(),
+            scores.float(),
             batch_size=inputs.batch_size,
             num_crops=self.num_crops,
             assignment_crops=self.assignment_crops,
-            prototypes=inputs.prototypes[0],
+            prototypes=prototypes,
             temperature=self.temperature,
             epsilon=self.epsilon,
             sinkhorn_iterations=self.sinkhorn_iterations,

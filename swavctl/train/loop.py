@@ -5,7 +5,8 @@ trainer (model, optimizer, objective and the collaborators below), resume from t
 checkpoint, open the run folder, train epoch by epoch until the last step or a stop, and finish
 (final checkpoint, backbone export, summary). The collaborators, one file each:
 
-- :mod:`~swavctl.objective`: the method's codes, loss and memory (SwAV and its queue);
+- :mod:`~swavctl.objective`: the method's codes, loss and memory (SwAV and its queue,
+  DeepCluster-v2 and SeLa-v2 and their memory bank);
 - :mod:`~swavctl.train.state`: what a checkpoint holds, saving it and resuming from it;
 - :mod:`~swavctl.train.pipeline`: the per-epoch data pipeline;
 - :mod:`~swavctl.train.stop` and :mod:`~swavctl.train.faults`: the stop signals and the injected
@@ -146,7 +147,13 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, settings)
         self.amp_dtype = autocast_dtype(settings, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
-        self.objective = build_objective(settings, queue_per_rank=plan.queue_per_rank, device=device)
+        self.objective = build_objective(
+            settings,
+            queue_per_rank=plan.queue_per_rank,
+            device=device,
+            steps_per_epoch=self.steps_epoch,
+            dataset_size=len(plan.paths),
+        )
         self.health = CollapseDetector(
             settings.model.prototypes,
             tolerance=settings.health.collapse_tolerance,
@@ -220,6 +227,8 @@ class Trainer:
             stop.install()
         stop.watching = True  # from here a signal is acted on at the next step boundary
         try:
+            if self.objective.needs_initial_pass() and self.progress.step < self.total_steps:
+                self._initial_pass()
             while self.progress.step < self.total_steps:
                 self._epoch()
         finally:
@@ -230,6 +239,16 @@ class Trainer:
                 self.profiler.close()
             if self.owns_stop:
                 stop.restore()
+
+    def _initial_pass(self) -> None:
+        """The objective's pass over epoch 0's batches before training (filling a memory bank)."""
+        self.reporter.info("filling the memory bank: one pass over the data without gradients")
+        with (
+            torch.no_grad(),
+            self._autocast(),
+            self.pipeline.epoch(0, start_batch=0, first_step=0) as batches,
+        ):
+            self.objective.initial_pass(self.model, ((ready.crops, ready.batch) for ready, _ in batches))
 
     def _epoch(self) -> None:
         """The rest of the current epoch, from the step reached."""
@@ -302,8 +321,9 @@ class Trainer:
             with self._autocast():
                 embeddings, scores = self.train_model(crops)
         with phase("loss"):
-            prototypes = [p.weight for p in model.prototype_sets]
-            out = self.objective(StepInputs(embeddings, scores, prototypes, batch.size, batch.indices))
+            out = self.objective(
+                StepInputs(embeddings, scores, model.prototype_weights, batch.size, batch.indices, step)
+            )
             loss = self.faults.poison(
                 self._global_mean(out.loss, batch.size, global_images), self.rank, step + 1
             )

@@ -96,8 +96,7 @@ class DataPipeline:
             del batches, prefetcher, loader  # the loader's workers end here, before the next epoch's start
 
     def _prepare_for(self, epoch: int, first_step: int) -> Prepare:
-        """``prepare(batch, index)`` for the prefetcher: the crops of step ``first_step + index``
-        (each image's seeded by its own dataset index, so ``index`` itself changes nothing)."""
+        """``prepare(batch, index)`` for the prefetcher: the crops of step ``first_step + index``."""
         dataset, crops, augment, device = self.dataset, self.crops, self.augment, self.device
         seed, channels_last = self.settings.train.seed, self.settings.train.channels_last
 

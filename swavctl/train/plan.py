@@ -21,6 +21,7 @@ from swavctl.data.sampler import steps_per_epoch
 from swavctl.errors import UserError
 from swavctl.eval.monitor import monitor_split
 from swavctl.eval.splits import EvalSplit
+from swavctl.method_settings import DEEPCLUSTER_V2, SWAV
 from swavctl.objective.queue import queue_length_per_rank
 from swavctl.safe_io import probe_writable
 from swavctl.train.recipe_fit import batch_mismatch_note
@@ -160,7 +161,10 @@ def plan_run(settings: Settings, *, reporter: Reporter, fresh: bool, held: conte
         steps_per_epoch=steps_epoch,
         epochs=settings.train.epochs,
         warmup_epochs=settings.optim.warmup_epochs,
-        freeze_prototypes_steps=settings.swav.freeze_prototypes_steps,
+        # DeepCluster-v2's prototypes never take a gradient: its freeze setting is unused.
+        freeze_prototypes_steps=0
+        if settings.method == DEEPCLUSTER_V2
+        else settings.swav.freeze_prototypes_steps,
         queue_length=settings.swav.queue_length,
         queue_start_epoch=settings.swav.queue_start_epoch,
     ):
@@ -170,8 +174,9 @@ def plan_run(settings: Settings, *, reporter: Reporter, fresh: bool, held: conte
     )
     if batch_note:
         warn_all(batch_note)
-    prototypes = settings.model.prototypes  # SwAV's one set (launch refuses several until their methods)
-    if isinstance(prototypes, int) and global_batch + settings.swav.queue_length < prototypes:
+    prototypes = settings.model.prototypes  # SwAV's one set (several are the other methods')
+    online = settings.method == SWAV  # the others' codes are over the whole bank, not the batch
+    if online and isinstance(prototypes, int) and global_batch + settings.swav.queue_length < prototypes:
         warn_all(
             f"global batch {global_batch} + queue {settings.swav.queue_length} < {prototypes} "
             "prototypes: the equal-partition constraint cannot fill every prototype each step and clusters "

@@ -23,6 +23,7 @@ RESOLVED_FILE = RESOLVED_NAME
 
 # Settings whose change alters the meaning of saved state: resuming across them is refused.
 INCOMPATIBLE_FIELDS = (
+    "method",
     "model.arch",
     "model.hidden_dim",
     "model.embedding_dim",
@@ -57,6 +58,8 @@ def incompatible_changes(
     diff = {k: v for k, v in settings_diff(old, new).items() if k in INCOMPATIBLE_FIELDS}
     if old_world != new_world and new.swav.queue_length > 0:
         diff["world_size (queue is per rank)"] = (old_world, new_world)
+    if old_world != new_world and new.method != "swav":
+        diff[f"world_size ({new.method}'s memory bank is per rank)"] = (old_world, new_world)
     return diff
 
 

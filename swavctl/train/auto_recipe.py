@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from swavctl.config import Settings
+from swavctl.method_settings import inapplicable_keys
 
 #: The recipe's name in ``settings.preset`` (informational; the run's folder is ``runs/<time>-auto``).
 AUTO = "auto"
@@ -357,10 +358,22 @@ def choose(seen: Seen, resolve: Callable[[dict[str, Any]], Settings], fixed: fro
     left it (length, learning rates, queue, freeze), so that a fixed ``--arch`` or
     ``--batch-size`` is planned around rather than overwritten.
     """
-    first = structure(seen, fixed, arch=resolve({}).model.arch if _is_fixed("model.arch", fixed) else None)
+    given = resolve({})
+    first = structure(seen, fixed, arch=given.model.arch if _is_fixed("model.arch", fixed) else None)
     tree = _merge(first, schedule(seen, resolve(first), fixed))
+    for key in inapplicable_keys(given.method):  # SwAV's queue and freeze under the other methods
+        _drop(tree, key.split("."))
     settings = resolve(tree)
     return Choice(settings, tree, describe(seen, settings))
+
+
+def _drop(tree: dict[str, Any], path: list[str]) -> None:
+    """Remove the dotted ``path`` from ``tree`` where it is set."""
+    node: Any = tree
+    for part in path[:-1]:
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+        node.pop(path[-1], None)
 
 
 def _duration(seconds: float) -> str:

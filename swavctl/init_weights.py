@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from swavctl import latest
+from swavctl import latest, messages
 from swavctl.config import Settings
 from swavctl.containers import check_weights_file, is_safetensors
 from swavctl.errors import UserError
@@ -79,10 +79,7 @@ class InitWeights:
 
 
 def _not_found(path: Path, where: str) -> str:
-    return (
-        f"{where} {path}: no such file or folder; pass a swavctl run folder, checkpoint or export, an "
-        "official SwAV checkpoint (.pth.tar) or a torchvision state dict (.safetensors, .pth)"
-    )
+    return messages.init_not_found(path, where)
 
 
 def _arch_shapes(arch: str) -> dict[str, tuple[int, ...]]:

@@ -33,6 +33,14 @@ def not_enough_gpus(asked: int, visible: int) -> str:
     return f"--gpus {asked} asked for, but {seen}; use --gpus 0 to run on the CPU"
 
 
+def init_not_found(path: Path | str, where: str = "--init") -> str:
+    """The weights ``pretrain --init`` names do not exist."""
+    return (
+        f"{where} {path}: no such file or folder; pass a swavctl run folder, checkpoint or export, an "
+        "official SwAV checkpoint (.pth.tar) or a torchvision state dict (.safetensors, .pth)"
+    )
+
+
 def model_not_found(path: Path | str) -> str:
     """MODEL (a run folder, checkpoint or export) does not exist."""
     message = (

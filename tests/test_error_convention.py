@@ -219,6 +219,13 @@ def test_malformed_containers_are_refused_before_torch_is_imported(tmp_path: Pat
         )
     )
     assert "not a zip archive" in line
+    # pretrain --init reads its weights file the same way, before torch, and names a missing one.
+    for name, expected in (
+        ("notpickle.pt", cases["notpickle.pt"]),
+        ("gone.pth.tar", "no such file or folder"),
+    ):
+        line = _one_error_line(run_cli("pretrain", "--init", name, "--data", ".", cwd=tmp_path, env=env))
+        assert expected in line and name in line, line
     # Usage errors and --help need no torch either.
     assert run_cli("pretrain", "--help", cwd=tmp_path, env=env).returncode == 0
 

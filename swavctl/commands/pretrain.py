@@ -97,6 +97,14 @@ def pretrain_command(
         if out is not None:
             out = str(follow(Path(out)))  # --out runs/latest: the run folder it names
             check_output_folder(out)  # before torch is imported, as are the settings
+        if init is not None:
+            from swavctl.containers import check_model_file
+            from swavctl.messages import init_not_found
+
+            init_path = follow(Path(init).expanduser())
+            if not init_path.exists():
+                raise UserError(init_not_found(init))
+            check_model_file(init_path)  # a malformed file is refused before torch is imported
         flags = {
             "data.path": data,
             "out": out,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import tempfile
 from pathlib import Path
@@ -36,6 +37,12 @@ def _load() -> str:
     return ", ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its ended children (the loaders' workers, once joined)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def measure(folder: Path, name: str, workers: int, args: argparse.Namespace) -> dict[str, Any]:
     """Alternating rounds of the official loader and ours on ``folder``; medians."""
     paths = list_images(folder)
@@ -48,35 +55,39 @@ def measure(folder: Path, name: str, workers: int, args: argparse.Namespace) -> 
             "dist.gpus": 0,
         }
     )
-    ours_sps: list[float] = []
-    base_sps: list[float] = []
+    sps: dict[str, list[float]] = {"official": [], "ours": []}
+    cpu_ms: dict[str, list[float]] = {"official": [], "ours": []}
+    samples = (args.warmup + args.batches) * args.batch_size
     load_before = _load()
     for r in range(args.rounds):
 
-        def run_base(r: int = r) -> None:
-            base_sps.append(
-                bench_official_loader(
-                    official,
-                    batch_size=args.batch_size,
-                    workers=workers,
-                    batches=args.batches,
-                    warmup=args.warmup,
-                    seed=r,
-                ).samples_per_s
+        def run_base(r: int = r) -> float:
+            figure = bench_official_loader(
+                official,
+                batch_size=args.batch_size,
+                workers=workers,
+                batches=args.batches,
+                warmup=args.warmup,
+                seed=r,
             )
+            return figure.samples_per_s
 
-        def run_ours() -> None:
-            ours_sps.append(
-                bench_data(settings, batches=args.batches, warmup=args.warmup).figures[0].samples_per_s
-            )
+        def run_ours() -> float:
+            return bench_data(settings, batches=args.batches, warmup=args.warmup).figures[0].samples_per_s
 
-        for run in (run_base, run_ours) if r % 2 == 0 else (run_ours, run_base):
-            run()
+        runs = [("official", run_base), ("ours", run_ours)]
+        for key, run in runs if r % 2 == 0 else runs[::-1]:
+            start = _cpu_seconds()
+            sps[key].append(run())
+            cpu_ms[key].append(1000 * (_cpu_seconds() - start) / samples)
         print(
-            f"{name}, workers {workers}, round {r}: official {base_sps[-1]:.1f}, ours {ours_sps[-1]:.1f}",
+            f"{name}, workers {workers}, round {r}: samples/s official {sps['official'][-1]:.1f}, "
+            f"ours {sps['ours'][-1]:.1f}; CPU ms per sample official {cpu_ms['official'][-1]:.1f}, "
+            f"ours {cpu_ms['ours'][-1]:.1f}",
             flush=True,
         )
-    o, b = statistics.median(ours_sps), statistics.median(base_sps)
+    o, b = statistics.median(sps["ours"]), statistics.median(sps["official"])
+    cpu_o, cpu_b = statistics.median(cpu_ms["ours"]), statistics.median(cpu_ms["official"])
     return {
         "folder": name,
         "images": len(paths),
@@ -84,8 +95,11 @@ def measure(folder: Path, name: str, workers: int, args: argparse.Namespace) -> 
         "ours": o,
         "official": b,
         "ratio": o / b,
-        "ours_rounds": ours_sps,
-        "official_rounds": base_sps,
+        "ours_rounds": sps["ours"],
+        "official_rounds": sps["official"],
+        "cpu_ms_ours": cpu_o,
+        "cpu_ms_official": cpu_b,
+        "cpu_ratio": cpu_b / cpu_o,
         "load_before": load_before,
         "load_after": _load(),
     }
@@ -98,6 +112,7 @@ def render(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     table = "\n".join(
         f"| {r['folder']} | {r['workers']} | {r['official']:.1f} | {r['ours']:.1f} | **{r['ratio']:.2f}x** | "
         f"{rounds(r['official_rounds'])} / {rounds(r['ours_rounds'])} | "
+        f"{r['cpu_ms_official']:.1f} / {r['cpu_ms_ours']:.1f}: **{r['cpu_ratio']:.2f}x** | "
         f"{r['load_before']} / {r['load_after']} |"
         for r in rows
     )
@@ -110,14 +125,16 @@ def render(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
   and noise, `swavctl.bench.jpegs.write_jpeg_folder`) and photographs (crops of scikit-learn's two
   bundled photos, china.jpg and flower.jpg, resized, `write_photo_folder`). 2x224 + 6x96 crops,
   batch {args.batch_size}, {args.warmup} warm-up batches then {args.batches} timed batches per loader,
-  median of {args.rounds} alternating rounds. Load: the 1, 5 and 15 minute load averages before and
-  after each row (the machine is shared: a load above the core count slows both loaders).
+  median of {args.rounds} alternating rounds. CPU: CPU milliseconds per sample of the loader's
+  processes (the main process and its workers, warm-up included), official / ours, and their ratio;
+  on a shared machine it moves much less than samples/s. Load: the 1, 5 and 15 minute load averages
+  before and after each row (a load above the core count slows both loaders).
 - Baseline: the official `MultiCropDataset` (PIL decode, torchvision v1 transforms, PIL Gaussian blur,
   default collate). Ours: the pretrain loop's loader (`swavctl bench data`, `data.augment_on="workers"`:
   torchvision decode and `swavctl.data.multicrop.MultiCrop` in the workers).
 
-| folder | workers | official (samples/s) | ours (samples/s) | ratio | rounds: official / ours | load |
-|---|---|---|---|---|---|---|
+| folder | workers | official (samples/s) | ours (samples/s) | ratio | rounds: official / ours | CPU | load |
+|---|---|---|---|---|---|---|---|
 {table}
 """
 

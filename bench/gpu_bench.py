@@ -503,7 +503,7 @@ GPU_TESTS = [
     "tests/test_host_reads.py::test_nvjpeg_decoding_never_overwrites_memory_that_queued_kernels_still_read",
     "tests/test_prefetch.py::test_on_cuda_the_side_stream_gives_the_same_run",
     "tests/test_prefetch.py::test_on_cuda_every_epoch_queues_on_the_one_stream_it_is_given",
-    "tests/test_augment.py::test_cuda_matches_cpu",
+    "tests/test_multicrop.py::test_cuda_matches_cpu",
     "tests/test_distributed.py::test_training_steps_on_cuda_match",
     "tests/test_monitor.py::test_on_cuda_a_reading_matches_the_cpu_one",
     "tests/test_eval_planted.py::test_planted_backbone_on_gpu",  # eval-linear's 5 modes on one GPU

@@ -58,7 +58,7 @@ def test_a_built_wheel_ships_every_module_and_the_presets(tmp_path: Path) -> Non
     assert out.returncode == 0, out.stderr
     found = json.loads(out.stdout)
     assert Path(found["file"]).is_relative_to(target)  # the wheel's copy, not the checkout
-    assert found["names"] == [name.removesuffix(".toml") for name in presets]
+    assert found["names"] == sorted(name.removesuffix(".toml") for name in presets)
     from swavctl import config
 
     assert found["demo"] == config.resolve(preset="demo").model_dump(mode="json")

@@ -382,6 +382,11 @@ def _hue_cases() -> torch.Tensor:
     )  # gray, ties
     x[:, 2] = x[0, 2]  # a gray row
     x[:, 3, :3] = torch.tensor([[1.0, 1.0, 0.3], [1.0, 0.3, 1.0], [0.3, 1.0, 1.0]])  # two-way maxima
+    # Near grey: a chroma below half of float32's spacing at 1 (the pixel that once gave a NaN in
+    # a training run, and its kin with the minimum in each channel).
+    a, b = 0.5810508131980896, 0.5810507535934448
+    x[:, 4, :3] = torch.tensor([[a, a, b], [a, b, a], [b, a, a]])
+    x[:, 4, 3] = torch.tensor([0.25, 0.25 + 2**-26, 0.25])  # a chroma of 2^-26
     return x
 
 

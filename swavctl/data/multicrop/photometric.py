@@ -107,7 +107,9 @@ def adjust_hue(x: torch.Tensor, factor: Factor) -> torch.Tensor:
     h6 = (g - b).mul_(is_r)
     h6.add_((b - r).add_(chroma, alpha=2.0).mul_(is_g))
     h6.add_((r - g).add_(chroma, alpha=4.0).mul_(is_b))
-    safe = chroma + 1.0 - torch.sign(chroma)  # 1 where chroma is 0 (h6 is 0 there too)
+    # 1 where chroma is 0 (h6 is 0 there too), as torchvision's ``where``. Not ``chroma + 1 -
+    # sign(chroma)``: a chroma below half float32's spacing at 1 is lost in that sum (0/0 -> NaN).
+    safe = chroma.masked_fill(chroma == 0.0, 1.0)
     h6.div_(safe).add_(factor * 6.0 - 2.0)
     d = h6 + to_device(_CHANNEL_OFFSETS, x.device)  # [N, 3, H, W]: h6 + n - 2
     d.sub_(torch.round(d * (1.0 / 6.0)).mul_(6.0)).abs_()  # distance to 2 modulo 6, in [0, 3]

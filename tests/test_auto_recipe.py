@@ -95,7 +95,7 @@ def test_480_colour_images_of_64_px_on_2_cpu_cores() -> None:
     assert ar.estimate_seconds(CPU_480, s, epochs=s.train.epochs + 1) > ar.BUDGET_S["cpu"]
     assert choice.line == (
         "recipe: 480 colour images of ~64 px on 2 CPU cores: convnet-tiny, crops 2x32+4x16, 30 prototypes, "
-        f"batch 64, lr 4.8, {s.train.epochs} epochs (about 4 min)"
+        f"batch 64, lr 4.8, {s.train.epochs} epochs (about 3 min)"
     )
     # Twice as many cores: the same recipe in about as long, with about twice the epochs.
     more = _choose(Seen(**{**CPU_480.__dict__, "cores": 4})).settings.train.epochs

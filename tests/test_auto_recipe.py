@@ -16,6 +16,7 @@ from PIL import Image
 from swavctl import config
 from swavctl.config import Settings
 from swavctl.cores import usable_cores
+from swavctl.latest import follow
 from swavctl.train import auto_recipe as ar
 from swavctl.train.auto_recipe import Seen
 from swavctl.train.survey import evenly_spaced, is_colour, shorter_side, survey_images
@@ -209,9 +210,10 @@ def test_pretrain_without_a_preset_chooses_says_records_and_resumes(tmp_path: Pa
     write_image_folder(data / "val", per_class=4, size=16, seed=1)
     command = ("pretrain", "--data", str(data), "--gpus", "0", "--max-steps", "8",
                "--set", "checkpoint.every_steps=1")  # fmt: skip
+    latest = tmp_path / "runs" / "latest"  # a pointer to the newest run folder
     first = start_watched(*command, cwd=tmp_path, env=cli_env(SWAVCTL_TEST_STEP_SLEEP="0.3"))
     try:
-        wait_until(lambda: last_logged_step(tmp_path / "runs" / "latest") >= 2, timeout=240, proc=first.proc)
+        wait_until(lambda: last_logged_step(follow(latest)) >= 2, timeout=240, proc=first.proc)
         first.proc.send_signal(signal.SIGINT)
         code, errors = first.exit_within(120)
     finally:
@@ -220,7 +222,7 @@ def test_pretrain_without_a_preset_chooses_says_records_and_resumes(tmp_path: Pa
     assert " ".join(errors.split()).endswith("re-run the same command to resume"), errors[-2000:]
     lines = [line for line in errors.splitlines() if line.startswith("recipe: ")]
     assert len(lines) == 1, errors[-2000:]
-    run = (tmp_path / "runs" / "latest").resolve()
+    run = follow(latest)
     resolved = config.from_toml_text((run / "resolved.toml").read_text(), "resolved.toml")
     # 32 images of 16 px: the tiny net, 16 + 8 px crops, 10 prototypes, batch 8 (a quarter of the
     # images), and so a queue; the k-NN monitor on the folder's own val/.
@@ -244,7 +246,7 @@ def test_pretrain_without_a_preset_chooses_says_records_and_resumes(tmp_path: Pa
     assert f"re-running the unfinished run in {run}" in again.stderr
     summary = json.loads(again.stdout)
     assert (summary["resumed_from_step"], summary["steps"]) == (stopped, 8)
-    assert (tmp_path / "runs" / "latest").resolve() == run
+    assert follow(latest) == run
     assert config.from_toml_text((run / "resolved.toml").read_text(), "resolved.toml") == resolved
 
 

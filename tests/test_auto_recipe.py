@@ -96,7 +96,7 @@ def test_480_colour_images_of_64_px_on_2_cpu_cores() -> None:
     assert ar.estimate_seconds(CPU_480, s, epochs=s.train.epochs + 1) > ar.BUDGET_S["cpu"]
     assert choice.line == (
         "recipe: 480 colour images of ~64 px on 2 CPU cores: convnet-tiny, crops 2x32+4x16, 30 prototypes, "
-        f"batch 64, lr 4.8, {s.train.epochs} epochs (about 4 min)"
+        f"batch 64, lr 4.8, {s.train.epochs} epochs (about 3 min)"
     )
     # Twice as many cores: the same recipe in about as long, with about twice the epochs.
     more = _choose(Seen(**{**CPU_480.__dict__, "cores": 4})).settings.train.epochs
@@ -210,9 +210,9 @@ def test_pretrain_without_a_preset_chooses_says_records_and_resumes(tmp_path: Pa
     write_image_folder(data / "val", per_class=4, size=16, seed=1)
     command = ("pretrain", "--data", str(data), "--gpus", "0", "--max-steps", "8",
                "--set", "checkpoint.every_steps=1")  # fmt: skip
+    latest = tmp_path / "runs" / "latest"  # a pointer to the newest run folder
     first = start_watched(*command, cwd=tmp_path, env=cli_env(SWAVCTL_TEST_STEP_SLEEP="0.3"))
     try:
-        latest = tmp_path / "runs" / "latest"
         wait_until(lambda: last_logged_step(follow(latest)) >= 2, timeout=240, proc=first.proc)
         first.proc.send_signal(signal.SIGINT)
         code, errors = first.exit_within(120)
@@ -222,7 +222,7 @@ def test_pretrain_without_a_preset_chooses_says_records_and_resumes(tmp_path: Pa
     assert " ".join(errors.split()).endswith("re-run the same command to resume"), errors[-2000:]
     lines = [line for line in errors.splitlines() if line.startswith("recipe: ")]
     assert len(lines) == 1, errors[-2000:]
-    run = follow(tmp_path / "runs" / "latest")
+    run = follow(latest)
     resolved = config.from_toml_text((run / "resolved.toml").read_text(), "resolved.toml")
     # 32 images of 16 px: the tiny net, 16 + 8 px crops, 10 prototypes, batch 8 (a quarter of the
     # images), and so a queue; the k-NN monitor on the folder's own val/.
@@ -246,7 +246,7 @@ def test_pretrain_without_a_preset_chooses_says_records_and_resumes(tmp_path: Pa
     assert f"re-running the unfinished run in {run}" in again.stderr
     summary = json.loads(again.stdout)
     assert (summary["resumed_from_step"], summary["steps"]) == (stopped, 8)
-    assert follow(tmp_path / "runs" / "latest") == run
+    assert follow(latest) == run
     assert config.from_toml_text((run / "resolved.toml").read_text(), "resolved.toml") == resolved
 
 

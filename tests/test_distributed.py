@@ -320,6 +320,7 @@ def _initial_weights() -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_training_steps_on_cuda_match(tmp_path: Path) -> None:
     """On a GPU machine: 2 NCCL ranks x B/2 against 1 GPU x B (with 2+ GPUs), else 1 GPU against

@@ -254,6 +254,7 @@ def test_error_bad_options(planted: Path) -> None:
     assert "--workers must be 0 or more" in _one_line_error(*_invoke(model, "--workers", "-1"))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize(("mode", "extra"), MODES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(MODES)])
 def test_planted_backbone_on_gpu(planted: Path, tmp_path: Path, mode: str, extra: dict[str, float]) -> None:

@@ -118,6 +118,7 @@ def test_a_training_step_reads_the_device_only_for_sinkhorn_and_its_one_readout(
     assert per_step == [len(settings.swav.assignment_crops)] * 4
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_batched_augmentation_on_cuda_never_synchronises() -> None:
     settings = resolve()
@@ -135,6 +136,7 @@ def test_batched_augmentation_on_cuda_never_synchronises() -> None:
     assert all(c.is_cuda for c in crops)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_nvjpeg_decoding_never_overwrites_memory_that_queued_kernels_still_read(tmp_path: Path) -> None:
     """Free tensors the stream's queued kernels still read, then decode: the decoder is handed those

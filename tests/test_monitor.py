@@ -203,6 +203,7 @@ def test_a_reading_inside_the_trainings_autocast_is_the_fp32_reading() -> None:
     assert (in_amp.top1, in_amp.top5) == (fp32.top1, fp32.top5)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_cuda_a_reading_matches_the_cpu_one() -> None:
     """fp32 on the GPU reads what the CPU reads, also inside the training's bf16 autocast."""

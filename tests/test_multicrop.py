@@ -671,6 +671,7 @@ def test_oracle_is_built_from_the_papers_transforms() -> None:
         assert list(normalize.std) == pytest.approx([0.228, 0.224, 0.225])
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu() -> None:
     images = [smooth_image(48, 64, 0), smooth_image(10, 12, 1), smooth_image(33, 21, 2)]

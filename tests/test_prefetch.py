@@ -122,6 +122,7 @@ def test_a_strict_unreadable_image_stops_a_prefetched_run_with_the_usual_error(t
     assert not any(t.name == "swavctl-prefetch" and t.is_alive() for t in threading.enumerate())
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("augment_on", ["device", "workers"])
 def test_on_cuda_the_side_stream_gives_the_same_run(tmp_path: Path, augment_on: str) -> None:
@@ -148,6 +149,7 @@ def test_on_cuda_the_side_stream_gives_the_same_run(tmp_path: Path, augment_on: 
         assert b["prototypes_used"] == a["prototypes_used"]
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_cuda_every_epoch_queues_on_the_one_stream_it_is_given() -> None:
     """A new torch.cuda.Stream() per epoch would strand the cached memory of the last epoch's

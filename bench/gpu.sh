@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# One-shot GPU benchmark of swavctl: correctness (GPU vs CPU), then ResNet-50 2x224+6x96 SwAV
-# throughput on one GPU (bf16 + channels_last, with and without torch.compile, CPU vs GPU
-# augmentation, end to end from generated JPEGs), samples/s and MFU, and the suite's CUDA-only tests.
+# One-shot GPU benchmark of swavctl: ResNet-50 2x224+6x96 SwAV throughput on one GPU (bf16 +
+# channels_last, with and without torch.compile, CPU vs GPU augmentation, end to end from generated
+# JPEGs), samples/s and MFU, and the suite's CUDA tests (correctness: the GPU against the CPU, and
+# the GPU paths; their figures in $OUT/gpu_tests.log).
 # About 9 minutes on an H200: run it with a 600 s limit.
 #
-#   bash bench/gpu.sh                  # results in $OUT (default ./bench-out): gpu_bench.json, gpu_bench.md, gpu.log
+#   bash bench/gpu.sh                  # results in $OUT (default ./bench-out): gpu_bench.json, gpu_bench.md, gpu.log, gpu_tests.log
 #   BENCH_TINY=1 bash bench/gpu.sh     # tiny sizes: checks the script itself, on a GPU or a CPU
 #   BENCH_BUDGET_S=540                 # overall budget in seconds for the phases (default 540)
 #   BENCH_NO_INSTALL=1                 # skip 'pip install -e .' (PYTHONPATH is enough)

@@ -16,6 +16,7 @@ import json
 
 import torch
 
+from swavctl.bench.common import rounds_arg
 from swavctl.bench.padding import (
     LARGE_PHOTO,
     PaddingBenchResult,
@@ -46,7 +47,7 @@ def _row(r: PaddingBenchResult) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=rounds_arg, default=3, help="alternating rounds (at least 3)")
     parser.add_argument("--device", default="cpu")
     add_output_options(parser)
     args = parser.parse_args()

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from swavctl import config
+from swavctl.bench.common import rounds_arg
 from swavctl.bench.data import bench_data
 from swavctl.bench.jpegs import write_jpeg_folder, write_photo_folder
 from swavctl.bench.official_data import OfficialMultiCropDataset, bench_official_loader
@@ -147,7 +148,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--batches", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=rounds_arg, default=3, help="alternating rounds (at least 3)")
     parser.add_argument(
         "--doc", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
     )

@@ -14,6 +14,7 @@ import json
 
 import torch
 
+from swavctl.bench.common import rounds_arg
 from swavctl.bench.larc import LarcBenchResult, bench_larc
 from swavctl.bench.report import (
     add_output_options,
@@ -36,7 +37,7 @@ def _row(r: LarcBenchResult) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=rounds_arg, default=20, help="alternating calls (at least 3)")
     add_output_options(parser)
     args = parser.parse_args()
     apply_threads(args)

@@ -21,6 +21,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from swavctl.bench.common import rounds_arg
 from swavctl.bench.jpegs import write_jpeg_folder, write_photo_folder
 from swavctl.bench.multicrop_paths import PathsResult, bench_hue, bench_paths
 from swavctl.bench.report import add_output_options, command_line, hardware, today, update_section
@@ -121,7 +122,7 @@ def render(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=24, help="images per folder for the stages")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=rounds_arg, default=3, help="alternating rounds (at least 3)")
     add_output_options(parser)
     args = parser.parse_args()
     tmp = Path(tempfile.gettempdir())

@@ -15,6 +15,7 @@ import json
 
 import torch
 
+from swavctl.bench.common import rounds_arg
 from swavctl.bench.report import (
     add_output_options,
     apply_threads,
@@ -38,7 +39,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--prototypes", type=int, default=3000)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=rounds_arg, default=10, help="alternating calls (at least 3)")
     add_output_options(parser)
     args = parser.parse_args()
     apply_threads(args)

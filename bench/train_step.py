@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from swavctl import config
+from swavctl.bench.common import rounds_arg
 from swavctl.bench.report import (
     add_output_options,
     apply_threads,
@@ -92,7 +93,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="resnet50")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument(
+        "--steps", type=rounds_arg, default=5, help="timed steps of each, alternating (at least 3)"
+    )
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], help="a.b=value, as in swavctl"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import statistics
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from swavctl.data.multicrop import AugmentSpec, CropSpec, MultiCrop, size_groups
 from swavctl.model.swav import SwAV
 from swavctl.objective.swav import swav_loss_from_outputs
 from swavctl.sinkhorn_knopp import sinkhorn
-from tests.conftest import cli_env, write_image_folder
+from tests.conftest import REPO, cli_env, write_image_folder
 
 Cli = Callable[..., subprocess.CompletedProcess[str]]
 SMOKE = ("--preset", "smoke", "--gpus", "0")
@@ -439,3 +441,20 @@ def test_worker_crops_depend_only_on_seed_epoch_and_index(folder: Path) -> None:
     other_epoch = a[(1, 1)][1]
     assert all(torch.equal(x, y) for x, y in zip(first, again, strict=True))
     assert not all(torch.equal(x, y) for x, y in zip(first, other_epoch, strict=True))
+
+
+def test_the_ratio_scripts_refuse_fewer_than_3_rounds() -> None:
+    """docs/benchmarks.md's ratios are medians of at least 3 alternating rounds (issue 19)."""
+    from swavctl.bench.common import rounds_arg
+
+    assert rounds_arg("3") == 3
+    for text in ("2", "0", "x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            rounds_arg(text)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "sinkhorn.py"), "--repeats", "2", "--no-doc"],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+    )
+    assert done.returncode == 2 and "at least 3 alternating rounds" in done.stderr, done.stderr

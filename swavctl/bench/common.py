@@ -1,7 +1,9 @@
-"""Small pieces shared by the benchmarks: the augmentation spec from settings, device sync, clocks."""
+"""Small pieces shared by the benchmarks: the augmentation spec from settings, device sync, clocks,
+and the least number of alternating rounds a script reports a median over."""
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -16,6 +18,23 @@ T = TypeVar("T")
 #: 4.1 GMAC per 224-px image, the eight crops are 2 + 6 * (96/224)^2 = 3.1 such images, and
 #: forward + backward is three times the forward: 3 * 2 * 4.1e9 * 3.1 = 76e9.
 RN50_SWAV_FLOP_PER_SAMPLE = 76e9
+
+#: The fewest alternating rounds (baseline, ours, baseline, ...) a script in ``bench/`` takes the
+#: medians of, for a ratio it writes into docs/benchmarks.md (issue 19).
+MIN_ROUNDS = 3
+
+
+def rounds_arg(text: str) -> int:
+    """An ``argparse`` type for a script's rounds (repeats, steps): an integer >= :data:`MIN_ROUNDS`."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < MIN_ROUNDS:
+        raise argparse.ArgumentTypeError(
+            f"at least {MIN_ROUNDS} alternating rounds, so the figures are medians (got {value})"
+        )
+    return value
 
 
 def crops_label(settings: Settings) -> str:

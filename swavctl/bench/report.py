@@ -31,6 +31,10 @@ the GPU machine. Each section is rewritten by its script (`bench/*.py`, `bench/g
 the demo section, which records the output of the commands listed in it.
 Machines shared with other jobs give noisy absolute numbers: the side-by-side ratios are the
 figures to compare.
+The CPU ratios against a baseline (data pipeline, batch padding, training step, Sinkhorn, LARC,
+multi-crop) come from medians of at least 3 alternating rounds of the baseline and ours;
+`bash bench/cpu_all.sh` re-measures them all, one script after the other, with the commands printed
+in their sections.
 """
 
 

@@ -43,7 +43,7 @@ def phase_jpegs(out: Path, tiny: bool) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Phase: core (environment, correctness, step, Sinkhorn)
+# Phase: core (environment, step, Sinkhorn, LARC)
 
 
 def _environment() -> dict[str, Any]:
@@ -160,7 +160,7 @@ def _wait_for_jpegs(out: Path, seconds: float) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Phases: step_compile, e2e_*
+# Phases: loader, gpu_tests, step_compile, e2e_*
 
 
 def _worker_counts(tiny: bool) -> tuple[int, int]:

@@ -9,6 +9,7 @@
 #   bash bench/cpu_all.sh                    # all six sections, rewriting docs/benchmarks.md
 #   bash bench/cpu_all.sh sinkhorn larc      # only these sections
 #   BENCH_QUICK=1 bash bench/cpu_all.sh      # a check of the scripts: small sizes, 3 rounds, --no-doc
+#   BENCH_DRY=1 bash bench/cpu_all.sh        # print each section's command only
 #
 # The train-step section needs lightly, the baseline (pip install -e '.[bench]'). OMP_NUM_THREADS and
 # MKL_NUM_THREADS are unset, so each script runs with the threads its command asks for (or torch's
@@ -43,6 +44,10 @@ command_of() {
   ' "$DOC"
 }
 
+if [ "${BENCH_DRY:-0}" != 1 ] && [[ " ${SECTIONS[*]} " == *" train-step "* ]] \
+  && ! "$PY" -c 'import lightly' 2>/dev/null; then
+  echo "[cpu_all] WARNING: lightly is not installed, so train-step will fail: pip install -e '.[bench]' first"
+fi
 failed=()
 started=$(date +%s)
 for name in "${SECTIONS[@]}"; do
@@ -57,12 +62,16 @@ for name in "${SECTIONS[@]}"; do
   if [ "${BENCH_QUICK:-0}" = 1 ]; then
     read -r -a extra <<< "$(quick_args "$name") --no-doc"
   fi
+  if [ "${BENCH_DRY:-0}" = 1 ]; then
+    echo "$name: $cmd${extra[*]:+ ${extra[*]}}"
+    continue
+  fi
   echo "[cpu_all $(date +%T)] $name: $cmd ${extra[*]:-} (load average $(cut -d' ' -f1-3 /proc/loadavg))"
   if ! "$PY" "${words[@]:1}" "${extra[@]}"; then
     failed+=("$name")
   fi
 done
-echo "[cpu_all $(date +%T)] done in $(( $(date +%s) - started )) s (load average $(cut -d' ' -f1-3 /proc/loadavg))"
+[ "${BENCH_DRY:-0}" = 1 ] || echo "[cpu_all $(date +%T)] done in $(( $(date +%s) - started )) s (load average $(cut -d' ' -f1-3 /proc/loadavg))"
 if [ ${#failed[@]} -gt 0 ]; then
   echo "[cpu_all] FAILED: ${failed[*]}"
   exit 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
 import subprocess
 import sys
@@ -458,3 +459,23 @@ def test_the_ratio_scripts_refuse_fewer_than_3_rounds() -> None:
         env=cli_env(),
     )
     assert done.returncode == 2 and "at least 3 alternating rounds" in done.stderr, done.stderr
+
+
+def test_cpu_all_runs_every_ratio_section_with_the_command_it_cites() -> None:
+    """``bench/cpu_all.sh`` re-measures every section of docs/benchmarks.md that a script writes,
+    except the quality (own-data) and GPU ones, with the command printed in the section."""
+    done = subprocess.run(
+        ["bash", str(REPO / "bench" / "cpu_all.sh")],
+        capture_output=True,
+        text=True,
+        env=cli_env(BENCH_DRY="1"),
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    commands = dict(line.split(": ", 1) for line in done.stdout.splitlines())
+    doc = (REPO / "docs" / "benchmarks.md").read_text()
+    sections = set(re.findall(r"^<!-- bench:([a-z-]+) -->$", doc, flags=re.MULTILINE))
+    assert set(commands) == sections - {"own-data", "gpu"}
+    for name, command in commands.items():
+        section = doc.split(f"<!-- bench:{name} -->")[1].split(f"<!-- /bench:{name} -->")[0]
+        assert f"- Command: `{command}`" in section
+        assert (REPO / command.split()[1]).is_file()

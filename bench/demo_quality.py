@@ -72,14 +72,17 @@ def eval_view(images: torch.Tensor, size: int, mean: Any, std: Any) -> torch.Ten
 
 @torch.no_grad()
 def _outputs(model: Any, x: torch.Tensor, batch: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backbone features and prototype scores ``z C^T`` (prototype rows normalised first)."""
+    """Backbone features and prototype scores ``z C^T`` (prototype rows normalised first); with
+    several prototype sets (DeepCluster-v2, SeLa-v2), the scores of set 0, as ``inspect-clusters``
+    shows by default."""
     model.eval()
     model.normalize_prototypes()
     feats, scores = [], []
     for chunk in x.split(batch):
         f = model.backbone(chunk)
         feats.append(f)
-        scores.append(model.prototypes(model.embed(f)))
+        chunk_scores = model.prototypes(model.embed(f))
+        scores.append(chunk_scores[0] if isinstance(chunk_scores, list) else chunk_scores)
     return torch.cat(feats), torch.cat(scores)
 
 

@@ -19,7 +19,7 @@ from swavctl.cores import usable_cores
 from swavctl.latest import follow
 from swavctl.train import auto_recipe as ar
 from swavctl.train.auto_recipe import Seen
-from swavctl.train.survey import evenly_spaced, is_colour, shorter_side, survey_images
+from swavctl.train.survey import cpu_has_amx, evenly_spaced, is_colour, shorter_side, survey_images
 from tests.conftest import cli_env, last_logged_step, run_cli, start_watched, wait_until, write_image_folder
 
 IMAGENET = 1_281_167
@@ -90,17 +90,32 @@ def test_480_colour_images_of_64_px_on_2_cpu_cores() -> None:
     assert s.data.augment == config.AugmentSettings()  # colour photographs: the paper's augmentation
     assert (s.train.batch_size, s.swav.queue_length, s.swav.freeze_prototypes_steps) == (64, 0, 8)
     assert s.optim.base_lr == 4.8 and s.optim.warmup_epochs == min(10, s.train.epochs // 10)
+    assert s.swav.temperature == ar.SMALL_DATA_TEMPERATURE == 0.2  # tens of prototypes
+    assert _choose(CPU_480, overrides=["swav.temperature=0.1"]).settings.swav.temperature == 0.1
     # The epochs fill the CPU budget by the cost model, and the line says how long that is.
     assert ar.MIN_EPOCHS <= s.train.epochs <= ar.MAX_EPOCHS
     assert ar.estimate_seconds(CPU_480, s) <= ar.BUDGET_S["cpu"]
     assert ar.estimate_seconds(CPU_480, s, epochs=s.train.epochs + 1) > ar.BUDGET_S["cpu"]
     assert choice.line == (
         "recipe: 480 colour images of ~64 px on 2 CPU cores: convnet-tiny, crops 2x32+4x16, 30 prototypes, "
-        f"batch 64, lr 4.8, {s.train.epochs} epochs (about 3 min)"
+        f"batch 64, lr 4.8, {s.train.epochs} epochs (about 4 min)"
     )
     # Twice as many cores: the same recipe in about as long, with about twice the epochs.
     more = _choose(Seen(**{**CPU_480.__dict__, "cores": 4})).settings.train.epochs
     assert 1.8 * s.train.epochs <= more <= 2.2 * s.train.epochs
+
+
+def test_a_cpu_with_amx_trains_in_bf16_and_fits_more_epochs() -> None:
+    amx = Seen(**{**CPU_480.__dict__, "cpu_bf16": True})
+    plain, fast = _choose(CPU_480), _choose(amx)
+    assert (plain.settings.train.precision, fast.settings.train.precision) == ("auto", "bf16")
+    assert ": convnet-tiny in bf16, crops" in fast.line and "bf16" not in plain.line
+    # The cost model counts AMX's bf16 step: more epochs in the same budget.
+    assert fast.settings.train.epochs >= 2 * plain.settings.train.epochs
+    assert ar.estimate_seconds(amx, fast.settings) <= ar.BUDGET_S["cpu"]
+    # The user's precision wins, and the epochs are then counted at it.
+    chosen = _choose(amx, overrides=["train.precision=fp32"]).settings
+    assert (chosen.train.precision, chosen.train.epochs) == ("fp32", plain.settings.train.epochs)
 
 
 def test_grey_images_skip_the_colour_jitter_that_does_nothing_to_them() -> None:
@@ -146,9 +161,19 @@ def test_the_users_values_win_and_the_recipe_is_built_around_them() -> None:
         return ar.estimate_seconds(CPU_480, settings, 2) - ar.estimate_seconds(CPU_480, settings, 1)
 
     assert epoch_s(s) > 5 * epoch_s(_choose(CPU_480).settings)
-    # The crop lists go together: fixing one leaves all four to the user (and the defaults).
+    # The crop lists go together: the user's lists win, and the recipe fills the others while the
+    # user's have its two groups (global, local). Fixing only the scales keeps the chosen sizes:
+    # the defaults' 224 and 96 px crops of 64 px images would cost 50 times as much.
     s = _choose(CPU_480, overrides=["data.crop_sizes=[48,24]", "data.crop_counts=[2,2]"]).settings
     assert (s.data.crop_sizes, s.data.crop_counts, s.data.min_scales) == ([48, 24], [2, 2], [0.14, 0.05])
+    s = _choose(CPU_480, overrides=["data.min_scales=[0.3,0.1]", "data.max_scales=[1.0,0.3]"]).settings
+    assert (s.data.crop_sizes, s.data.crop_counts) == ([32, 16], [2, 4])
+    assert (s.data.min_scales, s.data.max_scales) == ([0.3, 0.1], [1.0, 0.3])
+    # Three groups of the user's: none of the recipe's two-group lists.
+    three = ["data.crop_counts=[2,2,2]", "data.crop_sizes=[32,24,16]"]
+    three += ["data.min_scales=[0.5,0.2,0.05]", "data.max_scales=[1,0.5,0.2]"]
+    s = _choose(CPU_480, overrides=three).settings
+    assert (s.data.crop_counts, s.data.crop_sizes) == ([2, 2, 2], [32, 24, 16])
     # A fixed batch sets the freeze and the queue; the monitor stays off when the user says so.
     labelled = Seen(**{**CPU_480.__dict__, "labelled": "/data/patches"})
     assert _choose(labelled).settings.monitor.knn_data == "/data/patches"
@@ -233,7 +258,8 @@ def test_pretrain_without_a_preset_chooses_says_records_and_resumes(tmp_path: Pa
     assert resolved.train.max_steps == 8 and resolved.checkpoint.every_steps == 1
     cores = usable_cores()
     assert lines[0] == (
-        f"recipe: 32 colour images of ~16 px on {cores} CPU core{'s' if cores > 1 else ''}: convnet-tiny, "
+        f"recipe: 32 colour images of ~16 px on {cores} CPU core{'s' if cores > 1 else ''}: convnet-tiny"
+        f"{' in bf16' if cpu_has_amx() else ''}, "
         "crops 2x16+4x8, 10 prototypes, batch 8, "
         f"queue 8 from epoch {resolved.swav.queue_start_epoch}, lr 4.8, "
         f"{resolved.train.epochs} epochs (about {lines[0].rsplit('(about ', 1)[1]}"

@@ -70,8 +70,15 @@ PAPER_SPLIT_BATCH = 1024
 #: of 3840) for 3000 prototypes.
 EMBEDDINGS_PER_PROTOTYPE = 4096 / 3000
 
+#: The softmax temperature of small-data recipes (the paper's 0.1 is kept for its own recipes). With
+#: tens of prototypes 0.1 can stall near the uniform prediction (loss ln K): on the patch folder
+#: (K = 30, 141 epochs in bf16) a run at 0.1 sat at 0.99 ln K for 200 steps and ended at fast
+#: probe 0.858 / 20-NN 0.700, the same run at 0.2 at 0.975 / 0.958; the demo (K = 10) collapsed at
+#: 0.1 and reached NMI 0.81 at 0.2 (presets/demo.toml).
+SMALL_DATA_TEMPERATURE = 0.2
+
 #: Seconds a run should take on the device found (small data; the paper's recipe keeps its epochs).
-BUDGET_S = {"cpu": 180.0, "cuda": 3600.0}
+BUDGET_S = {"cpu": 240.0, "cuda": 3600.0}
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,7 @@ class Seen:
     devices: int  # training processes: GPUs, or CPU processes
     cores: int  # CPU cores the run can use
     labelled: str | None = None  # the data folder when it has train/ and val/ (for the k-NN monitor)
+    cpu_bf16: bool = False  # a CPU run on a CPU with AMX bf16 tiles (survey.cpu_has_amx)
 
     @property
     def paper_sized(self) -> bool:
@@ -116,6 +124,11 @@ TINY_MACS_PER_PIXEL = 9 * (3 * 32 + 32 * 64) + 9 * (64 * 64 + 64 * 128) / 4 + 9 
 #: pays (the rates above are of large ones).
 STARTUP_S = {"cpu": 15.0, "cuda": 60.0}
 STEP_OVERHEAD_S = {"cpu": 0.02, "cuda": 0.005}
+#: Core-seconds per crop pixel of reading, decoding and multi-cropping an image in the training
+#: process (a CPU run has no loader workers; the batched crops and photometric ops use every core):
+#: the same profile as the CPU rate below, 39 ms of data wait and 27 ms of augmentation per step of
+#: 64 images of 3072 crop pixels (2x32^2 + 4x16^2) on 2 cores.
+CPU_DATA_CORE_S_PER_PIXEL = 2 * 0.066 / (64 * 3072)
 
 
 def forward_macs(arch: str, side: int) -> float:
@@ -137,13 +150,17 @@ def _sample_macs(arch: str, counts: list[int], sizes: list[int]) -> float:
 
 
 #: Training multiply-accumulates per second of one device (or, for CPUs, one core), from measured
-#: samples/s. CPU: the demo on 2 idle cores, 1194 samples/s of convnet-tiny with 2x16 + 4x8 crops
-#: (docs/benchmarks.md). GPUs: ResNet-50 with 2x224 + 6x96 crops: 750 samples/s end to end on an
-#: H200 (docs/benchmarks.md; an H100 has the same compute), the official code's ~100 per V100; an
-#: A100 and GPUs not named here are assumed at 300.
+#: runs. CPU: the profile of ``swavctl pretrain --data PATCHES --gpus 0 --max-steps 30 --set
+#: train.profile_steps=5`` on the 480 colour patches of 64 px (bench/own_data_quality.py's folder)
+#: on the 2-core Intel CI-class machine: forward, backward, loss and optimizer 395 ms per step of
+#: 64 images with 2x32 + 4x16 crops of convnet-tiny (the demo's 1194 samples/s on 2 idle AMD cores
+#: had put it at 77 G/s per core, and the recipe's runs at 1.6x the time the line said). GPUs:
+#: ResNet-50 with 2x224 + 6x96 crops: 750 samples/s end to end on an H200 (docs/benchmarks.md; an
+#: H100 has the same compute), the official code's ~100 per V100; an A100 and GPUs not named here
+#: are assumed at 300.
 _RN50_PAPER = _sample_macs("resnet50", [2, 6], [224, 96])
 RATES = {
-    "cpu-core": 1194 * _sample_macs("convnet-tiny", [2, 4], [16, 8]) / 2,
+    "cpu-core": 64 * _sample_macs("convnet-tiny", [2, 4], [32, 16]) / (0.395 * 2),
     "H100": 750 * _RN50_PAPER,
     "H200": 750 * _RN50_PAPER,
     "A100": 300 * _RN50_PAPER,
@@ -152,10 +169,18 @@ RATES = {
 }
 
 
-def device_rate(seen: Seen) -> float:
-    """Training multiply-accumulates per second of all the run's devices (see :data:`RATES`)."""
+#: A CPU with AMX runs the bf16 step this many times faster than the fp32 one (convnet-tiny,
+#: 2x32 + 4x16 crops, batch 64, forward and backward: 0.119 s against 0.334 s, medians of 4
+#: alternating rounds, ``python bench/cpu_bf16.py`` on the 2-core Intel machine).
+CPU_BF16_SPEEDUP = 2.8
+
+
+def device_rate(seen: Seen, precision: str = "auto") -> float:
+    """Training multiply-accumulates per second of all the run's devices (see :data:`RATES`), at
+    ``precision`` (bf16 on a CPU with AMX: :data:`CPU_BF16_SPEEDUP` times the fp32 rate)."""
     if seen.device == "cpu":
-        return RATES["cpu-core"] * max(1, seen.cores)
+        speedup = CPU_BF16_SPEEDUP if precision == "bf16" and seen.cpu_bf16 else 1.0
+        return RATES["cpu-core"] * max(1, seen.cores) * speedup
     known = next((k for k in ("H100", "H200", "A100", "V100") if k in seen.device_name), "gpu")
     return RATES[known] * seen.devices
 
@@ -167,18 +192,27 @@ def estimate_seconds(seen: Seen, settings: Settings, epochs: int | None = None) 
     per_image = _sample_macs(settings.model.arch, data.crop_counts, data.crop_sizes)
     global_batch = settings.train.batch_size * seen.devices
     steps = max(1, seen.images // global_batch) * epochs
+    data_s = 0.0
+    if seen.device == "cpu":
+        pixels = sum(n * size * size for n, size in zip(data.crop_counts, data.crop_sizes, strict=True))
+        data_s = pixels * CPU_DATA_CORE_S_PER_PIXEL / max(1, seen.cores)
+    rate = device_rate(seen, settings.train.precision)
     seconds = STARTUP_S[seen.device] + steps * (
-        global_batch * per_image / device_rate(seen) + STEP_OVERHEAD_S[seen.device]
+        global_batch * (per_image / rate + data_s) + STEP_OVERHEAD_S[seen.device]
     )
     if settings.monitor.knn_data:  # a forward pass over train + val (a quarter more) per reading
         readings = epochs // settings.monitor.knn_every_epochs + 1
         eval_pass = 1.25 * seen.images * forward_macs(settings.model.arch, data.crop_sizes[0])
-        seconds += readings * eval_pass / device_rate(seen)
+        seconds += readings * eval_pass / device_rate(seen)  # evaluation runs in fp32
     return seconds
 
 
 # ---------------------------------------------------------------------------------------------
 # The rules
+
+
+#: The four crop lists, one entry per crop group (``data.<key>``).
+CROP_KEYS = ("crop_counts", "crop_sizes", "min_scales", "max_scales")
 
 
 def _is_fixed(key: str, fixed: frozenset[str]) -> bool:
@@ -238,11 +272,16 @@ def head_for(arch: str) -> tuple[int, int]:
     return min(2048, max(256, 2 * features)), min(128, features // 2)
 
 
-def structure(seen: Seen, fixed: frozenset[str], arch: str | None = None) -> dict[str, Any]:
+def structure(
+    seen: Seen, fixed: frozenset[str], arch: str | None = None, fixed_crop_groups: int = 0
+) -> dict[str, Any]:
     """The choices that size the model and the crops (a settings tree, before the user's values).
 
     ``arch`` is an architecture already fixed (``--arch``, ``--set model.arch``, an ``--init``
-    source): the rest is chosen around it.
+    source): the rest is chosen around it. ``fixed_crop_groups`` is the largest number of entries
+    of a crop list the user set (0: none): the recipe's crop lists (two groups) are chosen when it
+    is at most 2, and the user's lists win over them; a user's three or more groups take none of
+    them.
     """
     paper = seen.paper_sized
     arch = arch or ("resnet50" if paper else arch_for(seen))
@@ -253,9 +292,8 @@ def structure(seen: Seen, fixed: frozenset[str], arch: str | None = None) -> dic
         "train": {"batch_size": 64 if paper else batch_for(seen)},
     }
     tree["model"]["prototypes"] = 3000 if paper else prototypes_for(seen.images)
-    crop_keys = ("data.crop_counts", "data.crop_sizes", "data.min_scales", "data.max_scales")
     data: dict[str, Any] = {}
-    if not any(_is_fixed(key, fixed) for key in crop_keys):  # the four lists go together
+    if fixed_crop_groups <= 2:  # the four lists go together: two groups, global and local
         side = 224 if paper else global_crop(seen)
         data = {
             "crop_counts": [2, 6] if seen.device == "cuda" else [2, 4],
@@ -265,6 +303,8 @@ def structure(seen: Seen, fixed: frozenset[str], arch: str | None = None) -> dic
         }
     if seen.device == "cpu":  # batched augmentation in the training process (the demo's measurement)
         data.update({"augment_on": "device", "workers": 0})
+        if seen.cpu_bf16:  # oneDNN's bf16 kernels on AMX: the step in 0.36x the fp32 time
+            tree["train"]["precision"] = "bf16"
     else:
         data["workers"] = max(1, min(10, seen.cores // seen.devices))
     if not seen.colour:  # hue, saturation and grayscale are identities on grey pixels: skip their cost
@@ -311,6 +351,8 @@ def schedule(seen: Seen, settings: Settings, fixed: frozenset[str]) -> dict[str,
     else:
         epochs = settings.train.epochs if _is_fixed("train.epochs", fixed) else epochs_for(seen, settings)
         tree["optim"] = {"base_lr": 4.8, "final_lr": 0.0048, "start_warmup_lr": 0.3}
+        if not _is_fixed("swav.temperature", fixed):
+            tree["temperature"] = SMALL_DATA_TEMPERATURE
         tree["optim"]["warmup_epochs"] = min(10, epochs // 10)
         if seen.labelled and not _is_fixed("monitor.knn_data", fixed):
             tree["monitor"] = {"knn_data": seen.labelled, "knn_every_epochs": max(1, epochs // 5)}
@@ -320,6 +362,7 @@ def schedule(seen: Seen, settings: Settings, fixed: frozenset[str]) -> dict[str,
     sets = settings.model.prototypes
     queue = queue_for(global_batch, sets if isinstance(sets, int) else max(sets))
     tree["swav"] = {
+        **({"temperature": tree.pop("temperature")} if "temperature" in tree else {}),
         "queue_length": queue,
         "queue_start_epoch": min(15, max(1, epochs // 10)),
         "freeze_prototypes_steps": math.ceil(seen.images / global_batch),  # one epoch
@@ -359,7 +402,11 @@ def choose(seen: Seen, resolve: Callable[[dict[str, Any]], Settings], fixed: fro
     ``--batch-size`` is planned around rather than overwritten.
     """
     given = resolve({})
-    first = structure(seen, fixed, arch=given.model.arch if _is_fixed("model.arch", fixed) else None)
+    groups = max(
+        (len(getattr(given.data, key)) for key in CROP_KEYS if _is_fixed(f"data.{key}", fixed)), default=0
+    )
+    arch = given.model.arch if _is_fixed("model.arch", fixed) else None
+    first = structure(seen, fixed, arch=arch, fixed_crop_groups=groups)
     tree = _merge(first, schedule(seen, resolve(first), fixed))
     for key in inapplicable_keys(given.method):  # SwAV's queue and freeze under the other methods
         _drop(tree, key.split("."))
@@ -412,8 +459,9 @@ def describe(seen: Seen, settings: Settings) -> str:
     data, swav = settings.data, settings.swav
     global_batch = settings.train.batch_size * seen.devices
     crops = "+".join(f"{c}x{s}" for c, s in zip(data.crop_counts, data.crop_sizes, strict=True))
+    bf16 = seen.device == "cpu" and settings.train.precision == "bf16"
     parts = [
-        settings.model.arch,
+        settings.model.arch + (" in bf16" if bf16 else ""),
         f"crops {crops}",
         f"{settings.model.prototypes} prototypes",
         f"batch {settings.train.batch_size}" + (f" x {seen.devices}" if seen.devices > 1 else ""),

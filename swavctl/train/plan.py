@@ -24,6 +24,7 @@ from swavctl.eval.splits import EvalSplit
 from swavctl.method_settings import DEEPCLUSTER_V2, SWAV
 from swavctl.objective.queue import queue_length_per_rank
 from swavctl.safe_io import probe_writable
+from swavctl.train.precision import check_precision
 from swavctl.train.recipe_fit import batch_mismatch_note
 from swavctl.train.report import Reporter
 from swavctl.train.run_dir import (
@@ -114,6 +115,7 @@ def plan_run(settings: Settings, *, reporter: Reporter, fresh: bool, held: conte
             reporter.warn(message)
 
     device = pick_device(settings)
+    check_precision(settings, device)
     if device.type == "cpu" and dist.is_main() and hasattr(os, "getloadavg"):
         busy = busy_cpu_note(os.getloadavg()[0], os.cpu_count() or 1, torch.get_num_threads() * world)
         if busy:

@@ -29,10 +29,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from swavctl.distributed.device import pick_devices
 from swavctl.errors import UserError
 from swavctl.inspect import assign, grids, metrics, report, sources, stats
 from swavctl.inspect.embeddings import EmbeddingStore
-from swavctl.inspect.extract import Embedder, EvalView, iter_embeddings, pick_devices
+from swavctl.inspect.extract import Embedder, EvalView, iter_embeddings
 from swavctl.inspect.sort_into import Sorter, folder_name
 from swavctl.inspect.sources import DEFAULT_MODEL, EMBEDDINGS_FILE, default_out, prepare_out, resolve_images
 from swavctl.inspect.topn import Reservoir, TopN
@@ -149,7 +150,7 @@ def inspect_clusters(options: InspectOptions, progress: StageReporter | None = N
         )
     settings = loaded.settings
     layer = sources.prototype_layer(loaded, options.prototype_set)
-    devices = pick_devices(options.gpus)
+    devices = pick_devices(options.gpus, in_this_process=True)
     images = resolve_images(options.data, split=options.split, loaded=loaded, max_images=options.max_images)
     if images.note:
         progress.warn(images.note)

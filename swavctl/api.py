@@ -165,15 +165,13 @@ def evaluate(model: str | Path = "runs/latest", data: str | None = None, **optio
     ``options`` are those of the command, by their Python names: ``mode`` (``fast``, ``linear``,
     ``knn``, ``finetune``), ``epochs``, ``k``, ``out``, ``gpus``, ``workers``, ...
     """
-    from dataclasses import fields
-
     from swavctl.containers import check_model_file
 
     check_model_file(Path(model))  # a missing or malformed file is refused before torch is imported
     from swavctl import launch
     from swavctl.eval.run import EvalOptions
 
-    known = {f.name for f in fields(EvalOptions)}
+    known = set(EvalOptions.model_fields)
     unknown = sorted(set(options) - known)
     if unknown:
         raise UserError(f"unknown option {unknown[0]!r}; evaluate takes {', '.join(sorted(known))}")

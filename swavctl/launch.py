@@ -207,10 +207,9 @@ def run_evaluation(options: Any) -> Outcome:
     from swavctl.eval.run import run_eval
     from swavctl.progress import StageProgress
 
-    options.check()
     job = Job(
         "eval",
-        {"options": options.to_json()},
+        {"options": options.model_dump_json()},
         use_cuda=cuda_by_default(options.gpus),
         timeout_s=EVAL_TIMEOUT_S,
     )
@@ -316,7 +315,7 @@ def _job_body(job: Job, env: dist.DistEnv, *, announce_join: bool = False) -> An
             from swavctl.progress import StageProgress
 
             return run_eval(
-                EvalOptions.from_json(job.args["options"]), reporter=StageProgress(), device=device
+                EvalOptions.model_validate_json(job.args["options"]), reporter=StageProgress(), device=device
             )
         raise ValueError(f"unknown job kind {job.kind!r}")
 

@@ -385,8 +385,9 @@ def test_linear_mode_reports_the_argmax_epoch_on_val_not_the_last(monkeypatch: p
     overridden."""
     from types import SimpleNamespace
 
-    from swavctl.eval import run as run_mod
+    from swavctl.eval import linear as linear_mod
     from swavctl.eval.linear import LinearRecipe, LinearResult
+    from swavctl.eval.options import EvalOptions
 
     history = [
         {"epoch": 1, "lr": 0.3, "train_loss": 2.0, "val_top1": 0.50, "val_top5": 0.90},
@@ -401,10 +402,10 @@ def test_linear_mode_reports_the_argmax_epoch_on_val_not_the_last(monkeypatch: p
         seen["recipe"] = recipe
         return LinearResult(val_scores=final_scores, history=history)
 
-    monkeypatch.setattr(run_mod, "linear_protocol", fake_protocol)
+    monkeypatch.setattr(linear_mod, "linear_protocol", fake_protocol)
     val = (torch.zeros(3, 4), torch.tensor([0, 1, 0]), torch.arange(3))
     ctx = SimpleNamespace(
-        options=run_mod.EvalOptions(mode="linear", batch_size=64),
+        options=EvalOptions(mode="linear", batch_size=64),
         images=lambda which, augment: list(range(5 if which == "train" else 3)),
         features=lambda dataset, name: val,
         loaded=SimpleNamespace(model=SimpleNamespace(backbone=None, feature_dim=4)),
@@ -415,7 +416,7 @@ def test_linear_mode_reports_the_argmax_epoch_on_val_not_the_last(monkeypatch: p
         reporter=None,
         timings={},
     )
-    scores, _, _, n_train, extra = run_mod._run_linear(ctx, Path("unused"))  # type: ignore[arg-type]
+    scores, _, _, n_train, extra = linear_mod.run_mode(ctx, Path("unused"))  # type: ignore[arg-type]
     assert scores is final_scores and n_train == 5
     best = extra["linear"]["best_epoch_selected_on_val"]
     assert (best["epoch"], best["top1"], best["top5"]) == (2, 0.80, 0.97)
@@ -424,7 +425,7 @@ def test_linear_mode_reports_the_argmax_epoch_on_val_not_the_last(monkeypatch: p
 
 
 def test_the_best_val_epoch_on_a_tie_is_the_first_as_in_the_official_script() -> None:
-    from swavctl.eval.run import best_epoch_on_val
+    from swavctl.eval.linear import best_epoch_on_val
 
     history = [
         {"epoch": 1, "val_top1": 0.5, "val_top5": 0.9},

@@ -318,17 +318,21 @@ def test_bad_input_is_one_line_and_status_2(tmp_path: Path, cli: Callable[..., A
         assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
         assert "Traceback" not in result.stderr
     # The same UserError path (the command prints any UserError as above), in process.
-    library_cases = {
-        "no image files": InspectOptions(model=with_head, data=str(empty), out=tmp_path / "o2"),
-        "model not found": InspectOptions(model=tmp_path / "missing", data=str(images)),
-        "--assignment must be": InspectOptions(model=with_head, data=str(images), assignment="kmeans"),
-        "not empty and was not written by swavctl": InspectOptions(
-            model=with_head, data=str(images), out=tmp_path / "o3", sort_into=images
-        ),
+    # (The options are checked when they are built, so each case builds them inside the check.)
+    library_cases: dict[str, dict[str, Any]] = {
+        "no image files": {"model": with_head, "data": str(empty), "out": tmp_path / "o2"},
+        "model not found": {"model": tmp_path / "missing", "data": str(images)},
+        "--assignment must be": {"model": with_head, "data": str(images), "assignment": "kmeans"},
+        "not empty and was not written by swavctl": {
+            "model": with_head,
+            "data": str(images),
+            "out": tmp_path / "o3",
+            "sort_into": images,
+        },
     }
-    for expected, options in library_cases.items():
+    for expected, keywords in library_cases.items():
         with pytest.raises(UserError, match=expected) as caught:
-            inspect_clusters(options)
+            inspect_clusters(InspectOptions(**keywords))
         assert "\n" not in str(caught.value)
 
 

@@ -24,10 +24,11 @@ from swavctl.bench.common import crops_label, sync
 from swavctl.config import Settings
 from swavctl.data.dataset import Batch, pretrain_dataset, pretrain_loader, refuse_skipped
 from swavctl.data.sampler import EpochBatchSampler, steps_per_epoch
+from swavctl.distributed.device import pick_devices
 from swavctl.errors import UserError
 from swavctl.train.build import crop_specs
 from swavctl.train.device_batch import batch_crops, decode_batch
-from swavctl.train.plan import data_paths, pick_device
+from swavctl.train.plan import data_paths
 from swavctl.train.report import QuietReporter, Reporter
 
 #: Worker counts whose rate is within this fraction of the best count as "enough".
@@ -140,7 +141,7 @@ def bench_data(
     counts = list(dict.fromkeys(workers or [settings.data.workers]))
     if any(w < 0 for w in counts):
         raise UserError("worker counts must be 0 or more")
-    device = pick_device(settings)
+    device = pick_devices(settings.dist.gpus)[0]
     if decode_in_workers and (device.type != "cuda" or settings.data.augment_on != "device"):
         reporter.warn(
             "--decode-in-workers has no effect here: it applies with data.augment_on=device on a GPU "

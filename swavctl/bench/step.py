@@ -27,6 +27,7 @@ from torch import nn
 
 from swavctl.bench.common import RN50_SWAV_FLOP_PER_SAMPLE, crops_label, sync
 from swavctl.config import Settings
+from swavctl.distributed.device import pick_devices
 from swavctl.errors import UserError
 from swavctl.launch import processes_asked
 from swavctl.model.swav import SwAV
@@ -36,7 +37,6 @@ from swavctl.train.agreement import grads_finite
 from swavctl.train.build import build_model as build_swav
 from swavctl.train.build import build_optimizer, crop_specs
 from swavctl.train.larc import LARC
-from swavctl.train.plan import pick_device
 from swavctl.train.precision import autocast_dtype
 
 
@@ -124,7 +124,7 @@ class StepRunner:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.device = pick_device(settings)
+        self.device = pick_devices(settings.dist.gpus)[0]
         self.model, self.train_model, self.optimizer, self.channels_last = build_model(settings, self.device)
         self.amp_dtype = autocast_dtype(settings, self.device)
         self.crops = synthetic_crops(settings, self.device, channels_last=self.channels_last)

@@ -140,56 +140,69 @@ def _run(
     as_json: bool,
 ) -> dict[str, Any]:
     if info is not None:
-        others = [
-            name
-            for name, given in (
-                ("MODEL", model is not None),
-                ("--out", out is not None),
-                ("--with-head", with_head),
-                ("--from-official", from_official is not None),
-                ("--arch", arch is not None),
-            )
-            if given
-        ]
+        given = {
+            "MODEL": model is not None,
+            "--out": out is not None,
+            "--with-head": with_head,
+            "--from-official": from_official is not None,
+            "--arch": arch is not None,
+        }
+        others = [name for name, was_given in given.items() if was_given]
         if others:
             raise UserError(f"--info only reads a file; it cannot be combined with {', '.join(others)}")
-        check_safetensors(info)  # before torch is imported
-        from swavctl.export import export_info
-
-        result = export_info(info, verify=verify)
-        if not as_json:
-            _print_info(result)
-        return result
+        return _info(info, verify=verify, as_json=as_json)
     if verify:
         raise UserError("--verify goes with --info FILE")
-
     if from_official is not None:
         if model is not None:
             raise UserError("give either MODEL or --from-official CKPT, not both")
-        if arch is None:
-            raise UserError(
-                "--from-official needs --arch (resnet50, resnet50w2, resnet50w4, resnet50w5, ...)"
-            )
-        if out is None:
-            raise UserError("--from-official needs --out FILE.safetensors")
-        check_output_file(out)
-        if from_official.is_file():  # its container, before torch is imported
-            if from_official.suffix == ".safetensors":
-                check_safetensors(from_official)
-            else:
-                check_pickle_container(from_official)
-        from swavctl.export import import_official
-
-        result = import_official(from_official, arch=arch, out=out, with_head=with_head, dtype=dtype)
-        if not as_json:
-            err.print(
-                f"imported {result['source']} ({arch}) -> {result['path']} "
-                f"({result['tensors']} tensors, {result['contents']}, {dtype})",
-                markup=False,
-            )
-        return result
+        return _from_official(from_official, arch, out, with_head=with_head, dtype=dtype, as_json=as_json)
     if arch is not None:
         raise UserError("--arch goes with --from-official; an export takes the architecture from its run")
+    return _export(model, out, with_head=with_head, dtype=dtype, as_json=as_json)
+
+
+def _info(path: Path, *, verify: bool, as_json: bool) -> dict[str, Any]:
+    """``--info FILE``: an export's metadata."""
+    check_safetensors(path)  # before torch is imported
+    from swavctl.export import export_info
+
+    result = export_info(path, verify=verify)
+    if not as_json:
+        _print_info(result)
+    return result
+
+
+def _from_official(
+    checkpoint: Path, arch: str | None, out: Path | None, *, with_head: bool, dtype: str, as_json: bool
+) -> dict[str, Any]:
+    """``--from-official CKPT --arch A --out FILE``: an official checkpoint converted to an export."""
+    if arch is None:
+        raise UserError("--from-official needs --arch (resnet50, resnet50w2, resnet50w4, resnet50w5, ...)")
+    if out is None:
+        raise UserError("--from-official needs --out FILE.safetensors")
+    check_output_file(out)
+    if checkpoint.is_file():  # its container, before torch is imported
+        if checkpoint.suffix == ".safetensors":
+            check_safetensors(checkpoint)
+        else:
+            check_pickle_container(checkpoint)
+    from swavctl.export import import_official
+
+    result = import_official(checkpoint, arch=arch, out=out, with_head=with_head, dtype=dtype)
+    if not as_json:
+        err.print(
+            f"imported {result['source']} ({arch}) -> {result['path']} "
+            f"({result['tensors']} tensors, {result['contents']}, {dtype})",
+            markup=False,
+        )
+    return result
+
+
+def _export(
+    model: Path | None, out: Path | None, *, with_head: bool, dtype: str, as_json: bool
+) -> dict[str, Any]:
+    """MODEL (default runs/latest) exported to safetensors."""
     if out is None or out.suffix == ".safetensors":
         if out is not None:
             check_output_file(out)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -32,55 +32,62 @@ _FLAG_NAMES = {
 }
 
 
+#: The longer options, named here to keep the command's signature short.
+MethodOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--method",
+        help="Training method: swav (default), deepcluster-v2 or sela-v2 (see docs/methods.md).",
+    ),
+]
+InitOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--init",
+        metavar="PATH",
+        help="Start from these weights (model.init): a swavctl run, checkpoint or export, an official "
+        "SwAV .pth.tar, or a torchvision state dict; read when the run starts, not on resume.",
+    ),
+]
+KnnDataOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--knn-data",
+        metavar="DIR",
+        help="Labelled folder (or 'demo') to report a k-NN top-1 at epoch ends (monitor.*).",
+    ),
+]
+TensorboardOpt = Annotated[
+    bool,
+    typer.Option(
+        "--tensorboard",
+        help="Also write TensorBoard events into RUN/tb/ (log.tensorboard; needs swavctl[tensorboard]).",
+    ),
+]
+
+
 def pretrain_command(
     data: DataOpt = None,
     preset: Annotated[
         str | None, typer.Option("--preset", help="Preset name (see 'swavctl presets list') or TOML path.")
     ] = None,
     out: OutOpt = None,
-    method: Annotated[
-        str | None,
-        typer.Option(
-            "--method",
-            help="Training method: swav (default), deepcluster-v2 or sela-v2 (see docs/methods.md).",
-        ),
-    ] = None,
+    method: MethodOpt = None,
     epochs: Annotated[int | None, typer.Option("--epochs", help="Number of epochs.")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Images per device.")] = None,
     arch: Annotated[
         str | None,
         typer.Option("--arch", help="Backbone architecture (default with --init: the weights' own)."),
     ] = None,
-    init: Annotated[
-        str | None,
-        typer.Option(
-            "--init",
-            metavar="PATH",
-            help="Start from these weights (model.init): a swavctl run, checkpoint or export, an official "
-            "SwAV .pth.tar, or a torchvision state dict; read when the run starts, not on resume.",
-        ),
-    ] = None,
+    init: InitOpt = None,
     max_steps: Annotated[int | None, typer.Option("--max-steps", help="Stop after this many steps.")] = None,
     gpus: GpusOpt = None,
     procs: Annotated[
         int | None, typer.Option("--procs", help="CPU processes with --gpus 0 (gloo on 127.0.0.1).")
     ] = None,
-    knn_data: Annotated[
-        str | None,
-        typer.Option(
-            "--knn-data",
-            metavar="DIR",
-            help="Labelled folder (or 'demo') to report a k-NN top-1 at epoch ends (monitor.*).",
-        ),
-    ] = None,
+    knn_data: KnnDataOpt = None,
     overrides: SetOpt = None,
-    tensorboard: Annotated[
-        bool,
-        typer.Option(
-            "--tensorboard",
-            help="Also write TensorBoard events into RUN/tb/ (log.tensorboard; needs swavctl[tensorboard]).",
-        ),
-    ] = False,
+    tensorboard: TensorboardOpt = False,
     fresh: Annotated[bool, typer.Option("--fresh", help="Start over instead of resuming.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -90,53 +97,22 @@ def pretrain_command(
     """
     # --gpus N (N > 1) starts N worker processes (NCCL), --gpus 0 --procs N as many CPU workers
     # (gloo); under torchrun or SLURM srun each process is one worker (swavctl.launch).
-    from swavctl import config
-    from swavctl.messages import check_output_folder
-
+    flags = {
+        "data.path": data,
+        "out": out,
+        "method": method,
+        "train.epochs": epochs,
+        "train.batch_size": batch_size,
+        "model.arch": arch,
+        "model.init": init,
+        "train.max_steps": max_steps,
+        "dist.gpus": gpus,
+        "dist.procs": procs,
+        "monitor.knn_data": knn_data,
+        "log.tensorboard": True if tensorboard else None,
+    }
     try:
-        if out is not None:
-            out = str(follow(Path(out)))  # --out runs/latest: the run folder it names
-            check_output_folder(out)  # before torch is imported, as are the settings
-        if init is not None:
-            from swavctl.containers import check_model_file
-            from swavctl.messages import init_not_found
-
-            init_path = follow(Path(init).expanduser())
-            if not init_path.exists():
-                raise UserError(init_not_found(init))
-            check_model_file(init_path)  # a malformed file is refused before torch is imported
-        flags = {
-            "data.path": data,
-            "out": out,
-            "method": method,
-            "train.epochs": epochs,
-            "train.batch_size": batch_size,
-            "model.arch": arch,
-            "model.init": init,
-            "train.max_steps": max_steps,
-            "dist.gpus": gpus,
-            "dist.procs": procs,
-            "monitor.knn_data": knn_data,
-            "log.tensorboard": True if tensorboard else None,
-        }
-        notes: list[str] = []
-        settings = config.resolve(
-            preset=preset, flags=flags, overrides=overrides or [], flag_names=_FLAG_NAMES, notes=notes
-        )
-        if preset is None and settings.data.path:
-            # No preset: a recipe chosen from the data and the devices, told in one line.
-            from swavctl.train.survey import auto_recipe
-
-            recipe_flags = dict(flags)
-            named = {".".join(config.parse_override(text)[0]) for text in overrides or []}
-            if settings.model.init and arch is None and "model.arch" not in named:
-                from swavctl.init_weights import arch_of_init
-
-                # Built around the init weights' architecture (RN50 weights make an RN50 run).
-                recipe_flags["model.arch"] = arch_of_init(settings.model.init)
-            choice = auto_recipe(flags=recipe_flags, overrides=overrides or [], flag_names=_FLAG_NAMES)
-            settings = choice.settings
-            notes.append(choice.line)
+        settings, notes = _resolve(preset, flags, overrides or [])
     except UserError as exc:
         raise fail(str(exc), exc.exit_code) from None
     from swavctl import dist, launch
@@ -144,31 +120,8 @@ def pretrain_command(
     env = dist.detect_env()
     for note in notes if env is None or env.rank == 0 else []:  # once, not once per worker
         err.print(note, markup=False)
-    from swavctl.data.demo import anchored_data_path
-    from swavctl.model.backbones import check_backbone_name
-
     try:
-        typed = arch is not None and settings.model.arch == arch  # not changed by --set
-        arch_where = "--arch" if typed else "'model.arch'"
-        check_backbone_name(settings.model.arch, arch_where)
-        if settings.model.init:
-            from swavctl.init_weights import resolve_init
-
-            named = {".".join(config.parse_override(text)[0]) for text in overrides or []}
-            settings = resolve_init(
-                settings,
-                arch_where=arch_where if arch is not None or "model.arch" in named else None,
-                where="--init" if init is not None and settings.model.init == init else "model.init",
-                warn=lambda message: err.print(f"warning: {message}", markup=False),
-            )
-        settings = settings.model_copy(
-            update={
-                "data": settings.data.model_copy(update={"path": anchored_data_path(settings.data.path)}),
-                "monitor": settings.monitor.model_copy(
-                    update={"knn_data": anchored_data_path(settings.monitor.knn_data)}
-                ),
-            }
-        )
+        settings = _ready(settings, arch=arch, init=init, overrides=overrides or [])
         outcome = launch.run_pretrain(settings, fresh=fresh)
     except UserError as exc:
         raise fail(str(exc), exc.exit_code) from None
@@ -182,6 +135,75 @@ def pretrain_command(
         )
         outcome.message = f"{outcome.message}; {again}"
     finish(outcome, lambda summary: _print_summary(summary, settings=settings, as_json=as_json))
+
+
+def _resolve(preset: str | None, flags: dict[str, Any], overrides: list[str]) -> tuple[Settings, list[str]]:
+    """The settings from the preset (or the automatic recipe), the flags and ``--set``, with the
+    lines to print; ``--out`` and ``--init`` are checked first, before torch is imported."""
+    from swavctl import config
+    from swavctl.messages import check_output_folder
+
+    out, init = flags["out"], flags["model.init"]
+    if out is not None:
+        flags["out"] = str(follow(Path(out)))  # --out runs/latest: the run folder it names
+        check_output_folder(flags["out"])  # before torch is imported, as are the settings
+    if init is not None:
+        from swavctl.containers import check_model_file
+        from swavctl.messages import init_not_found
+
+        init_path = follow(Path(init).expanduser())
+        if not init_path.exists():
+            raise UserError(init_not_found(init))
+        check_model_file(init_path)  # a malformed file is refused before torch is imported
+    notes: list[str] = []
+    settings = config.resolve(
+        preset=preset, flags=flags, overrides=overrides, flag_names=_FLAG_NAMES, notes=notes
+    )
+    if preset is None and settings.data.path:
+        # No preset: a recipe chosen from the data and the devices, told in one line.
+        from swavctl.train.survey import auto_recipe
+
+        recipe_flags = dict(flags)
+        named = {".".join(config.parse_override(text)[0]) for text in overrides}
+        if settings.model.init and flags["model.arch"] is None and "model.arch" not in named:
+            from swavctl.init_weights import arch_of_init
+
+            # Built around the init weights' architecture (RN50 weights make an RN50 run).
+            recipe_flags["model.arch"] = arch_of_init(settings.model.init)
+        choice = auto_recipe(flags=recipe_flags, overrides=overrides, flag_names=_FLAG_NAMES)
+        settings = choice.settings
+        notes.append(choice.line)
+    return settings, notes
+
+
+def _ready(settings: Settings, *, arch: str | None, init: str | None, overrides: list[str]) -> Settings:
+    """The settings checked and completed for the run: the backbone's name, the init weights
+    (``model.init``) read, the data paths anchored."""
+    from swavctl import config
+    from swavctl.data.demo import anchored_data_path
+    from swavctl.model.backbones import check_backbone_name
+
+    typed = arch is not None and settings.model.arch == arch  # not changed by --set
+    arch_where = "--arch" if typed else "'model.arch'"
+    check_backbone_name(settings.model.arch, arch_where)
+    if settings.model.init:
+        from swavctl.init_weights import resolve_init
+
+        named = {".".join(config.parse_override(text)[0]) for text in overrides}
+        settings = resolve_init(
+            settings,
+            arch_where=arch_where if arch is not None or "model.arch" in named else None,
+            where="--init" if init is not None and settings.model.init == init else "model.init",
+            warn=lambda message: err.print(f"warning: {message}", markup=False),
+        )
+    return settings.model_copy(
+        update={
+            "data": settings.data.model_copy(update={"path": anchored_data_path(settings.data.path)}),
+            "monitor": settings.monitor.model_copy(
+                update={"knn_data": anchored_data_path(settings.monitor.knn_data)}
+            ),
+        }
+    )
 
 
 def _print_summary(result: dict[str, object], *, settings: Settings, as_json: bool) -> None:

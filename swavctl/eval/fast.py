@@ -29,20 +29,28 @@ paper protocol's short schedule on raw features (see docs/eval.md). A member tha
 
 The member is chosen by its top-1 on a held-out, class-stratified part of the train split (never
 val; ties go to the lower held-out loss), then retrained with its hyper-parameters on the whole
-train split, and only that classifier is scored on val.
+train split, and only that classifier is scored on val. :func:`run_mode` is ``--mode fast``.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
-DEFAULT_LRS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
-DEFAULT_WDS = (0.0, 1e-5, 1e-4, 1e-3)
+from swavctl import dist
+from swavctl.errors import UserError
+from swavctl.eval.options import DEFAULT_EPOCHS, DEFAULT_LRS, DEFAULT_WDS
+from swavctl.eval.splits import holdout_split
+
+if TYPE_CHECKING:
+    from swavctl.eval.context import EvalContext, ModeResult
 
 
 @dataclass
@@ -269,3 +277,80 @@ def fast_probe(
         return ProbeResult(final.logits(val_features)[:, 0], choice, True, **sizes)
     weight, bias = grid.member(choice.chosen)
     return ProbeResult(val_features @ weight + bias, choice, False, **sizes)
+
+
+def run_mode(ctx: EvalContext, out: Path) -> ModeResult | None:
+    """``--mode fast``: cached features of train (centre views plus ``--aug-passes`` augmented
+    passes) and val, then :func:`fast_probe` on rank 0."""
+    o = ctx.options
+    views = [("train features", ctx.images("train", augment=False))]
+    for p in range(o.aug_passes):
+        dataset = ctx.images("train", augment=True)
+        dataset.set_epoch(p)
+        views.append((f"augmented pass {p + 1}/{o.aug_passes}", dataset))
+    feats, labels, indices = [], [], []
+    for name, dataset in views:
+        f, y, kept = ctx.features(dataset, name)
+        feats.append(f)
+        labels.append(y)
+        indices.append(kept)
+    val_f, val_y, val_idx = ctx.features(ctx.images("val", augment=False), "val features")
+    if not dist.is_main():
+        return None
+    start = time.perf_counter()
+    probe = _probe(ctx, feats, labels, indices, val_f)
+    ctx.timings["classifier"] = time.perf_counter() - start
+    assert probe.scores is not None
+    choice = probe.choice
+    chosen = {"lr": choice.lr, "weight_decay": choice.wd, "holdout_top1": choice.holdout_top1[choice.chosen]}
+    extra = {
+        "fast": {
+            "epochs": probe.epochs,
+            "aug_passes": o.aug_passes,
+            "holdout_fraction": o.holdout,
+            "n_fit": probe.n_fit,
+            "n_holdout": probe.n_holdout,
+            "standardized": o.standardize,
+            "refit_on_all_train": probe.refit,
+            "chosen": chosen,
+            "grid": choice.table(),
+        },
+        "summary": {"chosen": chosen},
+    }
+    return probe.scores, val_y, val_idx, int(feats[0].shape[0]), extra
+
+
+def _probe(
+    ctx: EvalContext, feats: list[Any], labels: list[Any], indices: list[Any], val_f: torch.Tensor
+) -> ProbeResult:
+    """Hold out part of train, fit the grid, choose and refit (see the module docstring)."""
+    o = ctx.options
+    # Hold out a class-stratified part of the train images (by image, so none of the augmented
+    # views of a held-out image is fitted on); only their centre views are scored.
+    _, held_idx = holdout_split([s.label for s in ctx.split.train], o.holdout, o.seed)
+    held_set = torch.as_tensor(held_idx, dtype=torch.int64)
+    is_held = [torch.isin(kept, held_set).to(ctx.device) for kept in indices]
+    if not bool(is_held[0].any()) or all(bool(h.all()) for h in is_held):
+        raise UserError(f"too few train images ({len(ctx.split.train)}) for a --holdout of {o.holdout:g}")
+    with ctx.reporter.stage(f"fast grid ({len(o.fast_lrs) * len(o.fast_wds)} probes)", 2, "fits") as advance:
+        probe = fast_probe(
+            feats,
+            labels,
+            is_held,
+            val_f,
+            num_classes=ctx.split.num_classes,
+            lrs=o.fast_lrs,
+            wds=o.fast_wds,
+            epochs=o.epochs or DEFAULT_EPOCHS["fast"],
+            batch_size=o.batch_size,
+            seed=o.seed,
+            standardize=o.standardize,
+            advance=advance,
+        )
+    if probe.scores is None:
+        raise UserError("every probe of the fast grid diverged; try smaller --fast-lrs or --standardize")
+    if not probe.refit:
+        ctx.reporter.warn(
+            "the chosen probe diverged when retrained on all of train; using the fit-part probe"
+        )
+    return probe

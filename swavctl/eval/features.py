@@ -16,9 +16,6 @@ from swavctl.eval.sharding import chunks, gather_in_order, rank_share
 from swavctl.eval.views import Normalizer
 from swavctl.progress import QuietStages, StageReporter
 
-#: Images per feature-extraction batch (eval-linear's ``--batch-size`` default, and the monitor's).
-FEATURE_BATCH = 256
-
 
 @torch.no_grad()
 def backbone_features(backbone: nn.Module, images: torch.Tensor, normalize: Normalizer) -> torch.Tensor:

@@ -19,19 +19,24 @@ Scaled to other data (:func:`paper_recipe`):
 - the decay points stay at 60% and 80% of the epochs (12 and 16 of 20);
 - a fraction other than 0.01 or 0.1 takes the rates of the nearer of the two on a log scale.
 
-The head is initialised N(0, 0.01) with zero bias, like the linear protocol.
+The head is initialised N(0, 0.01) with zero bias, like the linear protocol. :func:`run_mode` is
+``--mode finetune``.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from swavctl import dist
+from swavctl.errors import UserError
 from swavctl.eval.dataset import LabelledImages, make_loader
 from swavctl.eval.linear import new_classifier
 from swavctl.eval.sharding import (
@@ -43,9 +48,14 @@ from swavctl.eval.sharding import (
     rank_share,
     this_rank_sampler,
 )
+from swavctl.eval.splits import label_subset
 from swavctl.eval.views import Normalizer
 from swavctl.progress import QuietStages, StageReporter
+from swavctl.safe_io import write_text_atomic
 from swavctl.train.sync_batchnorm import convert_sync_batchnorm
+
+if TYPE_CHECKING:
+    from swavctl.eval.context import EvalContext, ModeResult
 
 #: The paper's learning rates (trunk, head) per label fraction, for batch 256.
 PAPER_LRS = {0.01: (0.02, 5.0), 0.1: (0.01, 0.2)}
@@ -147,7 +157,6 @@ def finetune(
     scores its share of val; every rank returns the same result, equal to a single process's up
     to the order of float sums.
     """
-    report: StageReporter = reporter or QuietStages()
     trunk = copy.deepcopy(backbone).to(device)
     for p in trunk.parameters():
         p.requires_grad_(True)
@@ -155,7 +164,6 @@ def finetune(
     model: nn.Module = classifier
     if dist.is_distributed():  # batch statistics over the global batch, as one process has them
         model = convert_sync_batchnorm(model, device_type=device.type)
-    trained = data_parallel(model, device)
     optimizer = torch.optim.SGD(
         [
             {"params": trunk.parameters(), "lr": recipe.trunk_lr},
@@ -164,6 +172,27 @@ def finetune(
         momentum=recipe.momentum,
         weight_decay=recipe.weight_decay,
     )
+    history = _train(
+        data_parallel(model, device), optimizer, train, recipe, normalize, device, seed, workers, reporter
+    )
+    model.eval()
+    val_scores, val_indices = _score(model, val, normalize, num_classes, device, workers)
+    return FinetuneResult(val_scores=val_scores, val_indices=val_indices, history=history)
+
+
+def _train(
+    trained: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train: LabelledImages,
+    recipe: FinetuneRecipe,
+    normalize: Normalizer,
+    device: torch.device,
+    seed: int,
+    workers: int,
+    reporter: StageReporter | None,
+) -> list[dict[str, float]]:
+    """``recipe.epochs`` epochs of SGD with the step decay; returns the loss history per epoch."""
+    report: StageReporter = reporter or QuietStages()
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, recipe.milestone_epochs(), gamma=recipe.gamma)
     # BatchNorm in train mode cannot use a batch of one: such a trailing batch is dropped.
     sampler = this_rank_sampler(
@@ -172,8 +201,7 @@ def finetune(
     loader = make_loader(train, batch_sampler=sampler, workers=workers, pin_memory=device.type == "cuda")
     labels_all = train.labels.to(device)
     history: list[dict[str, float]] = []
-    steps = len(sampler)
-    with report.stage("finetune", recipe.epochs * steps) as advance:
+    with report.stage("finetune", recipe.epochs * len(sampler)) as advance:
         for epoch in range(recipe.epochs):
             train.set_epoch(epoch)
             sampler.set_epoch(epoch)
@@ -202,15 +230,88 @@ def finetune(
                 }
             )
             scheduler.step()
-    model.eval()
+    return history
+
+
+@torch.no_grad()
+def _score(
+    model: nn.Module,
+    val: LabelledImages,
+    normalize: Normalizer,
+    num_classes: int,
+    device: torch.device,
+    workers: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Val scores (M, C) of the readable images, in val order, with their indices (M,)."""
     scores: list[torch.Tensor] = [torch.empty(0, num_classes, device=device)]
     order: list[torch.Tensor] = [torch.empty(0, dtype=torch.int64)]
     share = rank_share(len(val), dist.rank(), dist.world_size())
     val_loader = make_loader(val, batch_sampler=chunks(share, 256), workers=workers)
-    with torch.no_grad():
-        for batch in val_loader:
-            if batch.images is not None:
-                scores.append(model(normalize(batch.images.to(device))).float())
-                order.append(batch.indices)
-    val_scores, val_indices = gather_in_order(torch.cat(scores), torch.cat(order))
-    return FinetuneResult(val_scores=val_scores, val_indices=val_indices, history=history)
+    for batch in val_loader:
+        if batch.images is not None:
+            scores.append(model(normalize(batch.images.to(device))).float())
+            order.append(batch.indices)
+    return gather_in_order(torch.cat(scores), torch.cat(order))
+
+
+def run_mode(ctx: EvalContext, out: Path) -> ModeResult:
+    """``--mode finetune``: a class-balanced label subset (listed in ``OUT/subset.txt``), then
+    :func:`finetune` with :func:`paper_recipe`."""
+    o = ctx.options
+    assert o.label_fraction is not None
+    labels = [s.label for s in ctx.split.train]
+    subset, notes = label_subset(labels, o.label_fraction, o.seed)
+    for note in notes:
+        ctx.reporter.warn(note)
+    ctx.reporter.info(
+        f"finetune: {len(subset)} of the {len(labels)} train images keep their labels "
+        f"(--label-fraction {o.label_fraction:g}, balanced over classes; listed in subset.txt)"
+    )
+    subset_file = out / "subset.txt"
+    if dist.is_main():
+        lines = [f"{ctx.split.train[int(i)].path}\t{ctx.split.classes[labels[int(i)]]}" for i in subset]
+        write_text_atomic(subset_file, "".join(f"{line}\n" for line in lines))
+    recipe = paper_recipe(
+        o.label_fraction,
+        subset_size=len(subset),
+        epochs=o.epochs,
+        batch_size=o.batch_size,
+        head_lr=o.lr,
+        weight_decay=o.weight_decay,
+    )
+    train = ctx.images("train", augment=True, indices=subset)
+    val = ctx.images("val", augment=False)
+    start = time.perf_counter()
+    try:
+        result = finetune(
+            ctx.loaded.model.backbone,
+            train,
+            val,
+            feature_dim=ctx.loaded.model.feature_dim,
+            num_classes=ctx.split.num_classes,
+            recipe=recipe,
+            normalize=ctx.normalize,
+            device=ctx.device,
+            seed=o.seed,
+            workers=ctx.workers,
+            reporter=ctx.reporter,
+        )
+    except FloatingPointError as exc:
+        raise UserError(f"{exc}; try a lower head learning rate with --lr") from None
+    ctx.timings["classifier"] = time.perf_counter() - start
+    per_class_counts = [0] * ctx.split.num_classes
+    for i in subset:
+        per_class_counts[labels[int(i)]] += 1
+    val_y = val.labels[result.val_indices.cpu()].to(ctx.device)
+    extra = {
+        "finetune": {
+            "label_fraction": o.label_fraction,
+            "subset_size": len(subset),
+            "subset_per_class": dict(zip(ctx.split.classes, per_class_counts, strict=True)),
+            "subset_file": str(subset_file),
+            "recipe": {**asdict(recipe), "milestone_epochs": recipe.milestone_epochs()},
+            "history": result.history,
+        },
+        "summary": {"label_fraction": o.label_fraction, "subset_size": len(subset)},
+    }
+    return result.val_scores, val_y, result.val_indices.cpu(), len(subset), extra

@@ -7,18 +7,23 @@ L2-normalised; for a query q the k train features with the highest cosine simila
     score_c(q) = sum_{i in top-k(q)} exp(s_i / T) * [y_i = c]
 
 The predicted class is the argmax; top-5 ranks the classes by score. No training is involved,
-so the number measures the feature geometry directly.
+so the number measures the feature geometry directly. :func:`run_mode` is ``--mode knn``.
 """
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
-#: DINO's neighbours k and vote temperature T (eval-linear's ``--k`` and ``--temperature`` defaults,
-#: and the monitor's; ``monitor.knn_k`` repeats 20 because the settings module stays torch-free).
-KNN_K = 20
-KNN_TEMPERATURE = 0.07
+from swavctl import dist
+from swavctl.eval.options import KNN_K, KNN_TEMPERATURE
+
+if TYPE_CHECKING:
+    from swavctl.eval.context import EvalContext, ModeResult
 
 
 def knn_scores(
@@ -52,3 +57,20 @@ def knn_scores(
         weights = (sims / temperature).exp()
         out[start : start + chunk].scatter_add_(1, labels[idx], weights)
     return out
+
+
+def run_mode(ctx: EvalContext, out: Path) -> ModeResult | None:
+    """``--mode knn``: centre-view features of train and val, then :func:`knn_scores` on rank 0."""
+    o = ctx.options
+    train_f, train_y, _ = ctx.features(ctx.images("train", augment=False), "train features")
+    val_f, val_y, val_idx = ctx.features(ctx.images("val", augment=False), "val features")
+    if not dist.is_main():
+        return None
+    start = time.perf_counter()
+    scores = knn_scores(
+        train_f, train_y, val_f, num_classes=ctx.split.num_classes, k=o.k, temperature=o.temperature
+    )
+    ctx.timings["classifier"] = time.perf_counter() - start
+    k = min(o.k, train_f.shape[0])
+    extra = {"knn": {"k": k, "temperature": o.temperature}, "summary": {"k": k}}
+    return scores, val_y, val_idx, int(train_f.shape[0]), extra

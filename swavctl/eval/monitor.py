@@ -30,10 +30,11 @@ from swavctl.config import Settings
 from swavctl.data.demo import resolve_data_path
 from swavctl.errors import UserError
 from swavctl.eval.dataset import ImageCache, LabelledImages, should_cache
-from swavctl.eval.features import FEATURE_BATCH, extract_features
-from swavctl.eval.knn import KNN_TEMPERATURE, knn_scores
+from swavctl.eval.features import extract_features
+from swavctl.eval.knn import knn_scores
 from swavctl.eval.metrics import accuracy
-from swavctl.eval.splits import SPLIT_SEED, VAL_SPLIT, EvalSplit, discover
+from swavctl.eval.options import FEATURE_BATCH, KNN_TEMPERATURE, SPLIT_SEED, VAL_SPLIT
+from swavctl.eval.splits import EvalSplit, discover
 from swavctl.eval.views import Normalizer, geometry_for
 
 

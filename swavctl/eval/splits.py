@@ -22,10 +22,7 @@ import numpy as np
 
 from swavctl.data.images import IMAGE_SUFFIXES, class_of, list_images
 from swavctl.errors import UserError
-
-#: The val fraction and seed of a single folder's split (eval-linear's defaults, and the monitor's).
-VAL_SPLIT = 0.2
-SPLIT_SEED = 0
+from swavctl.eval.options import SPLIT_SEED, VAL_SPLIT
 
 
 @dataclass(frozen=True)

@@ -74,23 +74,6 @@ def _collate(
     return [i for i, _ in good], views, skipped
 
 
-def pick_devices(gpus: int | None) -> list[torch.device]:
-    """The devices to embed on: ``gpus`` CUDA devices, or the CPU for 0 (None = 1 GPU if available)."""
-    from swavctl.errors import UserError
-    from swavctl.messages import not_enough_gpus
-
-    if gpus is None:
-        gpus = 1 if torch.cuda.is_available() else 0
-    if gpus < 0:
-        raise UserError(f"--gpus must be 0 or more, got {gpus}")
-    if gpus == 0:
-        return [torch.device("cpu")]
-    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if gpus > available:
-        raise UserError(not_enough_gpus(gpus, available))
-    return [torch.device("cuda", i) for i in range(gpus)]
-
-
 class Embedder:
     """``z = normalize(head(backbone(x)))`` of view batches, split over one or more devices."""
 

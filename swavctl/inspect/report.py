@@ -127,73 +127,14 @@ def render_report(
     """
     primary = summary["assignment"]
     other = "balanced" if primary == "argmax" else "argmax"
-    stats = summary[primary]
     k = summary["num_prototypes"]
     sets = summary.get("prototype_sets", 1)
     which = f" (prototype set {summary['prototype_set']} of {sets})" if sets > 1 else ""
-    cards = [
-        _card(f"{summary['n_images']}", "images assigned"),
-        _card(f"{summary['skipped_images']}", "unreadable files skipped", warn=summary["skipped_images"] > 0),
-        _card(f"{stats['prototypes_used']} / {k}", f"prototypes used ({primary})"),
-        _card(_num(stats["entropy_ratio"]), "entropy / ln K"),
-        _card(_num(stats["largest_over_median"], 2), "largest / median size"),
-        _card(_num(stats["gini"]), "Gini of sizes"),
-        _card(f"{stats['empty_prototypes']}", "empty prototypes", warn=stats["empty_prototypes"] > 0),
-        _card(
-            f"{len(summary['near_duplicates'])}",
-            f"near-duplicate pairs (cos > {summary['duplicate_threshold']})",
-            warn=bool(summary["near_duplicates"]),
-        ),
-    ]
-    if summary.get("nmi") is not None:
-        cards.insert(3, _card(_num(summary["nmi"]), f"NMI vs labels ({primary})"))
-
-    rows = [
-        ("prototypes used", "prototypes_used", None),
-        ("empty prototypes", "empty_prototypes", None),
-        ("entropy (nats)", "entropy", 3),
-        ("entropy / ln K", "entropy_ratio", 3),
-        ("largest / median", "largest_over_median", 2),
-        ("Gini", "gini", 3),
-        ("mean confidence", "mean_confidence", 3),
-    ]
-    if summary.get("nmi") is not None:
-        rows += [
-            ("NMI", "nmi", 3),
-            ("ARI", "ari", 3),
-            ("purity", "purity", 3),
-            ("accuracy (Hungarian)", "accuracy", 3),
-        ]
-
-    def cell(value: Any, digits: int | None) -> str:
-        return f"<td>{html.escape(str(value) if digits is None else _num(value, digits))}</td>"
-
-    body = "".join(
-        f"<tr><td>{html.escape(name)}</td>"
-        + "".join(cell(summary[a].get(key), digits) for a in ("argmax", "balanced"))
-        + "</tr>"
-        for name, key, digits in rows
-    )
+    cards = _cards(summary)
+    body = _both_assignments_rows(summary)
     sinkhorn = summary["balanced"]["sinkhorn"]
-    dups = summary["near_duplicates"]
-    dup_html = (
-        "<p>none</p>"
-        if not dups
-        else "<table><tr><th>prototype</th><th>prototype</th><th>cosine</th></tr>"
-        + "".join(f"<tr><td>{i}</td><td>{j}</td><td>{c:.4f}</td></tr>" for i, j, c in dups[:200])
-        + "</table>"
-        + (f"<p>... and {len(dups) - 200} more in summary.json</p>" if len(dups) > 200 else "")
-    )
-    label_html = ""
-    if label_names:
-        head = "".join(f"<th>{html.escape(name)}</th>" for name in label_names)
-        label_html = (
-            "<h2>Label &times; cluster</h2>"
-            f'<p class="sub">Images per label in each shown prototype ({html.escape(primary)}); '
-            "the full table is in label_cluster_table.csv.</p>"
-            f'<div class="table-wrap"><table><thead><tr><th>prototype</th>{head}<th>total</th></tr></thead>'
-            '<tbody id="label-table-body"></tbody></table></div>'
-        )
+    dup_html = _duplicates_html(summary["near_duplicates"])
+    label_html = _label_table_html(label_names, primary)
     payload = {
         "summary": summary,
         "other": other,
@@ -239,3 +180,83 @@ random members; under each image, its confidence (left) and, with labels, its la
 <script>{_SCRIPT}</script>
 </body></html>
 """
+
+
+def _cards(summary: dict[str, Any]) -> list[str]:
+    """The headline numbers of the ``--assignment``, one card each."""
+    primary = summary["assignment"]
+    stats = summary[primary]
+    k = summary["num_prototypes"]
+    cards = [
+        _card(f"{summary['n_images']}", "images assigned"),
+        _card(f"{summary['skipped_images']}", "unreadable files skipped", warn=summary["skipped_images"] > 0),
+        _card(f"{stats['prototypes_used']} / {k}", f"prototypes used ({primary})"),
+        _card(_num(stats["entropy_ratio"]), "entropy / ln K"),
+        _card(_num(stats["largest_over_median"], 2), "largest / median size"),
+        _card(_num(stats["gini"]), "Gini of sizes"),
+        _card(f"{stats['empty_prototypes']}", "empty prototypes", warn=stats["empty_prototypes"] > 0),
+        _card(
+            f"{len(summary['near_duplicates'])}",
+            f"near-duplicate pairs (cos > {summary['duplicate_threshold']})",
+            warn=bool(summary["near_duplicates"]),
+        ),
+    ]
+    if summary.get("nmi") is not None:
+        cards.insert(3, _card(_num(summary["nmi"]), f"NMI vs labels ({primary})"))
+    return cards
+
+
+def _both_assignments_rows(summary: dict[str, Any]) -> str:
+    """Table rows: each statistic of the argmax and the balanced assignment side by side."""
+    rows = [
+        ("prototypes used", "prototypes_used", None),
+        ("empty prototypes", "empty_prototypes", None),
+        ("entropy (nats)", "entropy", 3),
+        ("entropy / ln K", "entropy_ratio", 3),
+        ("largest / median", "largest_over_median", 2),
+        ("Gini", "gini", 3),
+        ("mean confidence", "mean_confidence", 3),
+    ]
+    if summary.get("nmi") is not None:
+        rows += [
+            ("NMI", "nmi", 3),
+            ("ARI", "ari", 3),
+            ("purity", "purity", 3),
+            ("accuracy (Hungarian)", "accuracy", 3),
+        ]
+
+    def cell(value: Any, digits: int | None) -> str:
+        return f"<td>{html.escape(str(value) if digits is None else _num(value, digits))}</td>"
+
+    return "".join(
+        f"<tr><td>{html.escape(name)}</td>"
+        + "".join(cell(summary[a].get(key), digits) for a in ("argmax", "balanced"))
+        + "</tr>"
+        for name, key, digits in rows
+    )
+
+
+def _duplicates_html(dups: list[list[Any]]) -> str:
+    """The near-duplicate prototype pairs (the first 200)."""
+    if not dups:
+        return "<p>none</p>"
+    return (
+        "<table><tr><th>prototype</th><th>prototype</th><th>cosine</th></tr>"
+        + "".join(f"<tr><td>{i}</td><td>{j}</td><td>{c:.4f}</td></tr>" for i, j, c in dups[:200])
+        + "</table>"
+        + (f"<p>... and {len(dups) - 200} more in summary.json</p>" if len(dups) > 200 else "")
+    )
+
+
+def _label_table_html(label_names: list[str] | None, primary: str) -> str:
+    """The label x cluster table's frame (the page's script fills its rows); empty without labels."""
+    if not label_names:
+        return ""
+    head = "".join(f"<th>{html.escape(name)}</th>" for name in label_names)
+    return (
+        "<h2>Label &times; cluster</h2>"
+        f'<p class="sub">Images per label in each shown prototype ({html.escape(primary)}); '
+        "the full table is in label_cluster_table.csv.</p>"
+        f'<div class="table-wrap"><table><thead><tr><th>prototype</th>{head}<th>total</th></tr></thead>'
+        '<tbody id="label-table-body"></tbody></table></div>'
+    )

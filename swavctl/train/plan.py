@@ -18,6 +18,7 @@ from swavctl.config import Settings
 from swavctl.data.demo import resolve_data_path
 from swavctl.data.images import list_images, resolve_image_root
 from swavctl.data.sampler import steps_per_epoch
+from swavctl.distributed.device import pick_devices
 from swavctl.errors import UserError
 from swavctl.eval.monitor import monitor_split
 from swavctl.eval.splits import EvalSplit
@@ -35,17 +36,6 @@ from swavctl.train.run_dir import (
     unfinished_latest_note,
 )
 from swavctl.train.schedule import schedule_conflicts
-
-
-def pick_device(settings: Settings) -> torch.device:
-    gpus = settings.dist.gpus
-    if gpus is None:
-        gpus = 1 if torch.cuda.is_available() else 0
-    if gpus > 0:
-        if not torch.cuda.is_available():
-            raise UserError(messages.not_enough_gpus(gpus, 0))
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def busy_cpu_note(load_average: float, cores: int, threads: int) -> str | None:
@@ -114,7 +104,7 @@ def plan_run(settings: Settings, *, reporter: Reporter, fresh: bool, held: conte
         if dist.is_main():
             reporter.warn(message)
 
-    device = pick_device(settings)
+    device = pick_devices(settings.dist.gpus)[0]
     check_precision(settings, device)
     if device.type == "cpu" and dist.is_main() and hasattr(os, "getloadavg"):
         busy = busy_cpu_note(os.getloadavg()[0], os.cpu_count() or 1, torch.get_num_threads() * world)

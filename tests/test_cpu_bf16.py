@@ -63,3 +63,17 @@ def test_fp16_on_a_cpu_is_refused_in_one_line(tmp_path: Path) -> None:
         "error: train.precision=fp16 needs a CUDA GPU; on a CPU use bf16 (fast on CPUs with AMX) or fp32 "
         "(e.g. --set train.precision=bf16)"
     )
+
+
+@pytest.mark.parametrize("method", ["deepcluster-v2", "sela-v2"])
+def test_the_bank_methods_fill_their_bank_and_train_in_bf16(tmp_path: Path, method: str) -> None:
+    """The bank's initial pass runs the forward under autocast and makes its batches outside it
+    (the batched crops in bf16 once stopped both methods before their first step)."""
+    data = write_image_folder(tmp_path / "images", per_class=8, size=16)
+    done = run_cli(
+        "pretrain", "--preset", "smoke", "--data", str(data), "--gpus", "0", "--max-steps", "2",
+        "--method", method, "--set", "train.precision=bf16", "--json", cwd=tmp_path, env=cli_env(),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout)
+    assert summary["steps"] == 2 and math.isfinite(summary["final_loss"])

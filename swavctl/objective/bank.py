@@ -27,7 +27,7 @@ rank and sized by the steps per epoch and the batch: a resume on another world s
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -74,12 +74,16 @@ class BankObjective(Objective):
         return not bool(self.bank.filled().any())
 
     @torch.no_grad()
-    def initial_pass(self, model: SwAV, batches: Iterable[tuple[list[torch.Tensor] | None, Batch]]) -> None:
+    def initial_pass(
+        self,
+        embed: Callable[[torch.Tensor], torch.Tensor],
+        batches: Iterable[tuple[list[torch.Tensor] | None, Batch]],
+    ) -> None:
         """DC's ``init_memory``: each assignment crop of each batch forwarded alone, into the bank."""
         for step, (crops, batch) in enumerate(batches):
             if crops is None:  # every file of this rank's batch unreadable: its rows stay empty
                 continue
-            embeddings = [model([crops[c]])[0] for c in self.assignment_crops]
+            embeddings = [embed(crops[c]) for c in self.assignment_crops]
             self.bank.write(step, self._indices(batch.indices), embeddings)
 
     def start_epoch(self, epoch: int, model: SwAV, *, first_batch: int = 0) -> None:

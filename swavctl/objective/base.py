@@ -6,7 +6,7 @@ epoch's embeddings of DeepCluster-v2 and SeLa-v2), that memory's state in the ch
 hooks around the steps. The training loop (:mod:`swavctl.train.loop`) calls only this interface,
 in this order::
 
-    initial_pass(model, batches)               # once, before a fresh run's first epoch, when
+    initial_pass(embed, batches)               # once, before a fresh run's first epoch, when
                                                # needs_initial_pass() (fills a memory bank)
     start_epoch(epoch, model, first_batch)     # before the first step the loop runs in an epoch
     for each step:
@@ -28,7 +28,7 @@ assignments) is put in rank 0's entry alone, so it is saved once.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -81,10 +81,15 @@ class Objective(abc.ABC):
         return False
 
     def initial_pass(  # noqa: B027 - an optional hook, a no-op by default
-        self, model: SwAV, batches: Iterable[tuple[list[torch.Tensor] | None, Batch]]
+        self,
+        embed: Callable[[torch.Tensor], torch.Tensor],
+        batches: Iterable[tuple[list[torch.Tensor] | None, Batch]],
     ) -> None:
-        """Fill the memory from epoch 0's batches ``(crops or None, batch)`` with no gradient (the
-        loop runs it under ``torch.no_grad`` and autocast, the model in train mode)."""
+        """Fill the memory from epoch 0's batches ``(crops or None, batch)`` with no gradient.
+
+        ``embed(crop)`` is the model's embeddings of one crop tensor (the loop runs it under
+        ``torch.no_grad`` and its autocast, the model in train mode); the batches are made outside
+        autocast, as for a training step (the crops' float32 ops must not run in bf16)."""
 
     def start_epoch(self, epoch: int, model: SwAV, *, first_batch: int = 0) -> None:  # noqa: B027 - an optional hook, a no-op by default
         """Before the first step the loop runs in ``epoch``; ``first_batch`` > 0 when a resume

@@ -243,12 +243,13 @@ class Trainer:
     def _initial_pass(self) -> None:
         """The objective's pass over epoch 0's batches before training (filling a memory bank)."""
         self.reporter.info("filling the memory bank: one pass over the data without gradients")
-        with (
-            torch.no_grad(),
-            self._autocast(),
-            self.pipeline.epoch(0, start_batch=0, first_step=0) as batches,
-        ):
-            self.objective.initial_pass(self.model, ((ready.crops, ready.batch) for ready, _ in batches))
+
+        def embed(crop: torch.Tensor) -> torch.Tensor:
+            with self._autocast():  # the forward only: the batches are made outside autocast
+                return self.model([crop])[0]
+
+        with torch.no_grad(), self.pipeline.epoch(0, start_batch=0, first_step=0) as batches:
+            self.objective.initial_pass(embed, ((ready.crops, ready.batch) for ready, _ in batches))
 
     def _epoch(self) -> None:
         """The rest of the current epoch, from the step reached."""

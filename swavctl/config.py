@@ -645,12 +645,16 @@ def _base_ref(base: str, path: Path) -> str:
     return base
 
 
-def load_preset(name_or_path: str, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+def load_preset(
+    name_or_path: str, _seen: tuple[Path, ...] = (), *, by_method: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """A preset's settings as a validated nested mapping, with the presets it ``extends`` applied
     first (``extends = "demo"``: the demo's settings, then this file's on top).
 
-    The ``description``, ``extends`` and ``tuned_for`` keys are the preset's own and are not
-    settings.
+    The ``description``, ``extends``, ``tuned_for`` and ``by_method`` keys are the preset's own
+    and are not settings. ``by_method``, when given, receives the per-method tables
+    (``[by_method.deepcluster-v2.swav]``, :data:`method_settings.BY_METHOD`), each validated on
+    top of the preset's values.
     """
     path = preset_path(name_or_path)
     if path.resolve() in _seen:
@@ -662,12 +666,22 @@ def load_preset(name_or_path: str, _seen: tuple[Path, ...] = ()) -> dict[str, An
     if description is not None and not isinstance(description, str):
         raise UserError(f"{source}: 'description' must be a string")
     _tuned_for(tree.pop("tuned_for", None), source)
+    try:
+        own = method_settings.split_by_method(tree)
+    except ValueError as exc:
+        raise UserError(f"{source}: {exc}") from None
     base = tree.pop("extends", None)
+    inherited: dict[str, dict[str, Any]] = {}
     if base is not None:
         if not isinstance(base, str):
             raise UserError(f"{source}: 'extends' must name a preset or a TOML file")
-        tree = _deep_merge(load_preset(_base_ref(base, path), (*_seen, path.resolve())), tree)
+        base_tree = load_preset(_base_ref(base, path), (*_seen, path.resolve()), by_method=inherited)
+        tree = _deep_merge(base_tree, tree)
     validate(tree, source=source)
+    for method, values in _deep_merge(inherited, own).items():
+        validate(_deep_merge(tree, values), source=f"{source} [{method_settings.BY_METHOD}.{method}]")
+        if by_method is not None:
+            by_method[method] = values
     return tree
 
 
@@ -795,17 +809,28 @@ def resolve(
         path = preset_path(preset)
         # A preset is a recipe, not a run folder: an ``out`` in it (an older run's resolved.toml has
         # one) is dropped, so the run goes to --out or a new folder.
-        preset_tree = load_preset(preset)
+        by_method: dict[str, dict[str, Any]] = {}
+        preset_tree = load_preset(preset, by_method=by_method)
         preset_tree.pop("out", None)
+        method = method_settings.chosen_method(
+            preset_tree, flags or {}, [parse_override(t) for t in overrides]
+        )
+        if by_method.get(method):  # the preset's values for this method, on top of its own
+            preset_tree = _deep_merge(preset_tree, by_method[method])
+            if notes is not None:
+                values = ", ".join(f"{k}={v}" for k, v in dotted(by_method[method]).items())
+                notes.append(
+                    f"preset {preset}: with method '{method}', its [by_method.{method}] values: {values}"
+                )
         tree = _deep_merge(tree, copy.deepcopy(preset_tree))  # flags must not change preset_tree
         # A run's resolved.toml keeps naming the preset the recipe came from.
         if not isinstance(preset_tree.get("preset"), str) or path.name != RESOLVED_NAME:
             tree["preset"] = preset
     if base:
         tree = _deep_merge(tree, copy.deepcopy(dict(base)))
-    for dotted, value in (flags or {}).items():
+    for key, value in (flags or {}).items():
         if value is not None:
-            _set_path(tree, dotted.split("."), value)
+            _set_path(tree, key.split("."), value)
     parsed = [parse_override(text) for text in overrides]
     method_note = _method_sources(tree, preset_tree, preset, flags or {}, parsed, flag_names or {})
     if method_note and notes is not None:

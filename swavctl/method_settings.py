@@ -16,6 +16,8 @@ This module imports nothing of swavctl, so :mod:`swavctl.config` can use it.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 SWAV = "swav"
 DEEPCLUSTER_V2 = "deepcluster-v2"
@@ -81,3 +83,39 @@ def unknown_method_message(name: object) -> str:
     close = difflib.get_close_matches(str(name).lower(), METHODS, n=1, cutoff=0.4)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return f"unknown method {name!r}{hint} (methods: {', '.join(METHODS)})"
+
+
+#: A preset's table of per-method values: ``[by_method.deepcluster-v2.swav]`` and so on, applied
+#: on top of the preset's own values when the run's method is that one (the user's flags and
+#: ``--set`` still win). ``demo`` uses it for what DeepCluster-v2 needs on the digits.
+BY_METHOD = "by_method"
+
+
+def split_by_method(tree: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Pop ``tree``'s :data:`BY_METHOD` table: {method: settings tree}.
+
+    Raises ``ValueError`` (the message to show) for a table that is not one, or a method name that
+    is none of :data:`METHODS`.
+    """
+    raw = tree.pop(BY_METHOD, None)
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
+        raise ValueError(f"'{BY_METHOD}' must hold one table per method ([{BY_METHOD}.deepcluster-v2])")
+    for name in raw:
+        if name not in METHODS:
+            raise ValueError(f"[{BY_METHOD}.{name}]: {unknown_method_message(name)}")
+    return raw
+
+
+def chosen_method(
+    tree: Mapping[str, Any], flags: Mapping[str, Any], parsed: Sequence[tuple[list[str], Any]]
+) -> Any:
+    """The run's method: the last ``--set method=``, else the ``method`` flag, else ``tree``'s
+    (a preset's), else SwAV."""
+    for path, value in reversed(parsed):
+        if path == ["method"]:
+            return value
+    if flags.get("method") is not None:
+        return flags["method"]
+    return tree.get("method", SWAV)

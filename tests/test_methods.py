@@ -111,6 +111,33 @@ def test_a_recipe_of_one_method_is_refused_for_another_and_a_shared_preset_leave
     assert config.from_toml_text(config.to_toml(settings), "resolved.toml") == settings
 
 
+def test_a_preset_carries_values_for_one_method_that_apply_only_under_it(tmp_path: Path) -> None:
+    notes: list[str] = []
+    dc = config.resolve(preset="demo", flags={"method": "deepcluster-v2"}, notes=notes)
+    assert (dc.swav.temperature, dc.model.prototypes) == (0.1, [10, 30, 100])
+    assert notes[0] == (
+        "preset demo: with method 'deepcluster-v2', its [by_method.deepcluster-v2] values: "
+        "swav.temperature=0.1, model.prototypes=[10, 30, 100]"
+    )
+    for others in ({}, {"method": "sela-v2"}, {"method": "swav"}):
+        plain = config.resolve(preset="demo", flags=others)
+        assert (plain.swav.temperature, plain.model.prototypes) == (0.3, 10)
+    # --set method= chooses them as the flag does, and the user's values still win over them.
+    chosen = config.resolve(preset="demo", overrides=["method=deepcluster-v2", "swav.temperature=0.2"])
+    assert (chosen.swav.temperature, chosen.model.prototypes) == (0.2, [10, 30, 100])
+    # A preset that extends demo inherits them; a misspelt method is refused with the nearest name.
+    (tmp_path / "mine.toml").write_text('extends = "demo"\n[train]\nepochs = 3\n')
+    mine = config.resolve(preset=str(tmp_path / "mine.toml"), flags={"method": "deepcluster-v2"})
+    assert (mine.train.epochs, mine.model.prototypes) == (3, [10, 30, 100])
+    (tmp_path / "typo.toml").write_text("[by_method.deepclustr-v2.swav]\ntemperature = 0.1\n")
+    with pytest.raises(UserError, match="by_method.deepclustr-v2.*did you mean 'deepcluster-v2'"):
+        config.resolve(preset=str(tmp_path / "typo.toml"))
+    # Each table is validated as it would apply.
+    (tmp_path / "bad.toml").write_text("[by_method.sela-v2.swav]\ntemperature = -1\n")
+    with pytest.raises(UserError, match=r"bad.toml \[by_method.sela-v2\]"):
+        config.resolve(preset=str(tmp_path / "bad.toml"))
+
+
 # ---- DeepCluster-v2's prototypes ---------------------------------------------------------------
 
 

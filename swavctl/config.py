@@ -175,8 +175,8 @@ class ModelSettings(_Strict):
         3000,
         description="Number of prototypes K, or a list of prototype-set sizes [K_0, K_1, ...] (several "
         "sets, as DeepCluster-v2 and SeLa-v2 use: [3000, 3000, 3000]); each at least 2, and a list of one "
-        "is that one set. SwAV trains one set: pretrain refuses a list until those methods are available; "
-        "such models (imported, e.g.) load, export and inspect.",
+        "is that one set. SwAV trains one set (a list is refused under method 'swav'); models with several "
+        "sets load, export and inspect whatever their method.",
     )
     init: str | None = Field(
         None,

@@ -207,10 +207,10 @@ def _correctness(tiny: bool, device: Any) -> list[dict[str, Any]]:
     from swavctl.bench.jpegs import write_jpeg
     from swavctl.bench.sinkhorn import official_sinkhorn, realistic_scores
     from swavctl.bench.step import StepRunner
+    from swavctl.clustering.sinkhorn_knopp import sinkhorn
     from swavctl.data.dataset import Batch, decode_images
     from swavctl.data.images import decode_file
     from swavctl.data.multicrop import AugmentSpec, CropSpec, batch_multicrop
-    from swavctl.sinkhorn_knopp import sinkhorn
     from swavctl.train.device_batch import batch_crops, decode_batch
 
     cuda = device  # a CPU only when checking this script on a machine without a GPU

@@ -10,8 +10,8 @@ import typer
 
 from swavctl.commands.common import GpusOpt, JsonOpt, err, fail, finish
 from swavctl.errors import UserError
-from swavctl.latest import follow
-from swavctl.messages import DEFAULT_MODEL
+from swavctl.errors.messages import DEFAULT_MODEL
+from swavctl.files.latest import follow
 
 
 def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
@@ -140,9 +140,9 @@ def eval_linear_command(
 ) -> None:
     """Evaluate a backbone: fast probe, paper's linear protocol, k-NN, fine-tuning (alias: linear-eval)."""
     # --gpus N (N > 1) starts N worker processes, --gpus 0 --procs N as many CPU workers; they
-    # share the images and rank 0 reports (swavctl.launch, swavctl.eval.sharding).
-    from swavctl.containers import check_model_file
-    from swavctl.messages import check_output_folder
+    # share the images and rank 0 reports (swavctl.distributed.launch, swavctl.eval.sharding).
+    from swavctl.errors.messages import check_output_folder
+    from swavctl.weights.containers import check_model_file
 
     # Paths through runs/latest (a pointer file) read as the run folder it names.
     model, out = follow(model or DEFAULT_MODEL), (None if out is None else follow(out))
@@ -153,8 +153,8 @@ def eval_linear_command(
             check_output_folder(out)
     except UserError as exc:
         raise fail(str(exc), exc.exit_code) from None
-    from swavctl import launch
     from swavctl.eval import fast as fast_mod
+    from swavctl.eval.job import run_evaluation
     from swavctl.eval.run import EvalOptions
 
     try:
@@ -183,7 +183,7 @@ def eval_linear_command(
             procs=procs,
             workers=workers,
         )
-        outcome = launch.run_evaluation(options)
+        outcome = run_evaluation(options)
     except UserError as exc:
         raise fail(str(exc), exc.exit_code) from None
     finish(outcome, lambda summary: _print_summary(summary, as_json=as_json))

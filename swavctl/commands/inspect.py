@@ -10,8 +10,8 @@ import typer
 
 from swavctl.commands.common import JsonOpt, err, fail
 from swavctl.errors import UserError
-from swavctl.latest import follow
-from swavctl.messages import DEFAULT_MODEL
+from swavctl.errors.messages import DEFAULT_MODEL
+from swavctl.files.latest import follow
 
 
 def inspect_clusters_command(
@@ -145,8 +145,8 @@ def inspect_clusters_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Prototype assignments, cluster health and browsable pictures (alias: cluster-inspect)."""
-    from swavctl.containers import check_model_file
-    from swavctl.messages import check_output_folder
+    from swavctl.errors.messages import check_output_folder
+    from swavctl.weights.containers import check_model_file
 
     # Paths through runs/latest (a pointer file) read as the run folder it names.
     model, out = follow(model or DEFAULT_MODEL), (None if out is None else follow(out))
@@ -162,7 +162,7 @@ def inspect_clusters_command(
     except UserError as exc:
         raise fail(str(exc), exc.exit_code) from None
     from swavctl.inspect.run import InspectOptions, inspect_clusters
-    from swavctl.progress import StageProgress
+    from swavctl.reporting.progress import StageProgress
 
     options = InspectOptions(
         model=model,

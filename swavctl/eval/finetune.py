@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from swavctl import dist
+from swavctl.distributed import dist
+from swavctl.distributed.sync_batchnorm import convert_sync_batchnorm
 from swavctl.eval.dataset import LabelledImages, make_loader
 from swavctl.eval.linear import new_classifier
 from swavctl.eval.sharding import (
@@ -44,8 +45,7 @@ from swavctl.eval.sharding import (
     this_rank_sampler,
 )
 from swavctl.eval.views import Normalizer
-from swavctl.progress import QuietStages, StageReporter
-from swavctl.train.sync_batchnorm import convert_sync_batchnorm
+from swavctl.reporting.progress import QuietStages, StageReporter
 
 #: The paper's learning rates (trunk, head) per label fraction, for batch 256.
 PAPER_LRS = {0.01: (0.02, 5.0), 0.1: (0.01, 0.2)}

@@ -27,7 +27,7 @@ from swavctl.eval.features import backbone_features
 from swavctl.eval.metrics import topk_correct
 from swavctl.eval.sharding import cross_entropy_step, data_parallel, global_sums, this_rank_sampler
 from swavctl.eval.views import Normalizer
-from swavctl.progress import QuietStages, StageReporter
+from swavctl.reporting.progress import QuietStages, StageReporter
 
 
 @dataclass(frozen=True)

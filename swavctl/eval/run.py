@@ -22,9 +22,10 @@ from typing import Any
 
 import torch
 
-from swavctl import dist, messages, tensorboard_log
+from swavctl.config import RESOLVED_NAME as RESOLVED_FILE
 from swavctl.data.demo import resolve_data_path
-from swavctl.errors import UserError
+from swavctl.distributed import dist
+from swavctl.errors import UserError, messages
 from swavctl.eval import fast as fast_mod
 from swavctl.eval.dataset import ImageCache, LabelledImages, should_cache
 from swavctl.eval.features import FEATURE_BATCH, extract_features
@@ -41,10 +42,10 @@ from swavctl.eval.report import (
 )
 from swavctl.eval.splits import SPLIT_SEED, VAL_SPLIT, EvalSplit, discover, holdout_split, label_subset
 from swavctl.eval.views import Normalizer, geometry_for
-from swavctl.model_io import LoadedModel, load_model, no_recorded_data, run_folder
-from swavctl.progress import QuietStages, StageReporter
-from swavctl.safe_io import file_sha256, write_json_atomic, write_text_atomic
-from swavctl.train.run_dir import RESOLVED_FILE
+from swavctl.files.atomic import file_sha256, write_json_atomic, write_text_atomic
+from swavctl.reporting import tensorboard_log
+from swavctl.reporting.progress import QuietStages, StageReporter
+from swavctl.weights.model_io import LoadedModel, load_model, no_recorded_data, run_folder
 
 MODES = ("fast", "linear", "knn", "finetune")
 DEFAULT_EPOCHS = {"linear": 100, "fast": 100}  # finetune: see finetune.paper_recipe
@@ -220,7 +221,7 @@ def run_eval(
     Under a process group (a worker of ``--gpus N`` / ``--procs N``, torchrun or srun) the ranks
     share the work (:mod:`swavctl.eval.sharding`) on ``device``; rank 0 writes the outputs and
     returns the summary, the other ranks return an empty dict. Multi-process evaluations are
-    started by :func:`swavctl.launch.run_evaluation`.
+    started by :func:`swavctl.eval.job.run_evaluation`.
     """
     main = dist.is_main()
     report: StageReporter = (reporter or QuietStages()) if main else QuietStages()

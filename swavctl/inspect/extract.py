@@ -77,7 +77,7 @@ def _collate(
 def pick_devices(gpus: int | None) -> list[torch.device]:
     """The devices to embed on: ``gpus`` CUDA devices, or the CPU for 0 (None = 1 GPU if available)."""
     from swavctl.errors import UserError
-    from swavctl.messages import not_enough_gpus
+    from swavctl.errors.messages import not_enough_gpus
 
     if gpus is None:
         gpus = 1 if torch.cuda.is_available() else 0

@@ -30,14 +30,14 @@ import numpy as np
 import torch
 
 from swavctl.errors import UserError
+from swavctl.files.atomic import atomic_file, write_json_atomic, write_text_atomic
 from swavctl.inspect import assign, grids, metrics, report, sources, stats
 from swavctl.inspect.embeddings import EmbeddingStore
 from swavctl.inspect.extract import Embedder, EvalView, iter_embeddings, pick_devices
 from swavctl.inspect.sort_into import Sorter, folder_name
 from swavctl.inspect.sources import DEFAULT_MODEL, EMBEDDINGS_FILE, default_out, prepare_out, resolve_images
 from swavctl.inspect.topn import Reservoir, TopN
-from swavctl.progress import QuietStages, StageReporter
-from swavctl.safe_io import atomic_file, write_json_atomic, write_text_atomic
+from swavctl.reporting.progress import QuietStages, StageReporter
 
 ASSIGNMENTS = ("argmax", "balanced")
 
@@ -136,7 +136,7 @@ def _check_options(options: InspectOptions) -> None:
 
 def inspect_clusters(options: InspectOptions, progress: StageReporter | None = None) -> dict[str, Any]:
     """Run the inspection; returns the summary (also written to ``OUT/summary.json``)."""
-    from swavctl.model_io import load_model
+    from swavctl.weights.model_io import load_model
 
     started = time.perf_counter()
     _check_options(options)

@@ -2,7 +2,7 @@
 
 A command checks the file it is given here before it imports torch (about 1 to 3 s), so a file
 that is no checkpoint or export at all is refused at once. A container that passes is then read
-by :mod:`swavctl.safe_io`, which validates the header again against the dtypes this torch
+by :mod:`swavctl.weights.safetensors_io`, which validates the header again against the dtypes this torch
 knows and checks a pickle's contents (only torch can: ``torch.load(weights_only=True)``).
 """
 
@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from swavctl import latest, messages
-from swavctl.errors import UserError
+from swavctl.errors import UserError, messages
+from swavctl.files import latest
 
 #: Default cap on the JSON header size (100 MiB).
 MAX_HEADER_BYTES = 100 * 2**20
@@ -240,7 +240,7 @@ def check_pickle_container(path: Path) -> None:
 
 def check_weights_file(path: Path) -> None:
     """Check the container of a weights file: safetensors by its suffix (or by not starting as a
-    pickle does), else a torch.save zip archive or pickle, as :func:`swavctl.model_io.load_model`
+    pickle does), else a torch.save zip archive or pickle, as :func:`swavctl.weights.model_io.load_model`
     tells them apart."""
     if is_safetensors(path):
         check_safetensors(path)

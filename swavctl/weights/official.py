@@ -30,7 +30,7 @@ import torch
 
 from swavctl.errors import UserError
 from swavctl.model.swav import prototype_set_keys
-from swavctl.safe_io import assert_finite
+from swavctl.weights.safetensors_io import assert_finite
 
 __all__ = [
     "SUPPORTED_ARCHS",

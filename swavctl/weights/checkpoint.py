@@ -29,8 +29,9 @@ from typing import Any
 
 import torch
 
+from swavctl.distributed.outcomes import CHECKPOINT_WRITE, ReportedFailure
 from swavctl.errors import OutputWriteError, UserError
-from swavctl.safe_io import pid_alive, write_atomic, write_text_atomic
+from swavctl.files.atomic import pid_alive, write_atomic, write_text_atomic
 
 FORMAT = "swavctl-checkpoint-1"
 CHECKPOINT_DIR = "checkpoints"
@@ -129,8 +130,10 @@ def _write_failed(target: object, errno: int | None, reason: str) -> CheckpointW
     )
 
 
-class CheckpointWriteError(Exception):
+class CheckpointWriteError(ReportedFailure):
     """Saving a checkpoint failed (for example, the disk is full)."""
+
+    status = CHECKPOINT_WRITE
 
     def __init__(self, message: str, errno: int | None) -> None:
         super().__init__(message)

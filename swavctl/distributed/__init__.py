@@ -1,0 +1,2 @@
+"""Distributed running: rank helpers, the launcher and its outcomes, stop signals, the
+per-step agreement of ranks, synchronised batch norm, CPU cores and scratch folders."""

@@ -116,6 +116,36 @@ def test_no_import_cycle_between_parts() -> None:
     assert not groups, "parts that import each other: " + " | ".join(described)
 
 
+#: The parts in the order docs/design.md gives ("Direction of imports"): a part imports only parts
+#: of earlier groups. Parts of one group do not import each other.
+ORDER = [
+    ["errors"],
+    ["files"],
+    ["config"],
+    ["distributed"],
+    ["reporting"],
+    ["model", "data"],
+    ["clustering"],
+    ["objective"],
+    ["weights"],
+    ["eval"],
+    ["inspect"],
+    ["train"],
+    ["bench"],
+    ["commands"],
+    ["cli"],
+    ["api", "__main__"],
+]
+
+
+def test_imports_follow_the_documented_direction() -> None:
+    rank = {f"swavctl.{name}": i for i, group in enumerate(ORDER) for name in group}
+    graph = part_graph()
+    assert set(graph) == set(rank), "a part is missing from ORDER (and from docs/design.md)"
+    wrong = sorted(f"{a} -> {b}" for a, targets in graph.items() for b in targets if rank[b] >= rank[a])
+    assert not wrong, "imports against the direction in docs/design.md: " + ", ".join(wrong)
+
+
 def test_the_cycle_check_sees_a_cycle() -> None:
     """The check itself: a loop through three parts, or a deferred import back, is found."""
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]

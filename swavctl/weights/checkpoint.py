@@ -98,7 +98,7 @@ def save_checkpoint(run_dir: Path, step: int, epoch: int, state: dict[str, Any],
     manifest_path = folder / f"step-{step:09d}.json"
     serial = 1 + max((c.serial for c in list_committed(folder)), default=0)
     try:
-        # Each file is committed by safe_io.write_atomic (temporary, fsync, rename, folder fsync);
+        # Each file is committed by files.atomic.write_atomic (temporary, fsync, rename, folder fsync);
         # the manifest, written last, commits the checkpoint.
         write_atomic(state_path, lambda handle: _torch_save(state, handle))
         manifest = {

@@ -23,7 +23,7 @@ from swavctl.files import latest
 #: Default cap on the JSON header size (100 MiB).
 MAX_HEADER_BYTES = 100 * 2**20
 
-#: Bytes per element of every safetensors dtype name (torch may know fewer; safe_io checks that).
+#: Bytes per element of every safetensors dtype name (torch may know fewer; safetensors_io checks that).
 ITEMSIZE: dict[str, int] = {
     "F64": 8,
     "F32": 4,

@@ -5,7 +5,7 @@ Reproducible command (the figures in docs/benchmarks.md come from it)::
     SWAVCTL_CACHE=/tmp/swcache python bench/demo_quality.py --json
 
 It runs ``swavctl pretrain --preset demo --gpus 0`` through the library (same code path as the
-CLI), loads the run folder with :func:`swavctl.model_io.load_model`, and measures on the 359
+CLI), loads the run folder with :func:`swavctl.weights.model_io.load_model`, and measures on the 359
 val digits, against a randomly initialised model of the same architecture built in the same run
 (the baseline):
 
@@ -165,9 +165,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from swavctl import config
     from swavctl.data.demo import demo_dataset
-    from swavctl.model_io import load_model
-    from swavctl.progress import RichReporter
+    from swavctl.reporting.progress import RichReporter
     from swavctl.train.loop import pretrain
+    from swavctl.weights.model_io import load_model
 
     data_root = demo_dataset()  # written once, outside the timed part
     figures: dict[str, Any] = {}

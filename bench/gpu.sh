@@ -75,7 +75,7 @@ if ! "$PY" -c 'import sklearn' 2>/dev/null && [ -f .whl/swavctl-cache/digits-v1/
   export SWAVCTL_CACHE="$REPO/.whl/swavctl-cache"
   echo "[gpu.sh] no scikit-learn: the demo digits come from .whl/swavctl-cache"
 fi
-"$PY" -c 'import swavctl.cli, swavctl.train.loop' || { echo "[gpu.sh] ERROR: swavctl does not import"; exit 4; }
+"$PY" -c 'import swavctl.cli.app, swavctl.train.loop' || { echo "[gpu.sh] ERROR: swavctl does not import"; exit 4; }
 
 "$PY" bench/gpu_bench.py --out "$OUT"
 status=$?

@@ -4,7 +4,7 @@ The package itself imports nothing heavy, so ``swavctl --help`` and ``--version`
 (torch takes about a second to import). The library's entry points are loaded on first use
 (module ``__getattr__``, PEP 562)::
 
-    from swavctl import sinkhorn            # the Sinkhorn-Knopp function (swavctl.sinkhorn_knopp)
+    from swavctl import sinkhorn            # the Sinkhorn-Knopp function (swavctl.clustering.sinkhorn_knopp)
     swavctl.load_settings(preset="smoke", overrides={"train.epochs": 1})
     swavctl.pretrain(preset="smoke", data="demo", out="runs/demo")   # -> summary dict
     swavctl.load_backbone("runs/demo")       # -> torch.nn.Module
@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 
 # name -> (module, attribute), imported on first access.
 _LAZY = {
-    "sinkhorn": ("swavctl.sinkhorn_knopp", "sinkhorn"),
+    "sinkhorn": ("swavctl.clustering.sinkhorn_knopp", "sinkhorn"),
     "pretrain": ("swavctl.api", "pretrain"),
     "evaluate": ("swavctl.api", "evaluate"),
     "load_backbone": ("swavctl.api", "load_backbone"),
@@ -33,7 +33,7 @@ __all__ = ["__version__", "evaluate", "load_backbone", "load_settings", "pretrai
 
 if TYPE_CHECKING:
     from swavctl.api import evaluate, load_backbone, load_settings, pretrain
-    from swavctl.sinkhorn_knopp import sinkhorn
+    from swavctl.clustering.sinkhorn_knopp import sinkhorn
 
 
 def __getattr__(name: str) -> Any:

@@ -1,5 +1,5 @@
 """``python -m swavctl``."""
 
-from swavctl.cli import main
+from swavctl.cli.app import main
 
 main()

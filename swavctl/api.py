@@ -76,14 +76,14 @@ def _settings(
 
         recipe_flags = dict(flags)
         if settings.model.init and "model.arch" not in named:
-            from swavctl.init_weights import arch_of_init
+            from swavctl.weights.init_weights import arch_of_init
 
             recipe_flags["model.arch"] = arch_of_init(settings.model.init)  # the recipe is built around it
         choice = auto_recipe(flags=recipe_flags, overrides=texts)
         settings, line = choice.settings, choice.line
     if not settings.model.init:
         return settings, line
-    from swavctl.init_weights import resolve_init
+    from swavctl.weights.init_weights import resolve_init
 
     # Without an architecture of its own choosing, the run takes the init weights' (as --init does).
     arch_where = "model.arch" if "model.arch" in named else None
@@ -91,14 +91,14 @@ def _settings(
 
 
 def _summary(outcome: Any) -> dict[str, Any]:
-    """The summary of an :class:`swavctl.launch.Outcome`, or its failure raised."""
-    from swavctl import launch
+    """The summary of an :class:`swavctl.distributed.outcomes.Outcome`, or its failure raised."""
+    from swavctl.distributed import outcomes
 
-    if outcome.status == launch.OK:
+    if outcome.status == outcomes.OK:
         return dict(outcome.summary or {})
-    if outcome.status == launch.USER_ERROR:
+    if outcome.status == outcomes.USER_ERROR:
         raise UserError(outcome.message)
-    if outcome.status == launch.INTERRUPTED:
+    if outcome.status == outcomes.INTERRUPTED:
         raise KeyboardInterrupt(outcome.message)
     raise RuntimeError(f"{outcome.status}: {outcome.message}")
 
@@ -124,13 +124,13 @@ def pretrain(
             print(line, file=sys.stderr)
     elif preset is not None or overrides is not None or keywords:
         raise UserError("pass either settings or preset/overrides/keywords, not both")
-    from swavctl import launch
     from swavctl.data.demo import anchored_data_path
     from swavctl.model.backbones import check_backbone_name
+    from swavctl.train.job import run_pretrain
 
     check_backbone_name(settings.model.arch)
     if settings.model.init and not settings.model.init_sha256:  # settings made by hand: taken as they are
-        from swavctl.init_weights import resolve_init
+        from swavctl.weights.init_weights import resolve_init
 
         settings = resolve_init(settings, arch_where="model.arch", where="model.init")
     settings = settings.model_copy(
@@ -141,7 +141,7 @@ def pretrain(
             ),
         }
     )
-    return _summary(launch.run_pretrain(settings, fresh=fresh))
+    return _summary(run_pretrain(settings, fresh=fresh))
 
 
 def load_backbone(path: str | Path = "runs/latest") -> Any:
@@ -151,10 +151,10 @@ def load_backbone(path: str | Path = "runs/latest") -> Any:
     It maps images (N x 3 x H x W, normalised with the run's ``data.augment.mean``/``std``) to
     pooled features (N x d).
     """
-    from swavctl.containers import check_model_file
+    from swavctl.weights.containers import check_model_file
 
     check_model_file(Path(path))
-    from swavctl.model_io import load_model
+    from swavctl.weights.model_io import load_model
 
     return load_model(Path(path)).model.backbone.eval()
 
@@ -165,10 +165,10 @@ def evaluate(model: str | Path = "runs/latest", data: str | None = None, **optio
     ``options`` are those of the command, by their Python names: ``mode`` (``fast``, ``linear``,
     ``knn``, ``finetune``), ``epochs``, ``k``, ``out``, ``gpus``, ``workers``, ...
     """
-    from swavctl.containers import check_model_file
+    from swavctl.weights.containers import check_model_file
 
     check_model_file(Path(model))  # a missing or malformed file is refused before torch is imported
-    from swavctl import launch
+    from swavctl.eval.job import run_evaluation
     from swavctl.eval.run import EvalOptions
 
     known = set(EvalOptions.model_fields)
@@ -177,4 +177,4 @@ def evaluate(model: str | Path = "runs/latest", data: str | None = None, **optio
         raise UserError(f"unknown option {unknown[0]!r}; evaluate takes {', '.join(sorted(known))}")
     if "out" in options and options["out"] is not None:
         options["out"] = Path(options["out"])
-    return _summary(launch.run_evaluation(EvalOptions(model=Path(model), data=data, **options)))
+    return _summary(run_evaluation(EvalOptions(model=Path(model), data=data, **options)))

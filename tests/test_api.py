@@ -30,10 +30,10 @@ def test_import_swavctl_imports_no_torch_and_exposes_the_api_lazily(tmp_path: Pa
         heavy = sorted(m for m in ("torch", "torchvision", "swavctl.api") if m in sys.modules)
         print("heavy", heavy)
         print("names", sorted(set(swavctl.__all__) & set(dir(swavctl))))
-        import swavctl.sinkhorn_knopp  # importing the module must not rebind swavctl.sinkhorn
+        import swavctl.clustering.sinkhorn_knopp  # importing the module must not rebind swavctl.sinkhorn
         print("sinkhorn", swavctl.sinkhorn.__module__, callable(swavctl.sinkhorn))
         from swavctl import sinkhorn
-        print("same", sinkhorn is swavctl.sinkhorn is swavctl.sinkhorn_knopp.sinkhorn)
+        print("same", sinkhorn is swavctl.sinkhorn is swavctl.clustering.sinkhorn_knopp.sinkhorn)
         import torch.nn
         print("api", all(callable(getattr(swavctl, n)) for n in
               ("pretrain", "evaluate", "load_backbone", "load_settings")))
@@ -51,7 +51,7 @@ def test_import_swavctl_imports_no_torch_and_exposes_the_api_lazily(tmp_path: Pa
         lines[1]
         == "names ['__version__', 'evaluate', 'load_backbone', 'load_settings', 'pretrain', 'sinkhorn']"
     )
-    assert lines[2] == "sinkhorn swavctl.sinkhorn_knopp True"
+    assert lines[2] == "sinkhorn swavctl.clustering.sinkhorn_knopp True"
     assert lines[3] == "same True"
     assert lines[4] == "api True"
     assert lines[5] == "missing module 'swavctl' has no attribute 'no_such_name'"

@@ -15,8 +15,8 @@ from PIL import Image
 
 from swavctl import config
 from swavctl.config import Settings
-from swavctl.cores import usable_cores
-from swavctl.latest import follow
+from swavctl.distributed.cores import usable_cores
+from swavctl.files.latest import follow
 from swavctl.train import auto_recipe as ar
 from swavctl.train.auto_recipe import Seen
 from swavctl.train.survey import cpu_has_amx, evenly_spaced, is_colour, shorter_side, survey_images

@@ -19,12 +19,12 @@ from swavctl.bench.jpegs import sample_photographs, write_jpeg_folder, write_pho
 from swavctl.bench.padding import LARGE_PHOTO, bench_padding, jpeg_folder_sizes, mixed_photo_sizes
 from swavctl.bench.report import update_section
 from swavctl.bench.sinkhorn import bench_sinkhorn, official_sinkhorn
+from swavctl.clustering.sinkhorn_knopp import sinkhorn
 from swavctl.data.dataset import PretrainDataset, collate, decode_images, is_encoded, pretrain_dataset
 from swavctl.data.images import decode_file
 from swavctl.data.multicrop import AugmentSpec, CropSpec, MultiCrop, size_groups
 from swavctl.model.swav import SwAV
 from swavctl.objective.swav import swav_loss_from_outputs
-from swavctl.sinkhorn_knopp import sinkhorn
 from tests.conftest import REPO, cli_env, write_image_folder
 
 Cli = Callable[..., subprocess.CompletedProcess[str]]
@@ -175,7 +175,7 @@ def test_bench_user_errors_are_one_line(
     """The commands themselves, in process (the subprocess tests above cover the entry point)."""
     from typer.testing import CliRunner
 
-    from swavctl.cli import app
+    from swavctl.cli.app import app
 
     monkeypatch.chdir(tmp_path)
     extra = ("--data", str(folder)) if args[0] == "data" and fragment != "no data" else ()
@@ -189,7 +189,7 @@ def test_bench_data_stops_on_an_unreadable_file_when_asked(tmp_path: Path) -> No
     """data.on_bad_image=error holds in bench data as in pretrain: one line naming the file."""
     from typer.testing import CliRunner
 
-    from swavctl.cli import app
+    from swavctl.cli.app import app
 
     data = write_image_folder(tmp_path / "images", per_class=8)
     (data / "class0" / "zz-broken.png").write_bytes(b"not an image")
@@ -207,7 +207,7 @@ def test_bench_data_stops_on_an_unreadable_file_when_asked(tmp_path: Path) -> No
 def test_bench_data_says_when_decode_in_workers_cannot_apply(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from swavctl.cli import app
+    from swavctl.cli.app import app
 
     data = write_image_folder(tmp_path / "images", per_class=8)
     args = ["bench", "data", *SMOKE, "--data", str(data), "--workers", "0", "--batches", "2"]

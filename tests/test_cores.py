@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from swavctl.cores import quota_cores, usable_cores
+from swavctl.distributed.cores import quota_cores, usable_cores
 
 
 def _write(root: Path, relative: str, text: str) -> None:

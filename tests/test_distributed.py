@@ -17,11 +17,11 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from swavctl import dist
+from swavctl.clustering.sinkhorn_knopp import sinkhorn
+from swavctl.distributed import dist
+from swavctl.distributed.agreement import read_step
+from swavctl.distributed.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
 from swavctl.errors import UserError
-from swavctl.sinkhorn_knopp import sinkhorn
-from swavctl.train.agreement import read_step
-from swavctl.train.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
 from tests.conftest import cli_env, free_port, run_cli, write_image_folder
 from tests.test_sinkhorn import far_sample_scores, reference_sinkhorn_log
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from swavctl.cli_reference import render_cli, render_settings
+from swavctl.cli.reference import render_cli, render_settings
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-HINT = "docs drifted from the program: run `python -m swavctl.cli_reference` and commit the result"
+HINT = "docs drifted from the program: run `python -m swavctl.cli.reference` and commit the result"
 
 
 def test_cli_reference_matches_help() -> None:
@@ -41,7 +41,9 @@ def test_the_readme_library_snippet_runs() -> None:
 
 def test_the_command_line_starts_without_importing_torch() -> None:
     """--help, --version and a typo's error answer at once: torch (a second to import) is not loaded."""
-    probe = "import sys, swavctl.cli; print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"
+    probe = (
+        "import sys, swavctl.cli.app; print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

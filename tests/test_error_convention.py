@@ -34,7 +34,7 @@ COMMANDS: dict[str, dict[str, object]] = {
 
 
 def _visible_commands() -> set[str]:
-    group = typer.main.get_command(__import__("swavctl.cli", fromlist=["app"]).app)
+    group = typer.main.get_command(__import__("swavctl.cli.app", fromlist=["app"]).app)
     ctx = typer.Context(group)
     names: set[str] = set()
     for name in group.list_commands(ctx):  # type: ignore[attr-defined]
@@ -110,8 +110,8 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     import torch
 
     from swavctl.config import resolve
-    from swavctl.export import write_export
     from swavctl.model.swav import SwAV
+    from swavctl.weights.export import write_export
 
     root = tmp_path_factory.mktemp("convention")
     settings = resolve(preset="smoke", flags={"data.path": "images"})
@@ -161,7 +161,7 @@ def test_outputs_that_cannot_be_written_are_worded_once(command: str, made: dict
 def test_too_few_gpus_are_worded_once_with_gpus_0(made: dict[str, Path]) -> None:
     import torch
 
-    from swavctl.messages import not_enough_gpus
+    from swavctl.errors.messages import not_enough_gpus
 
     visible = torch.cuda.device_count()
     asked = str(visible + 1)

@@ -30,9 +30,9 @@ from swavctl.eval.run import EvalOptions, run_eval
 from swavctl.eval.sharding import GlobalBatchSampler, gather_in_order
 from swavctl.eval.splits import discover
 from swavctl.eval.views import Normalizer, center_view, geometry_for
-from swavctl.export import write_export
 from swavctl.model.swav import SwAV
-from swavctl.model_io import load_model
+from swavctl.weights.export import write_export
+from swavctl.weights.model_io import load_model
 from tests.conftest import cli_env, free_port, run_cli, write_image_folder
 from tests.test_eval_planted import _plant as plant
 

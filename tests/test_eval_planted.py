@@ -26,16 +26,16 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from swavctl.cli import app
+from swavctl.cli.app import app
 from swavctl.config import resolve
 from swavctl.data.images import decode_file, list_images
 from swavctl.eval.fast import DEFAULT_LRS, DEFAULT_WDS
 from swavctl.eval.run import EvalOptions, run_eval
 from swavctl.eval.views import Normalizer, center_view, geometry_for
-from swavctl.export import write_export
 from swavctl.model.swav import SwAV
-from swavctl.progress import QuietStages
-from swavctl.safe_io import write_safetensors_atomic
+from swavctl.reporting.progress import QuietStages
+from swavctl.weights.export import write_export
+from swavctl.weights.safetensors_io import write_safetensors_atomic
 
 COLOURS = [(220, 40, 40), (40, 200, 40), (40, 40, 220), (210, 210, 30)]
 TRAIN_PER_CLASS, VAL_PER_CLASS = 20, 8
@@ -228,7 +228,7 @@ def test_error_not_a_backbone(tmp_path: Path) -> None:
 
 
 def test_error_architecture_mismatch_names_keys(planted: Path, tmp_path: Path) -> None:
-    from swavctl.safe_io import read_safetensors
+    from swavctl.weights.safetensors_io import read_safetensors
 
     tensors, meta = read_safetensors(planted / "backbone.safetensors")
     settings = json.loads(meta["settings"])

@@ -26,13 +26,13 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import swavctl
-from swavctl.cli import app
+from swavctl.cli.app import app
 from swavctl.config import validate
 from swavctl.errors import UserError
-from swavctl.export import write_export, write_export_tensors
 from swavctl.model.backbones import build_backbone
 from swavctl.model.swav import SwAV
-from swavctl.model_io import export_run, load_model
+from swavctl.weights.export import write_export, write_export_tensors
+from swavctl.weights.model_io import export_run, load_model
 from tests.conftest import REPO, run_cli, write_image_folder
 
 HEAD_KEYS = {

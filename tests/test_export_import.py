@@ -27,10 +27,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from swavctl.cli import app
+from swavctl.cli.app import app
 from swavctl.errors import UserError
-from swavctl.model_io import load_model
-from swavctl.safe_io import torch_version_is_safe
+from swavctl.weights.model_io import load_model
+from swavctl.weights.pickles import torch_version_is_safe
 from tests.conftest import REPO, run_cli, write_image_folder
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from swavctl.train import checkpoint as ckpt
+from swavctl.weights import checkpoint as ckpt
 from tests.conftest import cli_env, pids_with_env, run_cli, start_watched, wait_until, write_image_folder
 
 TWO = ("pretrain", "--preset", "smoke", "--gpus", "0", "--procs", "2", "--batch-size", "4")
@@ -184,7 +184,7 @@ def test_workers_given_rank_and_world_without_a_master_address_meet_on_this_mach
 def test_the_launchers_summary_groups_alike_ranks_and_blames_only_the_rank_that_failed() -> None:
     """With many workers, ranks the launcher stopped after a peer's error are said to be that, in
     one group, not "killed by the out-of-memory killer" one by one; Ctrl-C twice is an interruption."""
-    from swavctl.launch import INTERRUPTED, KILLED, USER_ERROR, Outcome, combine_outcomes
+    from swavctl.distributed.outcomes import INTERRUPTED, KILLED, USER_ERROR, Outcome, combine_outcomes
 
     error = Outcome(USER_ERROR, 2, "32 images are fewer than one global batch of 48", 1)
     failures = {r: "exit status 143" for r in (0, 2, 3, 4)} | {5: "killed by SIGKILL"}

@@ -20,11 +20,11 @@ import torch
 from swavctl.bench.jpegs import write_jpeg
 from swavctl.bench.sinkhorn import official_sinkhorn, realistic_scores
 from swavctl.bench.step import StepRunner
+from swavctl.clustering.sinkhorn_knopp import sinkhorn
 from swavctl.config import Settings, resolve
 from swavctl.data.dataset import Batch, decode_images
 from swavctl.data.images import decode_file
 from swavctl.data.multicrop import AugmentSpec, CropSpec
-from swavctl.sinkhorn_knopp import sinkhorn
 from swavctl.train.device_batch import batch_crops, decode_batch
 
 pytestmark = [

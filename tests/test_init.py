@@ -1,4 +1,4 @@
-"""``swavctl pretrain --init PATH``: a run that starts from weights (swavctl/init_weights.py).
+"""``swavctl pretrain --init PATH``: a run that starts from weights (swavctl/weights/init_weights.py).
 
 The sources are real files: a swavctl export written by the exporter, torchvision ResNet-18
 state dicts saved with ``torch.save`` and as safetensors (classifier included), and a checkpoint
@@ -28,14 +28,14 @@ from safetensors.torch import save_file
 
 import swavctl
 from swavctl import config
+from swavctl.distributed.stop import StopFlag
 from swavctl.errors import UserError
-from swavctl.export import write_export
-from swavctl.init_weights import arch_of_init, read_init
-from swavctl.latest import latest_run
-from swavctl.safe_io import load_pickle_weights
+from swavctl.files.latest import latest_run
 from swavctl.train.build import build_model
 from swavctl.train.loop import Interrupted, pretrain
-from swavctl.train.stop import StopFlag
+from swavctl.weights.export import write_export
+from swavctl.weights.init_weights import arch_of_init, read_init
+from swavctl.weights.pickles import load_pickle_weights
 from tests.conftest import cli_env, run_cli, write_image_folder
 
 

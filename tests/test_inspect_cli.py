@@ -25,10 +25,10 @@ from PIL import Image
 
 from swavctl import config
 from swavctl.errors import UserError
-from swavctl.export import write_export
 from swavctl.inspect.run import InspectOptions, inspect_clusters
 from swavctl.inspect.sources import resolve_images
 from swavctl.model.swav import SwAV
+from swavctl.weights.export import write_export
 from tests.conftest import write_image_folder
 
 COLOURS = [(220, 40, 40), (40, 200, 60), (50, 60, 220), (230, 220, 40)]

@@ -15,10 +15,10 @@ import pytest
 import torch
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
+from swavctl.clustering.sinkhorn_knopp import sinkhorn
 from swavctl.inspect import assign, metrics, stats
 from swavctl.inspect.embeddings import EmbeddingStore
 from swavctl.inspect.topn import Reservoir, TopN
-from swavctl.sinkhorn_knopp import sinkhorn
 
 
 def _chunks(scores: torch.Tensor, size: int):  # type: ignore[no-untyped-def]

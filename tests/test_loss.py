@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from swavctl.loss import swapped_prediction_loss
+from swavctl.clustering.swapped_prediction_loss import swapped_prediction_loss
 
 
 def reference_loss(codes, scores, temperature, assignment):  # type: ignore[no-untyped-def]

@@ -17,7 +17,7 @@ import torch
 
 from swavctl import config
 from swavctl.errors import UserError
-from swavctl.train import checkpoint as ckpt
+from swavctl.weights import checkpoint as ckpt
 from tests.conftest import cli_env, run_cli, write_image_folder
 from tests.test_resume import _assert_equal_trees, assert_bitwise_equal_exports
 

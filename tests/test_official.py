@@ -1,4 +1,4 @@
-"""Tests for swavctl.official: importing official facebookresearch/swav checkpoints."""
+"""Tests for swavctl.weights.official: importing official facebookresearch/swav checkpoints."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ import torchvision
 from torch import nn
 
 from swavctl.errors import UserError
-from swavctl.official import (
+from swavctl.weights.official import (
     SUPPORTED_ARCHS,
     backbone_feature_dim,
     convert_official_state_dict,
     expected_backbone_shapes,
 )
-from swavctl.safe_io import load_pickle_weights
+from swavctl.weights.pickles import load_pickle_weights
 
 _MLP_HEAD_KEYS = {
     "head.0.weight",

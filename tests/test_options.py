@@ -19,9 +19,9 @@ from swavctl.commands.inspect import FLAGS as INSPECT_FLAGS
 from swavctl.commands.inspect import inspect_clusters_command
 from swavctl.distributed.device import pick_devices
 from swavctl.errors import UserError
+from swavctl.errors.messages import not_enough_gpus
 from swavctl.eval.options import DEFAULT_LRS, MODES, EvalOptions
 from swavctl.inspect.options import InspectOptions
-from swavctl.messages import not_enough_gpus
 
 
 def _help_of(annotation: Any) -> str:

@@ -19,9 +19,10 @@ import pytest
 import torch
 
 from swavctl.errors import OutputWriteError
-from swavctl.safe_io import write_safetensors_atomic, write_text_atomic
-from swavctl.train import checkpoint as ckpt
+from swavctl.files.atomic import write_text_atomic
 from swavctl.train.run_dir import is_complete
+from swavctl.weights import checkpoint as ckpt
+from swavctl.weights.safetensors_io import write_safetensors_atomic
 from tests.conftest import cli_env, run_cli, start_cli, wait_until, write_image_folder
 
 SMOKE = ("pretrain", "--preset", "smoke", "--gpus", "0")
@@ -147,7 +148,7 @@ def test_a_safetensors_write_error_is_one_error_and_leaves_no_temporary(tmp_path
     code = (
         "import resource, torch\n"
         "from swavctl.errors import OutputWriteError\n"
-        "from swavctl.safe_io import write_safetensors_atomic\n"
+        "from swavctl.weights.safetensors_io import write_safetensors_atomic\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))\n"
         "try:\n"
         "    write_safetensors_atomic('big.safetensors', {'w': torch.ones(100_000)}, {})\n"

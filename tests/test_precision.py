@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from swavctl.clustering.sinkhorn_knopp import sinkhorn
 from swavctl.config import resolve
 from swavctl.model.swav import SwAV
-from swavctl.sinkhorn_knopp import sinkhorn
 from swavctl.train.build import build_model
 
 

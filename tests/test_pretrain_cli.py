@@ -19,7 +19,7 @@ import torchvision
 from PIL import Image
 from safetensors.torch import load_file
 
-from swavctl.latest import latest_run
+from swavctl.files.latest import latest_run
 from tests.conftest import write_image_folder
 
 SMOKE = ("pretrain", "--preset", "smoke", "--gpus", "0")
@@ -346,7 +346,7 @@ def test_no_data_at_all_exits_2(cli) -> None:  # type: ignore[no-untyped-def]
 def test_more_cpu_workers_than_cores_are_warned_about(image_folder: Path, tmp_path: Path) -> None:
     """``--procs 2`` on a process allowed one core (real CPU affinity, inherited by the workers):
     the run still trains, after one warning that the two workers share the core."""
-    from swavctl.launch import crowded_cpu_note
+    from swavctl.distributed.launch import crowded_cpu_note
 
     assert crowded_cpu_note(2, 2) is None and crowded_cpu_note(1, 1) is None
     assert "3 CPU worker processes share 2 cores" in (crowded_cpu_note(3, 2) or "")

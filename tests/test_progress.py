@@ -1,4 +1,4 @@
-"""The progress display (swavctl.progress): narrow terminals, Ctrl-C, log files, warnings once.
+"""The progress display (swavctl.reporting.progress): narrow terminals, Ctrl-C, log files, warnings once.
 
 The terminal tests run ``swavctl pretrain`` under a real pseudo-terminal of a set width.
 """
@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from swavctl import progress
-from swavctl.progress import BAR, Field, RichReporter, StageProgress, fit, render_line
-from swavctl.tensorboard_log import TB_DIR
+from swavctl.reporting import progress
+from swavctl.reporting.progress import BAR, Field, RichReporter, StageProgress, fit, render_line
+from swavctl.reporting.tensorboard_log import TB_DIR
 from tests.conftest import cli_env, last_logged_step, wait_until, write_image_folder
 
 ESSENTIAL = ("/", "loss ", "ETA ")

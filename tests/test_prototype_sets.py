@@ -24,14 +24,14 @@ from torch import nn
 
 from swavctl import config
 from swavctl.errors import UserError
-from swavctl.export import export_tensors
 from swavctl.model.backbones import build_backbone
 from swavctl.model.swav import SwAV, as_score_sets, projection_head, prototype_set_keys
-from swavctl.model_io import load_model
-from swavctl.official import convert_official_state_dict
-from swavctl.train.checkpoint import save_checkpoint
 from swavctl.train.health import CollapseDetector, collapsed_loss
 from swavctl.train.precision import Float32Linear, keep_scores_fp32
+from swavctl.weights.checkpoint import save_checkpoint
+from swavctl.weights.export import export_tensors
+from swavctl.weights.model_io import load_model
+from swavctl.weights.official import convert_official_state_dict
 from tests.conftest import run_cli, write_image_folder
 from tests.test_export_import import _in_process, _official_state, _tv
 from tests.test_inspect_cli import _view

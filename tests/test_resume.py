@@ -22,8 +22,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from swavctl.latest import latest_run
-from swavctl.train import checkpoint as ckpt
+from swavctl.files.latest import latest_run
+from swavctl.weights import checkpoint as ckpt
 from tests.conftest import (
     cli_env,
     last_logged_step,

@@ -1,4 +1,5 @@
-"""Tests for swavctl.safe_io: validated safetensors reading, atomic writing, safe pickle loading."""
+"""Tests for safetensors_io, files.atomic and pickles: validated safetensors reading, atomic
+writing, safe pickle loading."""
 
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ import pytest
 import torch
 
 from swavctl.errors import UserError
-from swavctl.safe_io import (
+from swavctl.files.atomic import file_sha256
+from swavctl.weights.pickles import load_pickle_weights
+from swavctl.weights.safetensors_io import (
     assert_finite,
-    file_sha256,
-    load_pickle_weights,
     payload_sha256,
     read_safetensors,
     read_safetensors_metadata,

@@ -347,7 +347,7 @@ def _dead_pid() -> int:
 def test_purge_removes_dead_writers_temp_files_and_keeps_live_ones(tmp_path: Path) -> None:
     """After a commit, temp files of a dead writer's pid go; this process's own and other live
     processes' temp files stay, as do names without a pid; an older never-committed state goes."""
-    from swavctl.train import checkpoint as ckpt
+    from swavctl.weights import checkpoint as ckpt
 
     ckpt.save_checkpoint(tmp_path, 3, 0, {"x": torch.zeros(1)}, keep=1)
     folder = tmp_path / ckpt.CHECKPOINT_DIR

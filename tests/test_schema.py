@@ -15,8 +15,8 @@ import pytest
 
 from swavctl import config
 from swavctl.errors import UserError
-from swavctl.model_io import load_model
 from swavctl.train.run_dir import point_latest, unfinished_latest_note
+from swavctl.weights.model_io import load_model
 from tests.conftest import cli_env, run_cli, write_image_folder
 
 FIXTURE = Path(__file__).parent / "fixtures" / "schema0"

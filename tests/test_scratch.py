@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from swavctl.launch import SCRATCH_PREFIX
-from swavctl.scratch import LOCK_FILE, MIN_AGE_S, remove_abandoned
+from swavctl.distributed.launch import SCRATCH_PREFIX
+from swavctl.distributed.scratch import LOCK_FILE, MIN_AGE_S, remove_abandoned
 from tests.conftest import (
     cli_env,
     last_logged_step,
@@ -40,7 +40,7 @@ def _folder(parent: Path, name: str, *, lock: bool = True, age_s: float = 2 * MI
 def _hold(folder: Path) -> subprocess.Popen[str]:
     """A real process that joins ``folder`` as a worker does, then waits."""
     code = (
-        "import sys, time; from pathlib import Path; from swavctl import scratch; "
+        "import sys, time; from pathlib import Path; from swavctl.distributed import scratch; "
         "scratch.join(Path(sys.argv[1])); print('held', flush=True); time.sleep(300)"
     )
     proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from swavctl.sinkhorn_knopp import sinkhorn
+from swavctl.clustering.sinkhorn_knopp import sinkhorn
 
 
 def reference_sinkhorn(scores: torch.Tensor, epsilon: float, iterations: int) -> torch.Tensor:
@@ -101,7 +101,7 @@ def reference_sinkhorn_log(scores: torch.Tensor, epsilon: float, iterations: int
 
 def _count_log_domain_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Wrap ``_sinkhorn_log_domain`` so that each call is counted and still computed."""
-    import swavctl.sinkhorn_knopp as module
+    import swavctl.clustering.sinkhorn_knopp as module
 
     calls: list[int] = []
     original = module._sinkhorn_log_domain

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from swavctl import dist
 from swavctl.config import resolve
+from swavctl.distributed import dist
 from swavctl.errors import UserError
-from swavctl.train import checkpoint as ckpt
+from swavctl.weights import checkpoint as ckpt
 from tests.conftest import REPO, cli_env, free_port, last_logged_step, wait_until, write_image_folder
 
 SBATCH = REPO / "docs" / "sbatch" / "swav-rn50-800ep.sbatch"

@@ -1,4 +1,4 @@
-"""The stage progress shared by eval-linear and inspect-clusters (swavctl.progress)."""
+"""The stage progress shared by eval-linear and inspect-clusters (swavctl.reporting.progress)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import io
 import pytest
 from rich.console import Console
 
-from swavctl import progress as stages
-from swavctl.progress import QuietStages, StageProgress
+from swavctl.reporting import progress as stages
+from swavctl.reporting.progress import QuietStages, StageProgress
 
 
 def _console(terminal: bool) -> tuple[Console, io.StringIO]:

@@ -15,12 +15,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from swavctl.loss import swapped_prediction_loss
+from swavctl.clustering.sinkhorn_knopp import sinkhorn
+from swavctl.clustering.swapped_prediction_loss import swapped_prediction_loss
 from swavctl.model.swav import SwAV, equal_size_runs
 from swavctl.objective.base import freeze_prototype_grads
 from swavctl.objective.queue import EmbeddingQueue
 from swavctl.objective.swav import StepOutputs, swav_loss_from_outputs
-from swavctl.sinkhorn_knopp import sinkhorn
 
 BATCH, PROTOTYPES, DIM, CROPS, QUEUE_BATCHES = 3, 5, 4, 4, 2
 TEMPERATURE, EPSILON, ITERATIONS = 0.1, 0.05, 3

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from swavctl.train import checkpoint as ckpt
-from swavctl.train.stop import REPEAT_AFTER_S
+from swavctl.distributed.stop import REPEAT_AFTER_S
+from swavctl.weights import checkpoint as ckpt
 from tests.conftest import (
     Watched,
     cli_env,
@@ -165,7 +165,7 @@ def test_a_signal_after_the_last_step_ends_the_process_at_once() -> None:
     final barrier for a dead peer must leave on the launcher's SIGTERM, not sit until SIGKILL."""
     code = (
         "import os, signal, time\n"
-        "from swavctl.train.stop import StopFlag\n"
+        "from swavctl.distributed.stop import StopFlag\n"
         "flag = StopFlag(); flag.install(); flag.watching = True\n"
         "flag.watching, flag.finished = False, True  # as the loop leaves it\n"
         "os.kill(os.getpid(), signal.SIGTERM)\n"

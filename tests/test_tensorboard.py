@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from swavctl.tensorboard_log import TB_DIR
+from swavctl.reporting.tensorboard_log import TB_DIR
 from tests.conftest import cli_env, last_logged_step, run_cli, start_watched, wait_until, write_image_folder
 
 pytest.importorskip("tensorboard")  # the dev extra includes it; CI reads the events back
@@ -19,7 +19,7 @@ pytest.importorskip("tensorboard")  # the dev extra includes it; CI reads the ev
 from tensorboard.backend.event_processing import plugin_event_multiplexer  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
-from swavctl.latest import latest_run
+from swavctl.files.latest import latest_run
 
 
 def _scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:

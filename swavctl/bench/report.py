@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from swavctl.provenance import cpu_name
+from swavctl.reporting.provenance import cpu_name
 
 DEFAULT_DOC = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
 

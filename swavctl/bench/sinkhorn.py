@@ -1,4 +1,4 @@
-"""Sinkhorn speed: :func:`swavctl.sinkhorn_knopp.sinkhorn` against the official formula, side by side.
+"""Sinkhorn speed: :func:`swavctl.clustering.sinkhorn_knopp.sinkhorn` against the official formula.
 
 The baseline is the official code's procedure (facebookresearch/swav, ``distributed_sinkhorn``
 on one process): ``Q = exp(scores / epsilon)^T``, divide by the total, then ``iterations`` times
@@ -6,7 +6,7 @@ divide the rows by their sums and by K and the columns by their sums and by B, f
 by B. It overflows fp32 for large ``scores / epsilon`` and underflows prototypes far from every
 sample; ours shifts each prototype row by its maximum (nothing overflows, no row underflows),
 runs the same multiplicative iterations, and falls back to the log domain only when a sample's
-column underflows (see :func:`swavctl.sinkhorn_knopp.sinkhorn`).
+column underflows (see :func:`swavctl.clustering.sinkhorn_knopp.sinkhorn`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from swavctl.bench.common import timed
-from swavctl.sinkhorn_knopp import sinkhorn
+from swavctl.clustering.sinkhorn_knopp import sinkhorn
 
 
 @torch.no_grad()

@@ -27,13 +27,13 @@ from torch import nn
 
 from swavctl.bench.common import RN50_SWAV_FLOP_PER_SAMPLE, crops_label, sync
 from swavctl.config import Settings
+from swavctl.distributed.agreement import grads_finite
 from swavctl.distributed.device import pick_devices
+from swavctl.distributed.launch import processes_asked
 from swavctl.errors import UserError
-from swavctl.launch import processes_asked
 from swavctl.model.swav import SwAV
 from swavctl.objective import StepInputs, SwAVObjective
 from swavctl.objective.queue import queue_length_per_rank
-from swavctl.train.agreement import grads_finite
 from swavctl.train.build import build_model as build_swav
 from swavctl.train.build import build_optimizer, crop_specs
 from swavctl.train.larc import LARC

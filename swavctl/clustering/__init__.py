@@ -1,7 +1,7 @@
 """Clustering for DeepCluster-v2 and SeLa-v2 (arXiv 2006.09882, §5.1 and App. D): the pure math.
 
 Torch-only functions with explicit arguments; no settings, no training loop. Reductions go
-through :mod:`swavctl.dist`, so each function is a single-process computation without a process
+through :mod:`swavctl.distributed.dist`, so each function is a single-process computation without a process
 group and a dataset-wide one with it.
 
 * :mod:`~swavctl.clustering.spherical_kmeans`: DeepCluster-v2's k-means (``cluster_memory``);

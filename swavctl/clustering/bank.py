@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from swavctl import dist
+from swavctl.distributed import dist
 
 EMPTY_INDEX = -1
 IGNORE_INDEX = -100

@@ -54,7 +54,7 @@ from typing import NamedTuple
 
 import torch
 
-from swavctl import dist
+from swavctl.distributed import dist
 
 DEFAULT_BLOCK_ROWS = 4096
 DEFAULT_CACHE_ELEMENTS = 1 << 24  # 128 MiB of float64 per rank and head

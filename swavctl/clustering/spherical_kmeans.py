@@ -32,7 +32,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from swavctl import dist
+from swavctl.distributed import dist
 
 DEFAULT_BLOCK_ROWS = 4096
 

@@ -1,1 +1,1 @@
-"""One module per command (or command group); ``swavctl.cli`` registers them."""
+"""One module per command (or command group); ``swavctl.cli.app`` registers them."""

@@ -9,7 +9,7 @@ import typer
 
 from swavctl.commands.common import DataOpt, GpusOpt, JsonOpt, SetOpt, err, fail
 from swavctl.errors import UserError
-from swavctl.messages import check_trainable_prototypes
+from swavctl.errors.messages import check_trainable_prototypes
 
 bench_app = typer.Typer(
     help="Measure the pretrain loader and the training step separately (samples/s).", no_args_is_help=True
@@ -79,7 +79,7 @@ def bench_data_command(
 ) -> None:
     """Measure the pretrain loader alone (multi-crop samples/s) and report the number of workers needed."""
     from swavctl.bench.data import ENOUGH, bench_data
-    from swavctl.progress import RichReporter
+    from swavctl.reporting.progress import RichReporter
 
     try:
         counts = _worker_counts(workers)

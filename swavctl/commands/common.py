@@ -35,19 +35,22 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 
 
 def finish(outcome: Any, show: Callable[[dict[str, Any]], None]) -> None:
-    """Render a :class:`swavctl.launch.Outcome` (``show`` prints a summary) and exit with its status."""
-    from swavctl import launch
+    """Render a launch's :class:`~swavctl.distributed.outcomes.Outcome` and exit with its status.
+
+    ``show`` prints the summary.
+    """
+    from swavctl.distributed import launch, outcomes
 
     code = outcome.exit_code
     if outcome.report:
-        if outcome.status == launch.OK and outcome.summary is not None:
+        if outcome.status == outcomes.OK and outcome.summary is not None:
             show(outcome.summary)
-        elif outcome.status == launch.INTERRUPTED:
+        elif outcome.status == outcomes.INTERRUPTED:
             err.print(outcome.message, markup=False)
-        elif outcome.status != launch.OK:
+        elif outcome.status != outcomes.OK:
             prefix = f"[rank {outcome.rank}] " if launch.group_still_open() and outcome.rank else ""
             note = ""
-            if outcome.status in (launch.CRASH, launch.KILLED):  # a bug or a dead worker
+            if outcome.status in (outcomes.CRASH, outcomes.KILLED):  # a bug or a dead worker
                 from swavctl.commands.usage import internal_note
 
                 note = internal_note(outcome.traceback or outcome.message)

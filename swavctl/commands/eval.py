@@ -10,9 +10,9 @@ from typing import Any
 from swavctl.commands.common import GpusOpt, JsonOpt, err, fail, finish
 from swavctl.commands.from_options import Flag, given, parameter, takes_options
 from swavctl.errors import UserError
+from swavctl.errors.messages import DEFAULT_MODEL
 from swavctl.eval.options import EvalOptions
-from swavctl.latest import follow
-from swavctl.messages import DEFAULT_MODEL
+from swavctl.files.latest import follow
 
 #: How each option is spelled, in the order of ``--help``.
 FLAGS = {
@@ -46,9 +46,9 @@ FLAGS = {
 def eval_linear_command(**values: Any) -> None:
     """Evaluate a backbone: fast probe, paper's linear protocol, k-NN, fine-tuning (alias: linear-eval)."""
     # --gpus N (N > 1) starts N worker processes, --gpus 0 --procs N as many CPU workers; they
-    # share the images and rank 0 reports (swavctl.launch, swavctl.eval.sharding).
-    from swavctl.containers import check_model_file
-    from swavctl.messages import check_output_folder
+    # share the images and rank 0 reports (swavctl.distributed.launch, swavctl.eval.sharding).
+    from swavctl.errors.messages import check_output_folder
+    from swavctl.weights.containers import check_model_file
 
     # Paths through runs/latest (a pointer file) read as the run folder it names.
     model: Path = follow(values["model"] or DEFAULT_MODEL)
@@ -59,9 +59,9 @@ def eval_linear_command(**values: Any) -> None:
         if out is not None:
             check_output_folder(out)
         options = EvalOptions(**{**given(values, FLAGS), "model": model, "out": out})
-        from swavctl import launch
+        from swavctl.eval.job import run_evaluation
 
-        outcome = launch.run_evaluation(options)
+        outcome = run_evaluation(options)
     except UserError as exc:
         raise fail(str(exc), exc.exit_code) from None
     finish(outcome, lambda summary: _print_summary(summary, as_json=values["as_json"]))

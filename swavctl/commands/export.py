@@ -9,12 +9,12 @@ from typing import Annotated, Any
 import typer
 
 from swavctl.commands.common import JsonOpt, err, fail
-from swavctl.containers import check_model_file, check_pickle_container, check_safetensors
 from swavctl.errors import UserError
-from swavctl.latest import follow
-from swavctl.messages import DEFAULT_MODEL, check_output_file
+from swavctl.errors.messages import DEFAULT_MODEL, check_output_file
+from swavctl.files.latest import follow
+from swavctl.weights.containers import check_model_file, check_pickle_container, check_safetensors
 
-#: The --dtype names of swavctl.export.DTYPES (named here so that the command can check MODEL
+#: The --dtype names of swavctl.weights.export.DTYPES (named here so that the command can check MODEL
 #: before importing torch).
 _DTYPE_NAMES = ("fp32", "bf16", "fp16")
 
@@ -165,7 +165,7 @@ def _run(
 def _info(path: Path, *, verify: bool, as_json: bool) -> dict[str, Any]:
     """``--info FILE``: an export's metadata."""
     check_safetensors(path)  # before torch is imported
-    from swavctl.export import export_info
+    from swavctl.weights.export import export_info
 
     result = export_info(path, verify=verify)
     if not as_json:
@@ -187,7 +187,7 @@ def _from_official(
             check_safetensors(checkpoint)
         else:
             check_pickle_container(checkpoint)
-    from swavctl.export import import_official
+    from swavctl.weights.export import import_official
 
     result = import_official(checkpoint, arch=arch, out=out, with_head=with_head, dtype=dtype)
     if not as_json:
@@ -209,7 +209,7 @@ def _export(
         if dtype in _DTYPE_NAMES:  # else export_run names the bad --dtype first
             check_model_file(model or follow(DEFAULT_MODEL))  # before torch is imported
 
-    from swavctl.model_io import export_run
+    from swavctl.weights.model_io import export_run
 
     result = export_run(
         model or follow(DEFAULT_MODEL),

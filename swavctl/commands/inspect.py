@@ -10,9 +10,9 @@ from typing import Any
 from swavctl.commands.common import JsonOpt, err, fail
 from swavctl.commands.from_options import Flag, given, parameter, takes_options
 from swavctl.errors import UserError
+from swavctl.errors.messages import DEFAULT_MODEL
+from swavctl.files.latest import follow
 from swavctl.inspect.options import InspectOptions
-from swavctl.latest import follow
-from swavctl.messages import DEFAULT_MODEL
 
 #: How each option is spelled, in the order of ``--help``.
 FLAGS = {
@@ -43,8 +43,8 @@ FLAGS = {
 @takes_options(InspectOptions, FLAGS, library_only=["thumb"], extra=[parameter("as_json", JsonOpt, False)])
 def inspect_clusters_command(**values: Any) -> None:
     """Prototype assignments, cluster health and browsable pictures (alias: cluster-inspect)."""
-    from swavctl.containers import check_model_file
-    from swavctl.messages import check_output_folder
+    from swavctl.errors.messages import check_output_folder
+    from swavctl.weights.containers import check_model_file
 
     # Paths through runs/latest (a pointer file) read as the run folder it names.
     model: Path = follow(values["model"] or DEFAULT_MODEL)
@@ -58,7 +58,7 @@ def inspect_clusters_command(**values: Any) -> None:
             check_output_folder(values["sort_into"], "--sort-into")
         options = InspectOptions(**{**given(values, FLAGS), "model": model, "out": out})
         from swavctl.inspect.run import inspect_clusters
-        from swavctl.progress import StageProgress
+        from swavctl.reporting.progress import StageProgress
 
         summary = inspect_clusters(options, StageProgress(err))
     except UserError as exc:

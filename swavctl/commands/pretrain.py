@@ -10,7 +10,7 @@ import typer
 
 from swavctl.commands.common import DataOpt, GpusOpt, JsonOpt, OutOpt, SetOpt, err, fail, finish
 from swavctl.errors import UserError
-from swavctl.latest import follow
+from swavctl.files.latest import follow
 
 if TYPE_CHECKING:
     from swavctl.config import Settings
@@ -96,7 +96,7 @@ def pretrain_command(
     Without --preset, the recipe is chosen from the data and the devices (one line says which).
     """
     # --gpus N (N > 1) starts N worker processes (NCCL), --gpus 0 --procs N as many CPU workers
-    # (gloo); under torchrun or SLURM srun each process is one worker (swavctl.launch).
+    # (gloo); under torchrun or SLURM srun each process is one worker (swavctl.distributed.launch).
     flags = {
         "data.path": data,
         "out": out,
@@ -115,17 +115,18 @@ def pretrain_command(
         settings, notes = _resolve(preset, flags, overrides or [])
     except UserError as exc:
         raise fail(str(exc), exc.exit_code) from None
-    from swavctl import dist, launch
+    from swavctl.distributed import dist, outcomes
+    from swavctl.train.job import run_pretrain
 
     env = dist.detect_env()
     for note in notes if env is None or env.rank == 0 else []:  # once, not once per worker
         err.print(note, markup=False)
     try:
         settings = _ready(settings, arch=arch, init=init, overrides=overrides or [])
-        outcome = launch.run_pretrain(settings, fresh=fresh)
+        outcome = run_pretrain(settings, fresh=fresh)
     except UserError as exc:
         raise fail(str(exc), exc.exit_code) from None
-    if outcome.status == launch.INTERRUPTED and outcome.report:
+    if outcome.status == outcomes.INTERRUPTED and outcome.report:
         # True whatever stopped it: the folder holds the last checkpoint, and the same settings
         # find it again (runs/latest, unfinished, or the same --out). --fresh would set it aside.
         again = (
@@ -141,15 +142,15 @@ def _resolve(preset: str | None, flags: dict[str, Any], overrides: list[str]) ->
     """The settings from the preset (or the automatic recipe), the flags and ``--set``, with the
     lines to print; ``--out`` and ``--init`` are checked first, before torch is imported."""
     from swavctl import config
-    from swavctl.messages import check_output_folder
+    from swavctl.errors.messages import check_output_folder
 
     out, init = flags["out"], flags["model.init"]
     if out is not None:
         flags["out"] = str(follow(Path(out)))  # --out runs/latest: the run folder it names
         check_output_folder(flags["out"])  # before torch is imported, as are the settings
     if init is not None:
-        from swavctl.containers import check_model_file
-        from swavctl.messages import init_not_found
+        from swavctl.errors.messages import init_not_found
+        from swavctl.weights.containers import check_model_file
 
         init_path = follow(Path(init).expanduser())
         if not init_path.exists():
@@ -166,7 +167,7 @@ def _resolve(preset: str | None, flags: dict[str, Any], overrides: list[str]) ->
         recipe_flags = dict(flags)
         named = {".".join(config.parse_override(text)[0]) for text in overrides}
         if settings.model.init and flags["model.arch"] is None and "model.arch" not in named:
-            from swavctl.init_weights import arch_of_init
+            from swavctl.weights.init_weights import arch_of_init
 
             # Built around the init weights' architecture (RN50 weights make an RN50 run).
             recipe_flags["model.arch"] = arch_of_init(settings.model.init)
@@ -187,7 +188,7 @@ def _ready(settings: Settings, *, arch: str | None, init: str | None, overrides:
     arch_where = "--arch" if typed else "'model.arch'"
     check_backbone_name(settings.model.arch, arch_where)
     if settings.model.init:
-        from swavctl.init_weights import resolve_init
+        from swavctl.weights.init_weights import resolve_init
 
         named = {".".join(config.parse_override(text)[0]) for text in overrides}
         settings = resolve_init(

@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 
 from swavctl.errors import UserError
-from swavctl.messages import not_enough_gpus
+from swavctl.errors.messages import not_enough_gpus
 
 
 def pick_devices(gpus: int | None, *, in_this_process: bool = False) -> list[torch.device]:
     """The devices for ``--gpus``: the CPU for 0, CUDA devices otherwise (None: 1 if CUDA is available).
 
-    Pretraining and evaluation run one process per GPU (:mod:`swavctl.launch` starts them and
+    Pretraining and evaluation run one process per GPU (:mod:`swavctl.distributed.launch` starts them and
     sets each one's current CUDA device), so each process computes on ``[current device]``.
     With ``in_this_process`` (inspection) this one process uses the first ``gpus`` CUDA devices.
     """

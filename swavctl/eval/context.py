@@ -23,8 +23,8 @@ from swavctl.eval.features import extract_features
 from swavctl.eval.options import EvalOptions
 from swavctl.eval.splits import EvalSplit
 from swavctl.eval.views import Normalizer, geometry_for
-from swavctl.model_io import LoadedModel
-from swavctl.progress import StageReporter
+from swavctl.reporting.progress import StageReporter
+from swavctl.weights.model_io import LoadedModel
 
 ModeResult = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, dict[str, Any]]
 

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from swavctl import dist
+from swavctl.distributed import dist
 from swavctl.errors import UserError
 from swavctl.eval.options import DEFAULT_EPOCHS, DEFAULT_LRS, DEFAULT_WDS
 from swavctl.eval.splits import holdout_split

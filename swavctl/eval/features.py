@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from swavctl import dist
+from swavctl.distributed import dist
 from swavctl.eval.dataset import LabelledImages, make_loader
 from swavctl.eval.sharding import chunks, gather_in_order, rank_share
 from swavctl.eval.views import Normalizer
-from swavctl.progress import QuietStages, StageReporter
+from swavctl.reporting.progress import QuietStages, StageReporter
 
 
 @torch.no_grad()

@@ -35,7 +35,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from swavctl import dist
+from swavctl.distributed import dist
+from swavctl.distributed.sync_batchnorm import convert_sync_batchnorm
 from swavctl.errors import UserError
 from swavctl.eval.dataset import LabelledImages, make_loader
 from swavctl.eval.linear import new_classifier
@@ -50,9 +51,8 @@ from swavctl.eval.sharding import (
 )
 from swavctl.eval.splits import label_subset
 from swavctl.eval.views import Normalizer
-from swavctl.progress import QuietStages, StageReporter
-from swavctl.safe_io import write_text_atomic
-from swavctl.train.sync_batchnorm import convert_sync_batchnorm
+from swavctl.files.atomic import write_text_atomic
+from swavctl.reporting.progress import QuietStages, StageReporter
 
 if TYPE_CHECKING:
     from swavctl.eval.context import EvalContext, ModeResult

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from swavctl import dist
+from swavctl.distributed import dist
 from swavctl.eval.options import KNN_K, KNN_TEMPERATURE
 
 if TYPE_CHECKING:

@@ -31,7 +31,7 @@ from swavctl.eval.metrics import topk_correct
 from swavctl.eval.options import DEFAULT_EPOCHS
 from swavctl.eval.sharding import cross_entropy_step, data_parallel, global_sums, this_rank_sampler
 from swavctl.eval.views import Normalizer
-from swavctl.progress import QuietStages, StageReporter
+from swavctl.reporting.progress import QuietStages, StageReporter
 
 if TYPE_CHECKING:
     from swavctl.eval.context import EvalContext, ModeResult

@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from swavctl import dist
 from swavctl.config import Settings
 from swavctl.data.demo import resolve_data_path
+from swavctl.distributed import dist
 from swavctl.errors import UserError
 from swavctl.eval.dataset import ImageCache, LabelledImages, should_cache
 from swavctl.eval.features import extract_features

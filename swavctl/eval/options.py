@@ -15,7 +15,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from swavctl.errors import UserError
-from swavctl.messages import DEFAULT_MODEL
+from swavctl.errors.messages import DEFAULT_MODEL
 
 #: The modes, in the order ``--help`` names them (each is a module of :mod:`swavctl.eval`, found
 #: through :data:`swavctl.eval.modes.REGISTRY`).

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from swavctl.safe_io import write_atomic, write_text_atomic
+from swavctl.files.atomic import write_atomic, write_text_atomic
 
 EVAL_JSON = "eval.json"
 CONFUSION_PNG = "confusion.png"

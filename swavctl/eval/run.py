@@ -21,10 +21,11 @@ from typing import Any
 
 import torch
 
-from swavctl import dist, messages, tensorboard_log
+from swavctl.config import RESOLVED_NAME as RESOLVED_FILE
 from swavctl.data.demo import resolve_data_path
+from swavctl.distributed import dist
 from swavctl.distributed.device import pick_devices
-from swavctl.errors import UserError
+from swavctl.errors import UserError, messages
 from swavctl.eval.context import EvalContext, ModeResult
 from swavctl.eval.dataset import ImageCache, should_cache
 from swavctl.eval.metrics import Accuracy, accuracy
@@ -39,10 +40,10 @@ from swavctl.eval.report import (
 )
 from swavctl.eval.splits import discover
 from swavctl.eval.views import Geometry, Normalizer, geometry_for
-from swavctl.model_io import LoadedModel, load_model, no_recorded_data, run_folder
-from swavctl.progress import QuietStages, StageReporter
-from swavctl.safe_io import file_sha256, write_json_atomic
-from swavctl.train.run_dir import RESOLVED_FILE
+from swavctl.files.atomic import file_sha256, write_json_atomic
+from swavctl.reporting import tensorboard_log
+from swavctl.reporting.progress import QuietStages, StageReporter
+from swavctl.weights.model_io import LoadedModel, load_model, no_recorded_data, run_folder
 
 __all__ = ["EvalOptions", "data_root", "run_eval"]
 
@@ -90,7 +91,7 @@ def run_eval(
     Under a process group (a worker of ``--gpus N`` / ``--procs N``, torchrun or srun) the ranks
     share the work (:mod:`swavctl.eval.sharding`) on ``device``; rank 0 writes the outputs and
     returns the summary, the other ranks return an empty dict. Multi-process evaluations are
-    started by :func:`swavctl.launch.run_evaluation`.
+    started by :func:`swavctl.eval.job.run_evaluation`.
     """
     main = dist.is_main()
     report: StageReporter = (reporter or QuietStages()) if main else QuietStages()

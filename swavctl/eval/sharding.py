@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from swavctl import dist
+from swavctl.distributed import dist
 
 
 def rank_share(num_items: int, rank: int, world: int) -> list[int]:

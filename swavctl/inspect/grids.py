@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from swavctl.safe_io import write_atomic
+from swavctl.files.atomic import write_atomic
 
 BACKGROUND = (255, 255, 255)
 INK = (30, 30, 30)

@@ -15,12 +15,12 @@ from typing import Any
 
 import numpy as np
 
+from swavctl.files.atomic import write_json_atomic, write_text_atomic
 from swavctl.inspect import assign, grids, report, stats
 from swavctl.inspect.options import ASSIGNMENTS, InspectOptions
 from swavctl.inspect.sort_into import folder_name
 from swavctl.inspect.tally import PassResult, Tally, mean_confidence
-from swavctl.progress import StageReporter
-from swavctl.safe_io import write_json_atomic, write_text_atomic
+from swavctl.reporting.progress import StageReporter
 
 
 def write_outputs(

@@ -31,6 +31,7 @@ import torch
 
 from swavctl.distributed.device import pick_devices
 from swavctl.errors import UserError
+from swavctl.files.atomic import atomic_file
 from swavctl.inspect import assign, sources, stats
 from swavctl.inspect.embeddings import EmbeddingStore
 from swavctl.inspect.extract import Embedder, EvalView, iter_embeddings
@@ -40,13 +41,12 @@ from swavctl.inspect.sort_into import Sorter
 from swavctl.inspect.sources import DEFAULT_MODEL, EMBEDDINGS_FILE, default_out, prepare_out, resolve_images
 from swavctl.inspect.tally import PassResult, Tally
 from swavctl.inspect.topn import Reservoir, TopN
-from swavctl.progress import QuietStages, StageReporter
-from swavctl.safe_io import atomic_file
+from swavctl.reporting.progress import QuietStages, StageReporter
 
 
 def inspect_clusters(options: InspectOptions, progress: StageReporter | None = None) -> dict[str, Any]:
     """Run the inspection; returns the summary (also written to ``OUT/summary.json``)."""
-    from swavctl.model_io import load_model
+    from swavctl.weights.model_io import load_model
 
     started = time.perf_counter()
     progress = progress or QuietStages()

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from swavctl.errors import UserError
-from swavctl.messages import output_is_file, output_not_writable
+from swavctl.errors.messages import output_is_file, output_not_writable
 
 MARKER = ".swavctl-sort-into"
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from swavctl.config import Settings
-from swavctl.method_settings import DEEPCLUSTER_V2, SELA_V2
+from swavctl.config.method_settings import DEEPCLUSTER_V2, SELA_V2
 from swavctl.objective.base import Objective, ObjectiveOutput, StepInputs
 from swavctl.objective.deepcluster_v2 import DeepClusterV2Objective
 from swavctl.objective.sela_v2 import SelaV2Objective

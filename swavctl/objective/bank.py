@@ -33,10 +33,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from swavctl import dist
 from swavctl.clustering import IGNORE_INDEX, MemoryBank, hard_label_loss
 from swavctl.config import Settings
 from swavctl.data.dataset import Batch
+from swavctl.distributed import dist
 from swavctl.errors import UserError
 from swavctl.model.swav import SwAV, as_score_sets, prototype_set_sizes
 from swavctl.objective.base import Objective, ObjectiveOutput, StepInputs

@@ -4,12 +4,13 @@ Caron et al. 2020, arXiv 2006.09882. For each assignment crop ``a`` the codes ``
 equal-partition transport problem on that crop's prototype scores (Sec. 3.1, Eq. 3; three
 Sinkhorn-Knopp iterations at ``epsilon``), over the batch and, once it is full, the rows of the
 per-rank queue of past embeddings (App. A.1). The loss predicts each ``q_a`` from every other
-crop (Eq. 1-2, :func:`swavctl.loss.swapped_prediction_loss`). The prototypes are re-normalised
-before every step and their gradients dropped for the first ``swav.freeze_prototypes_steps``.
+crop (Eq. 1-2, :func:`swavctl.clustering.swapped_prediction_loss.swapped_prediction_loss`). The
+prototypes are re-normalised before every step and their gradients dropped for the first
+``swav.freeze_prototypes_steps``.
 
 :class:`SwAVObjective` owns all of SwAV's settings and its queue; the loop knows none of them.
-The math stays in pure functions (:mod:`swavctl.sinkhorn_knopp`, :mod:`swavctl.loss`, and
-:func:`swav_loss_from_outputs` here).
+The math stays in pure functions (:mod:`swavctl.clustering.sinkhorn_knopp`,
+:mod:`swavctl.clustering.swapped_prediction_loss`, and :func:`swav_loss_from_outputs` here).
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ from typing import Any
 
 import torch
 
+from swavctl.clustering.sinkhorn_knopp import sinkhorn
+from swavctl.clustering.swapped_prediction_loss import swapped_prediction_loss
 from swavctl.config import Settings
-from swavctl.loss import swapped_prediction_loss
 from swavctl.model.swav import SwAV
 from swavctl.objective.base import Objective, ObjectiveOutput, StepInputs, freeze_prototype_grads
 from swavctl.objective.queue import EmbeddingQueue
-from swavctl.sinkhorn_knopp import sinkhorn
 
 
 @dataclass

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from swavctl.config import Settings
-from swavctl.method_settings import inapplicable_keys
+from swavctl.config.method_settings import inapplicable_keys
 
 #: The recipe's name in ``settings.preset`` (informational; the run's folder is ``runs/<time>-auto``).
 AUTO = "auto"

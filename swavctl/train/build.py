@@ -10,13 +10,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from swavctl import dist
 from swavctl.config import Settings
 from swavctl.data import multicrop
+from swavctl.distributed import dist
+from swavctl.distributed.sync_batchnorm import convert_sync_batchnorm
 from swavctl.model.swav import SwAV
 from swavctl.train.larc import LARC, parameter_groups
 from swavctl.train.precision import keep_scores_fp32
-from swavctl.train.sync_batchnorm import convert_sync_batchnorm
 
 
 def build_model(settings: Settings) -> SwAV:

@@ -1,6 +1,6 @@
 """Injected faults, so the fault tests can make a real run fail in a chosen way; all off unless set.
 
-They are read from the environment once, at the process edge (:mod:`swavctl.launch`, where the
+They are read from the environment once, at the process edge (:mod:`swavctl.train.job`, where the
 worker or the single process starts a run), and handed to :func:`swavctl.train.loop.pretrain`:
 
 - ``SWAVCTL_TEST_NAN_AT="RANK:STEP"``: multiply the loss by NaN on RANK at optimizer step STEP (1-based);

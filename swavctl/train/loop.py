@@ -9,7 +9,7 @@ checkpoint, open the run folder, train epoch by epoch until the last step or a s
   DeepCluster-v2 and SeLa-v2 and their memory bank);
 - :mod:`~swavctl.train.state`: what a checkpoint holds, saving it and resuming from it;
 - :mod:`~swavctl.train.pipeline`: the per-epoch data pipeline;
-- :mod:`~swavctl.train.stop` and :mod:`~swavctl.train.faults`: the stop signals and the injected
+- :mod:`~swavctl.distributed.stop` and :mod:`~swavctl.train.faults`: the stop signals and the injected
   faults, handed in by the caller;
 - :mod:`~swavctl.train.monitoring`: the k-NN monitor;
 - :mod:`~swavctl.train.summary`: the end-of-run export and summary.
@@ -29,16 +29,18 @@ from typing import Any, NoReturn
 
 import torch
 
-from swavctl import dist, provenance, tensorboard_log
 from swavctl.config import Settings, to_toml
 from swavctl.data.dataset import Batch
+from swavctl.distributed import dist
+from swavctl.distributed.agreement import StepReadout, agree_on_step_start, grads_finite, read_step
+from swavctl.distributed.outcomes import NON_FINITE, ReportedFailure
+from swavctl.distributed.stop import Interrupted, StopFlag, first_stop_signal, in_slurm_job
 from swavctl.errors import UserError
 from swavctl.eval.monitor import KnnReading
-from swavctl.init_weights import load_init
+from swavctl.files.atomic import write_text_atomic
 from swavctl.objective import ObjectiveOutput, StepInputs, build_objective
-from swavctl.safe_io import write_text_atomic
+from swavctl.reporting import provenance, tensorboard_log
 from swavctl.train import rng
-from swavctl.train.agreement import StepReadout, agree_on_step_start, grads_finite, read_step
 from swavctl.train.build import build_model_on, build_optimizer, wrap_for_training
 from swavctl.train.faults import FaultHooks
 from swavctl.train.health import CollapseDetector, MetricsLog, code_statistics, collapsed_loss
@@ -52,14 +54,16 @@ from swavctl.train.report import QuietReporter, Reporter
 from swavctl.train.run_dir import RESOLVED_FILE, SUMMARY_FILE, point_latest
 from swavctl.train.schedule import LrSchedule
 from swavctl.train.state import Parts, Progress, TrainingState
-from swavctl.train.stop import Interrupted, StopFlag, first_stop_signal, in_slurm_job
 from swavctl.train.summary import Summary, profile_note, run_summary, write_results
+from swavctl.weights.init_weights import load_init
 
 __all__ = ["Interrupted", "NonFiniteError", "Summary", "Trainer", "pretrain"]
 
 
-class NonFiniteError(Exception):
+class NonFiniteError(ReportedFailure):
     """Loss or gradients became NaN/Inf; the last good checkpoint stays."""
+
+    status = NON_FINITE
 
 
 def pretrain(
@@ -73,7 +77,7 @@ def pretrain(
 ) -> Summary:
     """Run (or resume) pretraining with ``settings``; returns the run's summary.
 
-    With a process group initialized (see :mod:`swavctl.dist`), every rank calls this; the model
+    With a process group initialized (see :mod:`swavctl.distributed.dist`), every rank calls this; the model
     is wrapped in DDP here, at the edge, and rank 0 alone writes files. ``stop`` is a
     :class:`StopFlag` the caller installed already (a launcher does so before the group exists);
     without one, the handlers are installed for the duration of the loop. ``faults`` are the
@@ -82,7 +86,7 @@ def pretrain(
 
     Raises :class:`UserError` for bad input (on every rank), :class:`Interrupted` after a
     signal-triggered checkpoint, :class:`NonFiniteError` when the loss or gradients stop being
-    finite, and :class:`~swavctl.train.checkpoint.CheckpointWriteError` when a checkpoint cannot
+    finite, and :class:`~swavctl.weights.checkpoint.CheckpointWriteError` when a checkpoint cannot
     be written (disk full). All ranks raise the same one at the same step.
     """
     reporter = reporter or QuietReporter()

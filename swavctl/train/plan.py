@@ -13,18 +13,18 @@ from pathlib import Path
 
 import torch
 
-from swavctl import dist, messages
 from swavctl.config import Settings
+from swavctl.config.method_settings import DEEPCLUSTER_V2, SWAV
 from swavctl.data.demo import resolve_data_path
 from swavctl.data.images import list_images, resolve_image_root
 from swavctl.data.sampler import steps_per_epoch
+from swavctl.distributed import dist
 from swavctl.distributed.device import pick_devices
-from swavctl.errors import UserError
+from swavctl.errors import UserError, messages
 from swavctl.eval.monitor import monitor_split
 from swavctl.eval.splits import EvalSplit
-from swavctl.method_settings import DEEPCLUSTER_V2, SWAV
+from swavctl.files.atomic import probe_writable
 from swavctl.objective.queue import queue_length_per_rank
-from swavctl.safe_io import probe_writable
 from swavctl.train.precision import check_precision
 from swavctl.train.recipe_fit import batch_mismatch_note
 from swavctl.train.report import Reporter

@@ -14,8 +14,8 @@ from typing import Any
 
 from swavctl.config import RESOLVED_NAME, Settings, dotted, from_toml_text
 from swavctl.errors import UserError
-from swavctl.latest import latest_run
-from swavctl.latest import point_latest as _point_latest
+from swavctl.files.latest import latest_run
+from swavctl.files.latest import point_latest as _point_latest
 
 RUNS_ROOT = Path("runs")
 SUMMARY_FILE = "summary.json"
@@ -255,7 +255,7 @@ def set_aside_earlier_run(run_dir: Path) -> Path | None:
 
 
 def point_latest(run_dir: Path, runs_root: Path = RUNS_ROOT) -> None:
-    """Make ``runs/latest`` point at ``run_dir`` (see :mod:`swavctl.latest`)."""
+    """Make ``runs/latest`` point at ``run_dir`` (see :mod:`swavctl.files.latest`)."""
     _point_latest(run_dir, runs_root)
 
 

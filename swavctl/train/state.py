@@ -1,6 +1,6 @@
 """The training state a checkpoint holds: saving it from every rank, and resuming from it.
 
-A checkpoint (:mod:`swavctl.train.checkpoint`, the files and their commit) is a plain dictionary:
+A checkpoint (:mod:`swavctl.weights.checkpoint`, the files and their commit) is a plain dictionary:
 
     format, model, optimizer, scaler, <objective.checkpoint_key> (every rank's objective state,
     SwAV's "queues"), health, rng (every rank's), step, epoch, steps_per_epoch, world_size,
@@ -21,18 +21,18 @@ from typing import Any
 
 import torch
 
-from swavctl import dist
 from swavctl.config import Settings, from_toml_text, to_toml
+from swavctl.distributed import dist
 from swavctl.errors import UserError
 from swavctl.model.swav import SwAV
 from swavctl.objective import Objective
-from swavctl.train import checkpoint as ckpt
 from swavctl.train import rng
 from swavctl.train.health import CollapseDetector
 from swavctl.train.larc import LARC
 from swavctl.train.report import Reporter
 from swavctl.train.run_dir import incompatible_changes, read_resolved, settings_diff
 from swavctl.train.schedule import LrSchedule
+from swavctl.weights import checkpoint as ckpt
 
 
 @dataclass

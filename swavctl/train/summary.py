@@ -7,16 +7,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from swavctl import dist
 from swavctl.config import Settings
+from swavctl.distributed import dist
 from swavctl.eval.monitor import KnnReading
-from swavctl.init_weights import init_summary
+from swavctl.files.atomic import write_json_atomic
 from swavctl.model.swav import SwAV
-from swavctl.safe_io import write_json_atomic
 from swavctl.train.profiling import WARMUP_STEPS, StepProfiler
 from swavctl.train.report import Reporter
 from swavctl.train.run_dir import SUMMARY_FILE
 from swavctl.train.state import Progress
+from swavctl.weights.init_weights import init_summary
 
 BACKBONE_FILE = "backbone.safetensors"
 
@@ -96,7 +96,7 @@ def run_summary(
 def write_results(model: SwAV, summary: Summary, settings: Settings, *, steps_per_epoch: int) -> None:
     """Rank 0 exports the backbone, then commits the run with ``summary.json``; all ranks wait."""
     if dist.is_main():
-        from swavctl.export import write_export
+        from swavctl.weights.export import write_export
 
         write_export(
             model,

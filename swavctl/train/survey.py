@@ -91,9 +91,9 @@ def _labelled(data: str) -> str | None:
 
 
 def _devices(settings: Settings) -> tuple[str, str, int]:
-    """(kind, name, processes) the run will use, as ``swavctl.launch`` will start it."""
-    from swavctl import dist
-    from swavctl.launch import cuda_by_default
+    """(kind, name, processes) the run will use, as ``swavctl.distributed.launch`` will start it."""
+    from swavctl.distributed import dist
+    from swavctl.distributed.launch import cuda_by_default
 
     env = dist.detect_env()
     gpus = settings.dist.gpus
@@ -130,8 +130,8 @@ def cpu_has_amx(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
 
 def seen_for(settings: Settings) -> Seen:
     """What the run of ``settings`` sees (its data folder and devices)."""
-    from swavctl.cores import usable_cores
     from swavctl.data.images import list_images, resolve_image_root
+    from swavctl.distributed.cores import usable_cores
 
     if not settings.data.path:
         raise UserError("no data: pass --data DIR (or --data demo, or --preset demo)")

@@ -29,8 +29,9 @@ from typing import Any
 
 import torch
 
+from swavctl.distributed.outcomes import CHECKPOINT_WRITE, ReportedFailure
 from swavctl.errors import OutputWriteError, UserError
-from swavctl.safe_io import pid_alive, write_atomic, write_text_atomic
+from swavctl.files.atomic import pid_alive, write_atomic, write_text_atomic
 
 FORMAT = "swavctl-checkpoint-1"
 CHECKPOINT_DIR = "checkpoints"
@@ -97,7 +98,7 @@ def save_checkpoint(run_dir: Path, step: int, epoch: int, state: dict[str, Any],
     manifest_path = folder / f"step-{step:09d}.json"
     serial = 1 + max((c.serial for c in list_committed(folder)), default=0)
     try:
-        # Each file is committed by safe_io.write_atomic (temporary, fsync, rename, folder fsync);
+        # Each file is committed by files.atomic.write_atomic (temporary, fsync, rename, folder fsync);
         # the manifest, written last, commits the checkpoint.
         write_atomic(state_path, lambda handle: _torch_save(state, handle))
         manifest = {
@@ -129,8 +130,10 @@ def _write_failed(target: object, errno: int | None, reason: str) -> CheckpointW
     )
 
 
-class CheckpointWriteError(Exception):
+class CheckpointWriteError(ReportedFailure):
     """Saving a checkpoint failed (for example, the disk is full)."""
+
+    status = CHECKPOINT_WRITE
 
     def __init__(self, message: str, errno: int | None) -> None:
         super().__init__(message)

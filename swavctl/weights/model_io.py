@@ -19,22 +19,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from swavctl import latest, messages
 from swavctl.config import Settings, from_toml_text, read_tree
-from swavctl.containers import is_safetensors
 from swavctl.data.demo import DEMO_NAME
-from swavctl.errors import UserError
+from swavctl.errors import UserError, messages
+from swavctl.files import latest
+from swavctl.files.atomic import file_sha256, make_parent
 from swavctl.model.swav import SwAV
-from swavctl.safe_io import (
+from swavctl.weights import checkpoint as ckpt
+from swavctl.weights.containers import is_safetensors
+from swavctl.weights.pickles import load_pickle_weights
+from swavctl.weights.safetensors_io import (
     assert_finite,
-    file_sha256,
-    load_pickle_weights,
-    make_parent,
     payload_sha256,
     read_safetensors,
     read_safetensors_metadata,
 )
-from swavctl.train import checkpoint as ckpt
 
 #: A backbone-only export still gets a (random) head built from its settings; refuse settings
 #: declaring a head larger than this many elements (or 4x the backbone), which a real one never is.
@@ -202,7 +201,7 @@ def _numel(state: dict[str, torch.Tensor]) -> int:
 
 
 def _load_export(source: Path) -> LoadedModel:
-    from swavctl.export import EXPORT_FORMAT, FORMAT_VERSION, HEAD_PREFIX
+    from swavctl.weights.export import EXPORT_FORMAT, FORMAT_VERSION, HEAD_PREFIX
 
     tensors, meta = read_safetensors(source)
     fmt = meta.get("format", EXPORT_FORMAT)
@@ -320,7 +319,7 @@ def export_run(
     Default ``out``: ``backbone.safetensors`` (``model.safetensors`` with the head) in the run
     folder. Returns a JSON-able summary.
     """
-    from swavctl.export import DTYPES, write_export
+    from swavctl.weights.export import DTYPES, write_export
 
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")

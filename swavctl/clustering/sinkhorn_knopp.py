@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from swavctl import dist
+from swavctl.distributed import dist
 
 
 @torch.no_grad()

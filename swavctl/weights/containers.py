@@ -2,7 +2,7 @@
 
 A command checks the file it is given here before it imports torch (about 1 to 3 s), so a file
 that is no checkpoint or export at all is refused at once. A container that passes is then read
-by :mod:`swavctl.safe_io`, which validates the header again against the dtypes this torch
+by :mod:`swavctl.weights.safetensors_io`, which validates the header again against the dtypes this torch
 knows and checks a pickle's contents (only torch can: ``torch.load(weights_only=True)``).
 """
 
@@ -17,13 +17,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from swavctl import latest, messages
-from swavctl.errors import UserError
+from swavctl.errors import UserError, messages
+from swavctl.files import latest
 
 #: Default cap on the JSON header size (100 MiB).
 MAX_HEADER_BYTES = 100 * 2**20
 
-#: Bytes per element of every safetensors dtype name (torch may know fewer; safe_io checks that).
+#: Bytes per element of every safetensors dtype name (torch may know fewer; safetensors_io checks that).
 ITEMSIZE: dict[str, int] = {
     "F64": 8,
     "F32": 4,
@@ -83,6 +83,16 @@ def parse_safetensors_header(
     ``itemsize`` gives the bytes per element of each dtype name accepted; a tensor's
     ``data_offsets`` must span exactly ``prod(shape) * itemsize[dtype]`` bytes.
     """
+    header, header_len = _read_header_object(fh, file_size, max_header_bytes)
+    metadata = _pop_metadata(header)
+    data_len = file_size - 8 - header_len
+    spans = [(*_tensor_span(name, entry, itemsize, data_len), name) for name, entry in header.items()]
+    _check_tiling(spans, data_len)
+    return header, metadata
+
+
+def _read_header_object(fh: Any, file_size: int, max_header_bytes: int) -> tuple[dict[str, Any], int]:
+    """The header's JSON object and its declared length: 8 bytes of length, then UTF-8 JSON."""
     if file_size < 8:
         raise BadContainer(f"file is {file_size} bytes, shorter than the 8-byte header length")
     (header_len,) = struct.unpack("<Q", fh.read(8))
@@ -107,7 +117,11 @@ def parse_safetensors_header(
         raise BadContainer("header JSON is nested too deeply") from None
     if not isinstance(header, dict):
         raise BadContainer(f"header is a JSON {type(header).__name__}, not an object")
+    return header, header_len
 
+
+def _pop_metadata(header: dict[str, Any]) -> dict[str, str]:
+    """Remove ``__metadata__`` from ``header`` and return it, checked to map strings to strings."""
     metadata_raw = header.pop("__metadata__", None)
     if metadata_raw is None:
         metadata_raw = {}
@@ -118,48 +132,46 @@ def parse_safetensors_header(
         if not isinstance(value, str):
             raise BadContainer(f"__metadata__ value for {key!r} is not a string")
         metadata[key] = value
+    return metadata
 
-    data_len = file_size - 8 - header_len
-    spans: list[tuple[int, int, str]] = []
-    for name, entry in header.items():
-        if not isinstance(entry, dict):
-            raise BadContainer(f"tensor {name!r}: entry is not an object")
-        missing = {"dtype", "shape", "data_offsets"} - entry.keys()
-        if missing:
-            raise BadContainer(f"tensor {name!r}: missing field(s) {', '.join(sorted(missing))}")
-        extra = entry.keys() - {"dtype", "shape", "data_offsets"}
-        if extra:
-            raise BadContainer(f"tensor {name!r}: unexpected field(s) {', '.join(sorted(extra))}")
-        dtype = entry["dtype"]
-        if not isinstance(dtype, str) or dtype not in itemsize:
-            raise BadContainer(f"tensor {name!r}: unknown dtype {_short(dtype)}")
-        shape = entry["shape"]
-        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-            raise BadContainer(
-                f"tensor {name!r}: shape {_short(shape)} is not a list of non-negative integers"
-            )
-        offsets = entry["data_offsets"]
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(_is_int(o) and o >= 0 for o in offsets)
-        ):
-            raise BadContainer(f"tensor {name!r}: data_offsets {_short(offsets)} is not [begin, end]")
-        begin, end = offsets
-        if begin > end:
-            raise BadContainer(f"tensor {name!r}: data_offsets begin {begin} is after end {end}")
-        if end > data_len:
-            raise BadContainer(
-                f"tensor {name!r}: data_offsets end {end} is past the end of the {data_len}-byte data region"
-            )
-        needed = math.prod(shape) * itemsize[dtype]
-        if end - begin != needed:
-            raise BadContainer(
-                f"tensor {name!r}: shape disagrees with dtype: {_short(shape)} x {dtype} needs "
-                f"{_short(needed, 30)} bytes but data_offsets span {end - begin}"
-            )
-        spans.append((begin, end, name))
 
+def _tensor_span(name: str, entry: Any, itemsize: Mapping[str, int], data_len: int) -> tuple[int, int]:
+    """One tensor's checked ``(begin, end)`` in the data region: fields, dtype, shape, size."""
+    if not isinstance(entry, dict):
+        raise BadContainer(f"tensor {name!r}: entry is not an object")
+    missing = {"dtype", "shape", "data_offsets"} - entry.keys()
+    if missing:
+        raise BadContainer(f"tensor {name!r}: missing field(s) {', '.join(sorted(missing))}")
+    extra = entry.keys() - {"dtype", "shape", "data_offsets"}
+    if extra:
+        raise BadContainer(f"tensor {name!r}: unexpected field(s) {', '.join(sorted(extra))}")
+    dtype = entry["dtype"]
+    if not isinstance(dtype, str) or dtype not in itemsize:
+        raise BadContainer(f"tensor {name!r}: unknown dtype {_short(dtype)}")
+    shape = entry["shape"]
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise BadContainer(f"tensor {name!r}: shape {_short(shape)} is not a list of non-negative integers")
+    offsets = entry["data_offsets"]
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) and o >= 0 for o in offsets):
+        raise BadContainer(f"tensor {name!r}: data_offsets {_short(offsets)} is not [begin, end]")
+    begin, end = offsets
+    if begin > end:
+        raise BadContainer(f"tensor {name!r}: data_offsets begin {begin} is after end {end}")
+    if end > data_len:
+        raise BadContainer(
+            f"tensor {name!r}: data_offsets end {end} is past the end of the {data_len}-byte data region"
+        )
+    needed = math.prod(shape) * itemsize[dtype]
+    if end - begin != needed:
+        raise BadContainer(
+            f"tensor {name!r}: shape disagrees with dtype: {_short(shape)} x {dtype} needs "
+            f"{_short(needed, 30)} bytes but data_offsets span {end - begin}"
+        )
+    return begin, end
+
+
+def _check_tiling(spans: list[tuple[int, int, str]], data_len: int) -> None:
+    """The tensors tile the data region exactly: no gap, no overlap, no trailing bytes."""
     spans.sort()
     cursor = 0
     prev = None
@@ -172,7 +184,6 @@ def parse_safetensors_header(
         prev = name
     if cursor != data_len:
         raise BadContainer(f"{data_len - cursor} trailing bytes after the last tensor")
-    return header, metadata
 
 
 def _head(path: Path, n: int = 4) -> bytes:
@@ -240,7 +251,7 @@ def check_pickle_container(path: Path) -> None:
 
 def check_weights_file(path: Path) -> None:
     """Check the container of a weights file: safetensors by its suffix (or by not starting as a
-    pickle does), else a torch.save zip archive or pickle, as :func:`swavctl.model_io.load_model`
+    pickle does), else a torch.save zip archive or pickle, as :func:`swavctl.weights.model_io.load_model`
     tells them apart."""
     if is_safetensors(path):
         check_safetensors(path)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from swavctl import dist
-from swavctl.train.stop import STOP_SIGNALS, StopFlag
+from swavctl.distributed import dist
+from swavctl.distributed.stop import STOP_SIGNALS, StopFlag
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ from rich.console import Console, ConsoleOptions, RenderResult
 from rich.live import Live
 from rich.text import Text
 
-from swavctl import dist
+from swavctl.distributed import dist
 
 #: Default seconds between progress lines when stderr is not a terminal.
 LOG_EVERY_S = 10.0

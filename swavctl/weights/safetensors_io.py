@@ -1,4 +1,4 @@
-"""Safe weight-file I/O: validated safetensors reading, atomic writing, refusing pickles with code.
+"""safetensors files: validated reading, atomic writing (:mod:`swavctl.files.atomic`), hashing.
 
 Everything here is a pure function with no CLI. Bad input from the user (a malformed or hostile
 file) raises :class:`~swavctl.errors.UserError` with a one-line message naming the file and the
@@ -17,40 +17,28 @@ refused at once without allocating memory proportional to the declared sizes.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import itertools
-import json
-import os
-import pickle
 import struct
 import sys
-import zipfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 
-from swavctl.containers import MAX_HEADER_BYTES, header_or_refuse
-from swavctl.errors import OutputWriteError, UserError
-from swavctl.messages import output_not_writable
+from swavctl.errors import UserError
+from swavctl.files.atomic import write_atomic
+from swavctl.weights.containers import MAX_HEADER_BYTES, header_or_refuse
 
 __all__ = [
     "DTYPES",
     "assert_finite",
-    "file_sha256",
-    "load_pickle_weights",
     "payload_sha256",
     "read_safetensors",
     "read_safetensors_header",
     "read_safetensors_metadata",
-    "torch_version_is_safe",
     "write_safetensors_atomic",
 ]
-
-
-_CHUNK = 2**20
 
 
 def _build_dtypes() -> dict[str, torch.dtype]:
@@ -194,109 +182,6 @@ def _prepare_for_write(tensors: Mapping[str, torch.Tensor], path: Path) -> dict[
     return out
 
 
-def fsync_dir(directory: Path) -> None:
-    """Make a rename in ``directory`` durable (best effort: some systems cannot open folders)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open directories
-        return
-    try:
-        with contextlib.suppress(OSError):
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def probe_writable(folder: Path) -> None:
-    """Create ``folder`` (and its parents), then write and remove a probe file in it.
-
-    Raises the ``OSError`` of whatever step fails (a file in the way, no permission, a read-only
-    or full file system), so a command can refuse an output folder before its work starts.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    probe = folder / f".write-test-{os.getpid()}"
-    probe.write_bytes(b"")
-    probe.unlink()
-
-
-def make_parent(path: Path) -> None:
-    """Create the folder that will hold ``path``; a :class:`UserError` naming it when that fails."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(output_not_writable(path, exc.strerror or exc)) from None
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists (this one does): a temporary named after it may be in use."""
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
-
-
-def remove_stale_temporaries(path: Path) -> None:
-    """Remove ``.NAME.tmp-PID`` files that a killed writer of ``path`` left (their PID is gone)."""
-    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not pid_alive(int(pid)):
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-
-
-@contextlib.contextmanager
-def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
-    """A binary handle whose contents replace ``path`` when the block ends, atomically and durably.
-
-    The data goes to ``.NAME.tmp-PID`` in the same folder (created as ``open`` creates any file:
-    0666 less the umask), is flushed and fsynced, and is renamed over ``path``; the folder is
-    fsynced last. A reader (or a crash) sees the old file or the complete new one, never a part.
-    Temporaries of killed writers are removed first. An ``OSError`` (disk full, file-size limit,
-    no permission) becomes one :class:`OutputWriteError` naming ``path``; the old file stays, and
-    so it does when the block raises anything else.
-    """
-    path = Path(path)
-    remove_stale_temporaries(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise OutputWriteError(path, exc.errno, str(exc.strerror or exc)) from None
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    fsync_dir(path.parent)
-
-
-def write_atomic(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
-    """Create or replace ``path`` with what ``write(handle)`` writes (see :func:`atomic_file`)."""
-    with atomic_file(path) as handle:
-        write(handle)
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """:func:`write_atomic` for UTF-8 text."""
-    data = text.encode("utf-8")
-    write_atomic(path, lambda handle: handle.write(data))
-
-
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """:func:`write_text_atomic` of ``data`` as indented JSON, with a final newline."""
-    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
-
-
 def write_safetensors_atomic(
     path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
 ) -> None:
@@ -365,115 +250,3 @@ def payload_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
         h.update(u64(raw.nbytes))
         h.update(raw.data)  # no copy
     return h.hexdigest()
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 (hex) of a file's bytes, read in 1 MiB chunks."""
-    path = Path(path)
-    h = hashlib.sha256()
-    try:
-        with open(path, "rb") as fh:
-            while chunk := fh.read(_CHUNK):
-                h.update(chunk)
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    return h.hexdigest()
-
-
-# --------------------------------------------------------------------------------------------
-# Pickle checkpoints
-# --------------------------------------------------------------------------------------------
-
-
-def _unpickler_detail(message: str) -> str:
-    marker = "WeightsUnpickler error:"
-    idx = message.find(marker)
-    if idx < 0:
-        return ""
-    detail = message[idx + len(marker) :]
-    for stop in ("Please use", "Check the documentation"):
-        cut = detail.find(stop)
-        if cut >= 0:
-            detail = detail[:cut]
-    detail = " ".join(detail.split())
-    return detail if len(detail) <= 200 else detail[:197] + "..."
-
-
-#: Oldest torch whose ``torch.load(weights_only=True)`` has no known bypass (pyproject requires it).
-MIN_SAFE_TORCH = (2, 10)
-
-
-def torch_version_is_safe(version: str | None = None) -> bool:
-    """Whether torch ``version`` (default: the running one) is at least :data:`MIN_SAFE_TORCH`."""
-    text = torch.__version__ if version is None else version
-    parts = []
-    for piece in str(text).split("+")[0].split(".")[:2]:
-        digits = "".join(itertools.takewhile(str.isdigit, piece))
-        if not digits:
-            return False
-        parts.append(int(digits))
-    return len(parts) == 2 and tuple(parts) >= MIN_SAFE_TORCH
-
-
-def load_pickle_weights(path: str | Path) -> Any:
-    """Load a PyTorch pickle checkpoint with ``torch.load(weights_only=True)`` on the CPU.
-
-    Only tensors and plain containers/scalars are allowed; a file that would build any other
-    object (and so could run code) is refused with :class:`UserError`, as are missing,
-    unreadable, truncated and corrupt files, and any torch older than :data:`MIN_SAFE_TORCH`.
-    """
-    path = Path(path)
-    if not torch_version_is_safe():
-        raise UserError(
-            f"{path}: refusing to unpickle with torch {torch.__version__}: torch.load(weights_only=True) "
-            f"has known bypasses before {MIN_SAFE_TORCH[0]}.{MIN_SAFE_TORCH[1]}; upgrade torch"
-        )
-    if not path.exists():
-        raise UserError(f"{path}: no such file")
-    if path.is_dir():
-        raise UserError(f"{path}: is a directory, not a checkpoint file")
-    try:
-        with open(path, "rb") as fh:
-            magic = fh.read(4)
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    # torch.save writes a zip archive; its legacy format (and plain pickles since protocol 2)
-    # start with the PROTO opcode 0x80. Anything else is no checkpoint, hostile or not.
-    if magic and not magic.startswith((b"PK\x03\x04", b"PK\x05\x06", b"\x80")):
-        raise UserError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        detail = _unpickler_detail(str(exc))
-        suffix = f" ({detail})" if detail else ""
-        raise UserError(
-            f"{path}: refused for safety: the file contains code or objects that are not plain "
-            f"weights{suffix}"
-        ) from None
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    except (
-        EOFError,
-        RuntimeError,
-        ValueError,
-        KeyError,
-        TypeError,
-        AttributeError,
-        IndexError,
-        struct.error,
-        zipfile.BadZipFile,
-        UnicodeDecodeError,
-        RecursionError,
-        MemoryError,
-    ) as exc:
-        text = " ".join(str(exc).split())
-        if len(text) > 200:
-            text = text[:197] + "..."
-        reason = (
-            text if isinstance(exc, RuntimeError) and text else f"{type(exc).__name__}: {text}".rstrip(": ")
-        )
-        raise UserError(
-            f"{path}: not a readable PyTorch checkpoint (corrupt or truncated?): {reason}"
-        ) from None

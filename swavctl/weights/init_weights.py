@@ -4,18 +4,20 @@ What ``PATH`` may be, told apart by its contents (never by its name alone):
 
 * a swavctl run folder (its newest checkpoint that verifies, else its export), a checkpoint or an
   export (``backbone.safetensors``; ``model.safetensors`` also has the head), read as
-  :func:`swavctl.model_io.load_model` reads them, settings and all;
+  :func:`swavctl.weights.model_io.load_model` reads them, settings and all;
 * an official facebookresearch/swav checkpoint (``swav_800ep_pretrain.pth.tar``: ``module.``
   prefixes, ``projection_head.*``, ``prototypes.weight``), converted as
-  ``swavctl export --from-official`` converts it (:func:`swavctl.official.convert_official_state_dict`);
+  ``swavctl export --from-official`` converts it
+  (:func:`swavctl.weights.official.convert_official_state_dict`);
 * a torchvision-format state dict (``conv1.weight`` ... ``layer4.*``, perhaps ``fc.*``), as
   safetensors or as a pickle read with ``torch.load(weights_only=True)``. Its classifier ``fc.*``
   is dropped, and a line says so: SwAV has none.
 
-Containers are checked as everywhere else (:mod:`swavctl.containers`, :mod:`swavctl.safe_io`):
+Containers are checked as everywhere else (:mod:`swavctl.weights.containers`,
+:mod:`swavctl.weights.safetensors_io`):
 a malformed file, or a pickle that would build anything but tensors, is refused with one line.
 
-A state dict records no architecture: it is the one of :data:`swavctl.official.SUPPORTED_ARCHS`
+A state dict records no architecture: it is the one of :data:`swavctl.weights.official.SUPPORTED_ARCHS`
 whose keys and shapes it matches exactly (:func:`arch_of_init`). Without ``--arch`` a run takes the
 architecture of its ``--init`` source; with it, the source's backbone must match that
 architecture exactly, or the run is refused listing the missing and unexpected keys and the shape
@@ -41,20 +43,28 @@ from pathlib import Path
 
 import torch
 
-from swavctl import latest, messages
 from swavctl.config import Settings
-from swavctl.containers import check_weights_file, is_safetensors
-from swavctl.errors import UserError
-from swavctl.export import EXPORT_FORMAT
+from swavctl.errors import UserError, messages
+from swavctl.files import latest
+from swavctl.files.atomic import file_sha256
 from swavctl.model.swav import SwAV
-from swavctl.model_io import LoadedModel, checkpoint_model, is_checkpoint, load_model, resolve_model_path
-from swavctl.official import (
+from swavctl.weights.containers import check_weights_file, is_safetensors
+from swavctl.weights.export import EXPORT_FORMAT
+from swavctl.weights.model_io import (
+    LoadedModel,
+    checkpoint_model,
+    is_checkpoint,
+    load_model,
+    resolve_model_path,
+)
+from swavctl.weights.official import (
     SUPPORTED_ARCHS,
     convert_official_state_dict,
     flat_state_dict,
     key_differences,
 )
-from swavctl.safe_io import file_sha256, load_pickle_weights, read_safetensors, read_safetensors_metadata
+from swavctl.weights.pickles import load_pickle_weights
+from swavctl.weights.safetensors_io import read_safetensors, read_safetensors_metadata
 
 __all__ = ["InitWeights", "arch_of_init", "init_summary", "load_init", "read_init", "resolve_init"]
 

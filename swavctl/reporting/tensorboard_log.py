@@ -14,7 +14,7 @@ gives it its whole history. The eval files (``*.eval``) are left alone.
 
 The event folder is ``RUN/tb``. Both of TensorBoard's loaders (the Python multiplexer and the
 Rust data server) follow symbolic links to folders when they walk a logdir; ``runs/latest`` is a
-one-line pointer file (:mod:`swavctl.latest`), not a folder link, so that
+one-line pointer file (:mod:`swavctl.files.latest`), not a folder link, so that
 ``tensorboard --logdir runs`` lists each run once.
 """
 

@@ -19,9 +19,10 @@ File layout (format ``swavctl-export``, version 1):
   them (``prototype_sets``);
 * string-to-string metadata (:data:`METADATA_KEYS`), among them the resolved settings as JSON and
   ``payload_sha256``, the SHA-256 of the tensors as stored (recipe in
-  :func:`swavctl.safe_io.payload_sha256`).
+  :func:`swavctl.weights.safetensors_io.payload_sha256`).
 
-Files are written to a temporary name and renamed (:func:`swavctl.safe_io.write_safetensors_atomic`).
+Files are written to a temporary name and renamed
+(:func:`swavctl.weights.safetensors_io.write_safetensors_atomic`).
 """
 
 from __future__ import annotations
@@ -37,11 +38,10 @@ import torch
 from swavctl import __version__
 from swavctl.config import Settings, recorded_json, validate
 from swavctl.errors import UserError
-from swavctl.safe_io import (
+from swavctl.files.atomic import file_sha256, make_parent
+from swavctl.weights.pickles import load_pickle_weights
+from swavctl.weights.safetensors_io import (
     assert_finite,
-    file_sha256,
-    load_pickle_weights,
-    make_parent,
     payload_sha256,
     read_safetensors,
     read_safetensors_header,
@@ -101,8 +101,9 @@ METADATA_KEYS = (
     "source",  # "swavctl" (trained here) or "official" (imported)
     "source_file",  # the checkpoint the weights came from (file name)
     "source_sha256",  # SHA-256 of that file's bytes ("" for an in-memory model)
-    "provenance",  # JSON: versions, devices, command line, git commit, host, times (swavctl.provenance)
-    "payload_sha256",  # SHA-256 of the tensors as stored (swavctl.safe_io.payload_sha256)
+    # JSON: versions, devices, command line, git commit, host, times (swavctl.reporting.provenance)
+    "provenance",
+    "payload_sha256",  # SHA-256 of the tensors as stored (swavctl.weights.safetensors_io.payload_sha256)
 )
 
 # SwAV paper defaults for an imported official model (arXiv 2006.09882, ImageNet recipe):
@@ -208,7 +209,7 @@ def export_metadata(
     }
     meta.update(extra or {})
     if "provenance" not in meta:  # what made this file: the process writing it (a run passes its own)
-        from swavctl.provenance import record
+        from swavctl.reporting.provenance import record
 
         meta["provenance"] = json.dumps(record())
     meta["payload_sha256"] = payload_sha256(tensors)
@@ -367,11 +368,11 @@ def import_official(
 
     The checkpoint is read with ``torch.load(weights_only=True)`` (a pickle that would build
     anything but tensors and plain containers is refused) or as safetensors; every key is
-    accounted for by :func:`swavctl.official.convert_official_state_dict`. The export carries
-    :func:`official_settings`, so :func:`swavctl.model_io.load_model` (and every command built on
+    accounted for by :func:`swavctl.weights.official.convert_official_state_dict`. The export carries
+    :func:`official_settings`, so :func:`swavctl.weights.model_io.load_model` (and every command built on
     it) loads it like a file exported from a swavctl run. Returns a JSON-able summary.
     """
-    from swavctl.official import backbone_feature_dim, convert_official_state_dict
+    from swavctl.weights.official import backbone_feature_dim, convert_official_state_dict
 
     checkpoint = Path(checkpoint)
     out = Path(out)

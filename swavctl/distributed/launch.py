@@ -1,12 +1,12 @@
-"""Starting ``swavctl pretrain`` and ``swavctl eval-linear``: one process, N local workers, or one
-worker of torchrun / SLURM.
+"""Starting a job's workers: one process, N local workers, or one worker of torchrun / SLURM.
 
-A :class:`Job` names what the workers run (pretraining, :func:`swavctl.train.loop.pretrain`, or an
-evaluation, :func:`swavctl.eval.run.run_eval`). Three ways in, one result shape
-(:class:`Outcome`), so the summary and ``--json`` do not depend on how the run was started:
+A :class:`Job` names the function its workers run, as ``module:function`` (pretraining,
+:mod:`swavctl.train.job`, or an evaluation, :mod:`swavctl.eval.job`): the launcher imports no
+job. Three ways in, one result shape (:class:`~swavctl.distributed.outcomes.Outcome`), so the
+summary and ``--json`` do not depend on how the run was started:
 
-1. **Inside a job** (``torchrun``, ``srun``; see :func:`swavctl.dist.detect_env`): this process is
-   one worker. It joins the process group (NCCL on GPUs, gloo on CPUs, timeout
+1. **Inside a job** (``torchrun``, ``srun``; see :func:`swavctl.distributed.dist.detect_env`):
+   this process is one worker. It joins the process group (NCCL on GPUs, gloo on CPUs, timeout
    ``dist.timeout_s``) and works; rank 0 prints the summary.
 2. **``--gpus N`` (N > 1) or ``--gpus 0 --procs N`` (N > 1)**: this process becomes a
    torch.distributed.elastic agent (:func:`torch.distributed.launcher.api.elastic_launch`) that
@@ -17,8 +17,8 @@ evaluation, :func:`swavctl.eval.run.run_eval`). Three ways in, one result shape
    rank that failed first and why) and prints it here.
 3. Otherwise: a plain single process.
 
-Signals: pretraining workers install :class:`~swavctl.train.stop.StopFlag` before anything else,
-and the agent forwards SIGTERM/SIGINT/SIGUSR1 it receives to them, so the run checkpoints at the
+Signals: pretraining workers install :class:`~swavctl.distributed.stop.StopFlag` before anything
+else, and the agent forwards SIGTERM/SIGINT/SIGUSR1 it receives to them, so the run checkpoints at the
 next step boundary and exits 143/130/138. Evaluation workers keep the default handlers: an
 evaluation writes its outputs only at the end, so a signal simply ends it. When a worker fails,
 the agent stops the others (SIGTERM, then SIGKILL after 30 s); with gloo the survivors see the
@@ -28,7 +28,7 @@ broken connection at once.
 from __future__ import annotations
 
 import contextlib
-import json
+import importlib
 import logging
 import os
 import signal
@@ -36,17 +36,24 @@ import sys
 import time
 import traceback
 import uuid
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from swavctl import dist, messages, scratch
-from swavctl.config import Settings
-from swavctl.cores import usable_cores
-from swavctl.errors import UserError
-from swavctl.scratch import scratch_folder
-from swavctl.train.stop import EXIT_SIGNAL
+from swavctl.distributed import dist, scratch
+from swavctl.distributed.cores import usable_cores
+from swavctl.distributed.outcomes import (
+    CRASH,
+    INTERRUPTED,
+    OK,
+    USER_ERROR,
+    Outcome,
+    ReportedFailure,
+    combine_outcomes,
+)
+from swavctl.distributed.scratch import scratch_folder
+from swavctl.distributed.stop import Interrupted, StopFlag
+from swavctl.errors import UserError, messages
 
 # Seconds the agent gives workers to checkpoint and exit after it forwards a signal. A worker that
 # failed makes the agent stop the others with SIGTERM and SIGKILL after torchelastic's own 30 s.
@@ -61,47 +68,6 @@ START_METHOD_ENV = "SWAVCTL_START_METHOD"
 # Name of the launcher's scratch folders in the temporary directory (outcomes and worker logs).
 SCRATCH_PREFIX = "swavctl-launch-"
 
-OK, USER_ERROR, INTERRUPTED, NON_FINITE, CHECKPOINT_WRITE, CRASH, KILLED = (
-    "ok",
-    "user_error",
-    "interrupted",
-    "non_finite",
-    "checkpoint_write",
-    "crash",
-    "killed",
-)
-# Which failure explains a multi-rank failure best (lower first); a failed collective is
-# usually the echo of another rank's failure, so it comes last.
-_PRIORITY = {USER_ERROR: 0, NON_FINITE: 1, CHECKPOINT_WRITE: 2, CRASH: 3, KILLED: 4, INTERRUPTED: 5}
-
-
-@dataclass
-class Outcome:
-    """How a run (or one rank of it) ended.
-
-    ``status`` is one of ``ok``, ``user_error`` (exit 2), ``interrupted`` (143/130/138),
-    ``non_finite``, ``checkpoint_write``, ``crash`` or ``killed`` (exit 1). ``summary`` is the
-    run summary (rank 0, ``ok`` only). ``report`` says whether this process should print it.
-    """
-
-    status: str
-    exit_code: int
-    message: str = ""
-    rank: int = 0
-    summary: dict[str, Any] | None = None
-    error_type: str | None = None
-    peer_failure: bool = False
-    traceback: str | None = None
-    report: bool = True
-    ranks: dict[str, str] = field(default_factory=dict)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> Outcome:
-        return cls(**json.loads(text))
-
 
 # ---------------------------------------------------------------------------------------------
 # Planning
@@ -109,12 +75,20 @@ class Outcome:
 
 @dataclass(frozen=True)
 class Job:
-    """What the workers of a launch run: ``kind`` is ``pretrain`` or ``eval``; ``args`` are JSON-able."""
+    """What the workers of a launch run.
 
-    kind: str
+    ``work`` names the function every worker runs, as ``module:function``, which a worker process
+    imports: ``work(args, device, stop)`` returns the run summary (``args`` are JSON-able, ``device``
+    is this worker's, ``stop`` its :class:`StopFlag` or None). With ``stop_flag`` (pretraining) a
+    worker installs a :class:`StopFlag` before anything else, so a signal is a checkpoint request;
+    without it (an evaluation) the default handlers stay.
+    """
+
+    work: str
     args: dict[str, Any]
     use_cuda: bool
     timeout_s: float
+    stop_flag: bool
 
 
 def cuda_by_default(gpus: int | None) -> bool:
@@ -124,11 +98,6 @@ def cuda_by_default(gpus: int | None) -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def wants_cuda(settings: Settings) -> bool:
-    """Whether pretraining workers train on GPUs (see :func:`cuda_by_default`)."""
-    return cuda_by_default(settings.dist.gpus)
 
 
 def processes_asked(gpus: int | None, procs: int) -> int:
@@ -170,63 +139,6 @@ def run_job(job: Job, *, gpus: int | None, procs: int, single: Any) -> Outcome:
     return _guarded(single, rank=0)
 
 
-def run_pretrain(settings: Settings, *, fresh: bool = False) -> Outcome:
-    """Run pretraining the way the environment and ``settings.dist`` ask for (see module doc)."""
-    messages.check_trainable_prototypes(
-        settings.method, settings.model.prototypes
-    )  # before any worker starts
-    job = Job(
-        "pretrain",
-        {"settings": settings.model_dump_json(), "fresh": fresh},
-        use_cuda=wants_cuda(settings),
-        timeout_s=settings.dist.timeout_s,
-    )
-    from swavctl.train.faults import FaultHooks
-    from swavctl.train.loop import pretrain
-
-    return run_job(
-        job,
-        gpus=settings.dist.gpus,
-        procs=settings.dist.procs,
-        single=lambda stop: pretrain(
-            settings, reporter=_reporter(), fresh=fresh, stop=stop, faults=FaultHooks.from_env()
-        ),
-    )
-
-
-#: Process-group timeout of a multi-process evaluation (seconds), as pretraining's default.
-EVAL_TIMEOUT_S = 1800.0
-
-
-def run_evaluation(options: Any) -> Outcome:
-    """Run ``swavctl eval-linear`` (``options``: :class:`swavctl.eval.run.EvalOptions`) as asked.
-
-    ``--gpus N`` (N > 1) or ``--gpus 0 --procs N`` start N local workers; under torchrun or srun
-    this process is one worker. The summary is rank 0's.
-    """
-    from swavctl.eval.run import run_eval
-    from swavctl.progress import StageProgress
-
-    job = Job(
-        "eval",
-        {"options": options.model_dump_json()},
-        use_cuda=cuda_by_default(options.gpus),
-        timeout_s=EVAL_TIMEOUT_S,
-    )
-    return run_job(
-        job,
-        gpus=options.gpus,
-        procs=options.procs,
-        single=lambda stop: run_eval(options, reporter=StageProgress()),
-    )
-
-
-def _reporter() -> Any:
-    from swavctl.progress import RichReporter
-
-    return RichReporter()
-
-
 # ---------------------------------------------------------------------------------------------
 # One worker
 
@@ -253,20 +165,14 @@ def _is_peer_failure(exc: BaseException) -> bool:
 
 def _guarded(body: Any, *, rank: int, stop: Any = None, reraise_bugs: bool = True) -> Outcome:
     """Run ``body(stop)`` and turn how it ended into an :class:`Outcome`."""
-    from swavctl.train.checkpoint import CheckpointWriteError
-    from swavctl.train.loop import NonFiniteError
-    from swavctl.train.stop import Interrupted
-
     try:
         summary = body(stop)
     except UserError as exc:
         return Outcome(USER_ERROR, exc.exit_code, str(exc), rank, error_type="UserError")
     except Interrupted as exc:
         return Outcome(INTERRUPTED, exc.exit_code, str(exc), rank, error_type="Interrupted")
-    except NonFiniteError as exc:
-        return Outcome(NON_FINITE, 1, str(exc), rank, error_type="NonFiniteError")
-    except CheckpointWriteError as exc:
-        return Outcome(CHECKPOINT_WRITE, 1, str(exc), rank, error_type="CheckpointWriteError")
+    except ReportedFailure as exc:  # a non-finite loss, a checkpoint that could not be written
+        return Outcome(exc.status, 1, str(exc), rank, error_type=type(exc).__name__)
     except Exception as exc:
         if reraise_bugs:
             raise
@@ -300,24 +206,7 @@ def _job_body(job: Job, env: dist.DistEnv, *, announce_join: bool = False) -> An
                 flush=True,
             )
         device = dist.init_process_group(env, use_cuda=job.use_cuda, timeout_s=job.timeout_s)
-        if job.kind == "pretrain":
-            from swavctl.train.faults import FaultHooks
-            from swavctl.train.loop import pretrain
-
-            settings = Settings.model_validate_json(job.args["settings"])
-            # The fault tests' hooks are read here, at the process edge, and handed to the loop.
-            faults = FaultHooks.from_env()
-            return pretrain(
-                settings, reporter=_reporter(), fresh=bool(job.args["fresh"]), stop=stop_flag, faults=faults
-            )
-        if job.kind == "eval":
-            from swavctl.eval.run import EvalOptions, run_eval
-            from swavctl.progress import StageProgress
-
-            return run_eval(
-                EvalOptions.model_validate_json(job.args["options"]), reporter=StageProgress(), device=device
-            )
-        raise ValueError(f"unknown job kind {job.kind!r}")
+        return _work(job)(job.args, device, stop_flag)
 
     return body
 
@@ -340,11 +229,15 @@ def _work_as_worker(job: Job, *, env: dist.DistEnv, stop: Any, announce_join: bo
     return outcome
 
 
+def _work(job: Job) -> Any:
+    """The function ``job.work`` names (``module:function``)."""
+    module, _, name = job.work.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def _install_signal_handling(job: Job) -> Any:
     """Pretraining: a :class:`StopFlag` (checkpoint, then stop). Evaluation: the default handlers."""
-    if job.kind == "pretrain":
-        from swavctl.train.stop import StopFlag
-
+    if job.stop_flag:
         stop = StopFlag()
         stop.install()
         return stop
@@ -448,7 +341,7 @@ def crowded_cpu_note(processes: int, cores: int) -> str | None:
 def launch_local(job: Job, *, nprocs: int) -> Outcome:
     """Start ``nprocs`` workers of ``job`` here (torch.distributed.elastic); combine their outcomes.
 
-    The workers' outcomes and logs go to a scratch folder (:mod:`swavctl.scratch`), removed when
+    The workers' outcomes and logs go to a scratch folder (:mod:`swavctl.distributed.scratch`), removed when
     the launch ends, or by a later launch when this one was killed.
     """
     cores = usable_cores()
@@ -513,30 +406,6 @@ def _run_elastic(
     return _read_outcomes(outcome_dir, nprocs), failures, received
 
 
-def _ranks_label(ranks: list[int]) -> str:
-    """``rank 3``, or ``ranks 0, 2-5, 7`` (consecutive ranks as ranges): 100 ranks in one line."""
-    if len(ranks) == 1:
-        return f"rank {ranks[0]}"
-    parts: list[str] = []
-    start = previous = ranks[0]
-    for r in [*ranks[1:], None]:
-        if r is not None and r == previous + 1:
-            previous = r
-            continue
-        parts.append(str(start) if start == previous else f"{start}-{previous}")
-        if r is not None:
-            start = previous = r
-    return "ranks " + ", ".join(parts)
-
-
-def _status_text(outcome: Outcome) -> str:
-    if outcome.status == KILLED:
-        return outcome.message
-    if outcome.peer_failure:
-        return f"stopped when a peer failed (exit status {outcome.exit_code})"
-    return f"{outcome.status} (exit status {outcome.exit_code})"
-
-
 def _describe_exit(exitcode: int) -> str:
     if exitcode < 0:
         try:
@@ -553,85 +422,3 @@ def _read_outcomes(folder: Path, nprocs: int) -> dict[int, Outcome]:
         with contextlib.suppress(OSError, ValueError, TypeError):
             found[rank_] = Outcome.from_json(path.read_text())
     return found
-
-
-def combine_outcomes(
-    outcomes: Mapping[int, Outcome],
-    world: int,
-    *,
-    failures: Mapping[int, str] | None = None,
-    received: int | None = None,
-) -> Outcome:
-    """One outcome for the whole run: rank 0's when all ranks agree, else the failure that explains it.
-
-    ``failures`` are the agent's exit descriptions of ranks that failed (for ranks that left no
-    outcome, e.g. killed by SIGKILL); ``received`` is a signal the agent itself got.
-    """
-    failures = failures or {}
-    full: dict[int, Outcome] = {}
-    stop_codes = {code: signal.Signals(signum).name for signum, code in EXIT_SIGNAL.items()}
-    peer_failed = any(o.status not in (OK, INTERRUPTED) for o in outcomes.values())
-    for rank_ in range(world):
-        if rank_ in outcomes:
-            full[rank_] = outcomes[rank_]
-            continue
-        code = failures.get(rank_, "").removeprefix("exit status ")
-        stopped = code.isdigit() and int(code) in stop_codes
-        if stopped and received is None and peer_failed:
-            # The launcher's own SIGTERM after a peer failed (the worker's StopFlag exits 143 at once).
-            full[rank_] = Outcome(
-                KILLED, 1, "stopped by the launcher after a peer failed", rank_, error_type="Killed",
-                peer_failure=True,
-            )  # fmt: skip
-            continue
-        if received in EXIT_SIGNAL or stopped:
-            # The worker stopped at once on a repeated (or early) stop signal, as its StopFlag does:
-            # an interruption with the signal's status, not a crash.
-            exit_code = EXIT_SIGNAL[signal.Signals(received)] if received in EXIT_SIGNAL else int(code)
-            full[rank_] = Outcome(
-                INTERRUPTED,
-                exit_code,
-                f"stopped at once by {stop_codes[exit_code]}",
-                rank_,
-                error_type="Interrupted",
-            )
-            continue
-        how = failures.get(rank_) or (
-            f"stopped by the launcher after {signal.Signals(received).name}"
-            if received
-            else "killed by a signal such as SIGKILL or the out-of-memory killer, or a crash of Python itself"
-        )
-        full[rank_] = Outcome(KILLED, 1, f"exited without a report ({how})", rank_, error_type="Killed")
-    statuses = {str(r): _status_text(o) for r, o in full.items()}
-    if all(o.status == OK for o in full.values()):
-        result = full[0]
-        result.ranks = statuses
-        return result
-    first = full[0]
-    agreed = all(o.status == first.status and o.message == first.message for o in full.values())
-    if agreed:
-        first.ranks = statuses
-        first.report = True
-        first.message += f" [all {world} ranks stopped, exit status {first.exit_code}]"
-        return first
-    failed = [o for o in full.values() if o.status != OK]
-    primary = min(failed, key=lambda o: (_PRIORITY.get(o.status, 9) + (10 if o.peer_failure else 0), o.rank))
-    alike: dict[str, list[int]] = {}
-    for r, text in statuses.items():
-        if int(r) != primary.rank:
-            alike.setdefault(text, []).append(int(r))
-    others = [f"{_ranks_label(ranks)}: {text}" for text, ranks in alike.items()]
-    message = f"rank {primary.rank} failed: {primary.message}"
-    if others:
-        message += "; other ranks: " + ", ".join(others)
-    return Outcome(
-        primary.status,
-        primary.exit_code if primary.exit_code else 1,
-        message,
-        primary.rank,
-        error_type=primary.error_type,
-        peer_failure=primary.peer_failure,
-        traceback=primary.traceback,
-        report=True,
-        ranks=statuses,
-    )

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from swavctl import dist
+from swavctl.distributed import dist
 
 
 def _channel_dims(x: torch.Tensor) -> list[int]:

@@ -30,7 +30,7 @@ import torch
 
 from swavctl.errors import UserError
 from swavctl.model.swav import prototype_set_keys
-from swavctl.safe_io import assert_finite
+from swavctl.weights.safetensors_io import assert_finite
 
 __all__ = [
     "SUPPORTED_ARCHS",
@@ -204,24 +204,47 @@ def convert_official_state_dict(
     """
     _check_arch(arch)
     state = flat_state_dict(obj, source)
-
     multi = sorted(k for k in state if k.startswith("prototypes.prototypes"))
     prototype_keys = _official_prototype_keys(state) if multi else (_PROTOTYPES,)
-
     shapes = expected_backbone_shapes(arch)
+    head_expected = _head_layout(state)
+    _check_keys(state, shapes, head_expected, prototype_keys, arch=arch, source=source)
+    want = _expected_shapes(state, shapes, head_expected, prototype_keys, arch)
+    _check_shapes_and_values(state, want, arch=arch, source=source)
+
+    backbone = {k: state[k] for k in shapes}
+    head: dict[str, torch.Tensor] = {}
+    for k in head_expected:
+        head["head." + k[len("projection_head.") :]] = state[k]
+    if head_expected:
+        for key, name in zip(prototype_keys, prototype_set_keys(len(prototype_keys)), strict=True):
+            head[name] = state[key]
+    return backbone, head
+
+
+def _head_layout(state: Mapping[str, torch.Tensor]) -> tuple[str, ...]:
+    """The projection head's keys the checkpoint should hold: a linear head, the MLP, or none."""
     head_present = [k for k in state if k.startswith("projection_head.")]
-    linear_head = bool(head_present) and all(k in _LINEAR_HEAD for k in head_present)
-    head_expected: tuple[str, ...]
-    if linear_head:
-        head_expected = _LINEAR_HEAD
-    elif head_present or _PROTOTYPES in state or any(k.startswith("prototypes.") for k in state):
-        head_expected = _MLP_HEAD
-    else:
-        head_expected = ()
+    if head_present and all(k in _LINEAR_HEAD for k in head_present):
+        return _LINEAR_HEAD
+    if head_present or _PROTOTYPES in state or any(k.startswith("prototypes.") for k in state):
+        return _MLP_HEAD
+    return ()
+
+
+def _check_keys(
+    state: Mapping[str, torch.Tensor],
+    shapes: Mapping[str, tuple[int, ...]],
+    head_expected: tuple[str, ...],
+    prototype_keys: tuple[str, ...],
+    *,
+    arch: str,
+    source: str,
+) -> None:
+    """Refuse missing and unexpected keys (``fc.*`` included), naming them."""
     expected = set(shapes) | set(head_expected)
     if head_expected:
         expected.update(prototype_keys)
-
     missing = expected - state.keys()
     unexpected = state.keys() - expected
     if missing or unexpected:
@@ -234,28 +257,43 @@ def convert_official_state_dict(
             f"{source}: not an official SwAV {arch} checkpoint: {'; '.join(parts)}{_width_hint(state, arch)}"
         )
 
-    # Expected shapes; the head sizes (hidden, out, K) are read from the checkpoint itself.
-    want: dict[str, tuple[int, ...]] = dict(shapes)
-    if head_expected:
-        d = backbone_feature_dim(arch)
-        if linear_head:
-            out_dim = state["projection_head.weight"].shape[0]
-            want["projection_head.weight"] = (out_dim, d)
-            want["projection_head.bias"] = (out_dim,)
-        else:
-            hidden = state["projection_head.0.weight"].shape[0]
-            out_dim = state["projection_head.3.weight"].shape[0]
-            want["projection_head.0.weight"] = (hidden, d)
-            want["projection_head.0.bias"] = (hidden,)
-            for field in ("weight", "bias", "running_mean", "running_var"):
-                want[f"projection_head.1.{field}"] = (hidden,)
-            want["projection_head.1.num_batches_tracked"] = ()
-            want["projection_head.3.weight"] = (out_dim, hidden)
-            want["projection_head.3.bias"] = (out_dim,)
-        for key in prototype_keys:  # each set's K_h is the file's own
-            protos = state[key]
-            want[key] = (protos.shape[0] if protos.dim() == 2 else 0, out_dim)
 
+def _expected_shapes(
+    state: Mapping[str, torch.Tensor],
+    shapes: Mapping[str, tuple[int, ...]],
+    head_expected: tuple[str, ...],
+    prototype_keys: tuple[str, ...],
+    arch: str,
+) -> dict[str, tuple[int, ...]]:
+    """Every key's expected shape; the head sizes (hidden, out, K) are read from the checkpoint."""
+    want: dict[str, tuple[int, ...]] = dict(shapes)
+    if not head_expected:
+        return want
+    d = backbone_feature_dim(arch)
+    if head_expected == _LINEAR_HEAD:
+        out_dim = state["projection_head.weight"].shape[0]
+        want["projection_head.weight"] = (out_dim, d)
+        want["projection_head.bias"] = (out_dim,)
+    else:
+        hidden = state["projection_head.0.weight"].shape[0]
+        out_dim = state["projection_head.3.weight"].shape[0]
+        want["projection_head.0.weight"] = (hidden, d)
+        want["projection_head.0.bias"] = (hidden,)
+        for field in ("weight", "bias", "running_mean", "running_var"):
+            want[f"projection_head.1.{field}"] = (hidden,)
+        want["projection_head.1.num_batches_tracked"] = ()
+        want["projection_head.3.weight"] = (out_dim, hidden)
+        want["projection_head.3.bias"] = (out_dim,)
+    for key in prototype_keys:  # each set's K_h is the file's own
+        protos = state[key]
+        want[key] = (protos.shape[0] if protos.dim() == 2 else 0, out_dim)
+    return want
+
+
+def _check_shapes_and_values(
+    state: Mapping[str, torch.Tensor], want: Mapping[str, tuple[int, ...]], *, arch: str, source: str
+) -> None:
+    """Refuse wrong shapes, wrong dtypes and NaN/Inf values."""
     wrong = [
         f"{k} {_shape_str(state[k].shape)} (expected {_shape_str(v)})"
         for k, v in sorted(want.items())
@@ -276,12 +314,3 @@ def convert_official_state_dict(
             "(parameters must be floating point, num_batches_tracked an integer)"
         )
     assert_finite(state, source=source)
-
-    backbone = {k: state[k] for k in shapes}
-    head: dict[str, torch.Tensor] = {}
-    for k in head_expected:
-        head["head." + k[len("projection_head.") :]] = state[k]
-    if head_expected:
-        for key, name in zip(prototype_keys, prototype_set_keys(len(prototype_keys)), strict=True):
-            head[name] = state[key]
-    return backbone, head

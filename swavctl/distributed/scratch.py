@@ -1,6 +1,6 @@
 """Scratch folders a launcher shares with its workers, and their removal when every owner is gone.
 
-The local launcher (:mod:`swavctl.launch`) makes a folder in the system's temporary directory for
+The local launcher (:mod:`swavctl.distributed.launch`) makes a folder in the system's temporary directory for
 its workers' outcomes and logs, and removes it when the launch ends. A launcher killed with
 SIGKILL (or by the OOM killer) cannot remove it, so each new launch removes the folders whose
 owners are all gone.

@@ -27,8 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 
-from swavctl import messages
-from swavctl.errors import UserError
+from swavctl.errors import UserError, messages
 
 
 def is_distributed() -> bool:

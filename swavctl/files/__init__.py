@@ -1,0 +1,1 @@
+"""Files on disk: atomic writes of every output, and the runs/latest pointer."""

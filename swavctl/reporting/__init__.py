@@ -1,0 +1,1 @@
+"""What a run reports as it goes: the progress display, TensorBoard events, provenance."""

@@ -293,8 +293,13 @@ def test_training_steps_two_ranks_equal_one_rank_with_sync_batchnorm(
         if key in noise:
             continue
         if value.dtype.is_floating_point:
-            # fp32 sums in another order: about an ulp, far below one step's change.
-            torch.testing.assert_close(b[key], value, atol=5e-7, rtol=1e-6, msg=key)
+            # fp32 sums in another order (the split batch, SyncBN's all-reduce): rounding that
+            # LARC's normalised step carries into the weights, far below one step's change. It is
+            # bounded by 5e-7 or 1e-4 of the tensor's change over the two steps, whichever is more:
+            # the differences measured are up to 9e-6 of the change (5.5e-7 on a bias that moved
+            # 0.064), where a wrong weighting of the ranks' shares moves the step by percents.
+            change = (value - initial[key]).abs().max().item()
+            torch.testing.assert_close(b[key], value, atol=max(5e-7, 1e-4 * change), rtol=1e-6, msg=key)
             moved += int(not torch.equal(value, initial[key]))
         else:
             assert torch.equal(b[key], value), key

@@ -399,9 +399,29 @@ def _elastic_worker(payload: dict[str, Any]) -> dict[str, Any]:
     tmp.write_text(outcome.to_json())
     tmp.replace(target)
     if outcome.exit_code != 0:
+        if outcome.status == USER_ERROR:
+            _wait_for_peer_outcomes(Path(payload["outcome_dir"]), env.world_size, USER_ERROR_GRACE_S)
         exit_now(outcome.exit_code)
     dist.destroy_process_group()
     return {"status": outcome.status}
+
+
+#: Seconds a local worker that met a user error waits for the other workers' outcomes before it
+#: exits. The agent stops the other workers as soon as one exits: without the wait, an error that
+#: every rank meets (a class missing from train/) was told by the rank that got there first, and
+#: the others as killed, whenever one rank's imports ran slower than another's by more than the
+#: agent's 0.2 s poll (seen on a loaded 2-core machine). A user error met on one rank only (its
+#: peers blocked in a collective) exits after the wait.
+USER_ERROR_GRACE_S = 10.0
+
+
+def _wait_for_peer_outcomes(folder: Path, world: int, limit_s: float) -> None:
+    """Return when every rank's outcome file is in ``folder``, or after ``limit_s`` seconds."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if all((folder / f"rank-{rank_}.json").exists() for rank_ in range(world)):
+            return
+        time.sleep(0.05)
 
 
 # ---------------------------------------------------------------------------------------------

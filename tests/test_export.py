@@ -578,6 +578,43 @@ def test_the_advice_for_a_plain_safetensors_file_works_as_written(tmp_path: Path
     assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
 
 
+def test_info_on_a_checkpoint_says_how_to_export_it_and_that_works(
+    run18: dict[str, Any], tmp_path: Path
+) -> None:
+    """`export --info CKPT.pt` is refused before torch with the command that makes an export of it;
+    run as printed, that command writes a file --info then reads."""
+    ckpt = tmp_path / "ckpt.pt"
+    ckpt.write_bytes(run18["ckpt"].read_bytes())
+    refused = _in_process("export", "--info", "ckpt.pt", cwd=tmp_path)
+    assert refused.returncode == 2
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "is a PyTorch checkpoint" in refused.stderr
+    advice = refused.stderr.split("with '", 1)[1].split("'", 1)[0]
+    args = advice.replace("NEW.safetensors", "new.safetensors").split()[1:]
+    assert _in_process(*args, cwd=tmp_path).returncode == 0
+    info = _in_process("export", "--info", "new.safetensors", "--json", cwd=tmp_path)
+    assert info.returncode == 0, info.stderr
+    assert json.loads(info.stdout)["metadata"]["arch"] == "resnet18"
+
+
+def test_info_on_a_run_folder_reads_its_export_or_says_how_to_write_one(
+    run18: dict[str, Any], tmp_path: Path
+) -> None:
+    """`export --info RUN` (or runs/latest) reads the run's backbone.safetensors; a run folder
+    without one is refused with the export command, which, run as printed, writes it."""
+    finished = _in_process("export", "--info", str(run18["run"]), "--json", cwd=tmp_path)
+    assert finished.returncode == 0, finished.stderr
+    assert json.loads(finished.stdout)["metadata"]["step"] == "2"
+    bare = tmp_path / "bare-run"
+    shutil.copytree(run18["run"], bare, ignore=shutil.ignore_patterns("*.safetensors"))
+    refused = _in_process("export", "--info", str(bare), cwd=tmp_path)
+    assert refused.returncode == 2 and "has none" in refused.stderr, refused.stderr
+    advice = refused.stderr.split("with '", 1)[1].split("'", 1)[0]
+    assert _in_process(*advice.split()[1:], cwd=tmp_path).returncode == 0
+    again = _in_process("export", "--info", str(bare), "--json", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+
+
 def test_settings_in_an_edited_export_are_bounded_before_they_size_anything(
     run18: dict[str, Any], tmp_path: Path
 ) -> None:

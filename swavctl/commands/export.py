@@ -12,7 +12,12 @@ from swavctl.commands.common import JsonOpt, err, fail
 from swavctl.errors import UserError
 from swavctl.errors.messages import DEFAULT_MODEL, check_output_file
 from swavctl.files.latest import follow
-from swavctl.weights.containers import check_model_file, check_pickle_container, check_safetensors
+from swavctl.weights.containers import (
+    check_model_file,
+    check_pickle_container,
+    check_safetensors,
+    is_safetensors,
+)
 
 #: The --dtype names of swavctl.weights.export.DTYPES (named here so that the command can check MODEL
 #: before importing torch).
@@ -93,7 +98,11 @@ def export_command(
     ] = "fp32",
     info: Annotated[
         Path | None,
-        typer.Option("--info", metavar="FILE", help="Print the metadata of an export FILE and exit."),
+        typer.Option(
+            "--info",
+            metavar="FILE",
+            help="Print the metadata of an export FILE (a run folder: its backbone.safetensors) and exit.",
+        ),
     ] = None,
     verify: Annotated[
         bool, typer.Option("--verify", help="With --info: also recompute the payload SHA-256.")
@@ -120,6 +129,7 @@ def export_command(
     metadata (--info FILE), or import an official SwAV checkpoint (--from-official CKPT --arch A)."""
     # Paths through runs/latest (a pointer file) read as the run folder it names.
     model, out = (None if model is None else follow(model)), (None if out is None else follow(out))
+    info = None if info is None else follow(info)
     try:
         result = _run(model, out, with_head, dtype, info, verify, from_official, arch, as_json)
     except UserError as exc:
@@ -163,7 +173,24 @@ def _run(
 
 
 def _info(path: Path, *, verify: bool, as_json: bool) -> dict[str, Any]:
-    """``--info FILE``: an export's metadata."""
+    """``--info FILE``: an export's metadata (a run folder: its final export)."""
+    if path.is_dir():
+        exported = [
+            path / name for name in ("backbone.safetensors", "model.safetensors") if (path / name).is_file()
+        ]
+        if not exported:
+            raise UserError(
+                f"{path}: --info reads an export file, and this folder has none;"
+                f" write one with 'swavctl export {path}'"
+            )
+        path = exported[0]
+    if path.is_file() and not is_safetensors(path):
+        raise UserError(
+            f"{path}: --info reads a safetensors export, and this is a PyTorch checkpoint;"
+            f" export it first with 'swavctl export {path} --out NEW.safetensors'"
+            " (an official SwAV checkpoint:"
+            f" 'swavctl export --from-official {path} --arch ARCH --out NEW.safetensors')"
+        )
     check_safetensors(path)  # before torch is imported
     from swavctl.weights.export import export_info
 

@@ -131,10 +131,7 @@ def _method_sources(
     carries settings for several methods: those that do not apply are left out, with a note (the
     returned line). ``tree`` is changed in place.
     """
-    method = tree.get("method", method_settings.SWAV)
-    for path, value in parsed:
-        if path == ["method"]:
-            method = value
+    method = method_settings.chosen_method(tree, {}, parsed)  # the flags are in ``tree`` already
     if method not in method_settings.METHODS:
         return None  # refused with the nearest name by validation
     given = [(flag_names.get(k, k), {k: v}) for k, v in flags.items() if v is not None]

@@ -303,8 +303,8 @@ def _elastic_worker(payload: dict[str, Any]) -> dict[str, Any]:
 #: exits. The agent stops the other workers as soon as one exits: without the wait, an error that
 #: every rank meets (a class missing from train/) was told by the rank that got there first, and
 #: the others as killed, whenever one rank's imports ran slower than another's by more than the
-#: agent's 0.2 s poll. A user error met on one rank only (its peers blocked in a collective) exits
-#: after the wait.
+#: agent's 0.2 s poll (seen on a loaded 2-core machine). A user error met on one rank only (its
+#: peers blocked in a collective) exits after the wait.
 USER_ERROR_GRACE_S = 10.0
 
 

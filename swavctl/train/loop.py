@@ -222,7 +222,8 @@ class Trainer:
         self.started = time.perf_counter()
         self.reporter.start(self.total_steps, self.progress.step, steps_per_epoch=self.steps_epoch)
         self.reporter.info(
-            f"{len(self.plan.paths)} images, {self.steps_epoch} steps/epoch, global batch "
+            f"{len(self.plan.paths)} images, {self.steps_epoch} step{'' if self.steps_epoch == 1 else 's'}"
+            f" per epoch, global batch "
             f"{settings.train.batch_size * self.world}, {len(self.pipeline.crops)} crops "
             f"{settings.data.crop_counts}x{settings.data.crop_sizes}, device {self.device}, "
             f"world {self.world}"

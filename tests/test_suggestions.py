@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import signal
 from pathlib import Path
 
@@ -122,3 +123,29 @@ def test_a_stop_by_signal_says_re_run_the_same_command_and_that_resumes(tmp_path
     stopped_at = int(text.split("stopped by SIGTERM at step ")[1].split(";")[0])
     summary, _ = _run(command, tmp_path)  # the same command, without --fresh
     assert summary["resumed_from_step"] == stopped_at and summary["steps"] == 40
+
+
+def test_a_model_pretrained_on_an_unlabelled_folder_is_evaluated_on_the_labelled_one_it_asks_for(
+    tmp_path: Path, images: str
+) -> None:
+    """eval-linear on a model whose recorded folder has no classes names that folder as the
+    pretraining data and asks for labelled images with --data DIR; given them, it evaluates."""
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, path in enumerate(sorted(Path(images).rglob("*.png"))):
+        shutil.copy(path, flat / f"{i:03d}.png")
+    trained = run_cli(
+        *SMOKE, "--data", str(flat), "--max-steps", "1", "--out", "r", cwd=tmp_path, env=cli_env()
+    )
+    assert trained.returncode == 0, trained.stderr
+    refused = run_cli("eval-linear", "r", "--gpus", "0", cwd=tmp_path, env=cli_env())
+    assert refused.returncode == 2, refused.stderr
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: no classes: "), refused.stderr
+    assert str(flat) in lines[0] and "the folder the model was pretrained on" in lines[0]
+    assert lines[0].endswith("give a labelled folder with --data DIR")
+    followed = run_cli(
+        "eval-linear", "r", "--gpus", "0", "--data", images, "--json", cwd=tmp_path, env=cli_env()
+    )
+    assert followed.returncode == 0, followed.stderr
+    assert json.loads(followed.stdout)["mode"] == "fast"

@@ -38,7 +38,7 @@ from swavctl.eval.report import (
     write_confusion_png,
     write_predictions_csv,
 )
-from swavctl.eval.splits import discover
+from swavctl.eval.splits import NoClassesError, discover
 from swavctl.eval.views import Geometry, Normalizer, geometry_for
 from swavctl.files.atomic import file_sha256, write_json_atomic
 from swavctl.reporting import tensorboard_log
@@ -123,7 +123,16 @@ def _context(options: EvalOptions, device: torch.device, report: StageReporter) 
     # channels_last (NHWC): faster convolutions and pooling on GPUs and CPUs alike (see train.channels_last).
     loaded.model.backbone.to(device).to(memory_format=torch.channels_last).eval()  # type: ignore[call-overload]
     root = data_root(options, loaded, report)
-    split = discover(root, val_split=options.val_split, seed=options.seed)
+    try:
+        split = discover(root, val_split=options.val_split, seed=options.seed)
+    except NoClassesError as exc:
+        if options.data is not None:
+            raise
+        # The folder came from the model: say where it came from and how to give labelled images.
+        raise UserError(
+            f"{exc}; it is the folder the model was pretrained on, and evaluation needs labels:"
+            " give a labelled folder with --data DIR"
+        ) from None
     for note in split.notes:
         report.warn(note)
     cache = ImageCache() if should_cache([*split.train, *split.val]) else None

@@ -62,8 +62,12 @@ def _class_images(folder: Path) -> tuple[dict[str, list[Path]], int]:
     return by_class, loose
 
 
-def _no_classes(folder: Path) -> UserError:
-    return UserError(
+class NoClassesError(UserError):
+    """A folder that should hold labelled images has no class subfolders."""
+
+
+def _no_classes(folder: Path) -> NoClassesError:
+    return NoClassesError(
         f"no classes: {folder} holds no class subfolders with images "
         f"(expected {folder}/<class>/<image>, image types {', '.join(sorted(IMAGE_SUFFIXES))})"
     )

@@ -53,7 +53,8 @@ def load_settings(
 def _settings(
     preset: str | None, overrides: Mapping[str, Any] | Sequence[str] | None, keywords: Mapping[str, Any]
 ) -> tuple[Settings, str | None]:
-    """The settings of :func:`load_settings`, and the line that says which recipe was chosen."""
+    """The settings of :func:`load_settings`, and the line that says which recipe was chosen
+    (followed by its warnings, one per line)."""
     unknown = sorted(set(keywords) - set(SHORT_KEYS))
     if unknown:
         raise UserError(
@@ -80,7 +81,7 @@ def _settings(
 
             recipe_flags["model.arch"] = arch_of_init(settings.model.init)  # the recipe is built around it
         choice = auto_recipe(flags=recipe_flags, overrides=texts)
-        settings, line = choice.settings, choice.line
+        settings, line = choice.settings, "\n".join([choice.line, *choice.warnings])
     if not settings.model.init:
         return settings, line
     from swavctl.weights.init_weights import resolve_init

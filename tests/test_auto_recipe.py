@@ -195,6 +195,14 @@ def test_crop_and_prototype_rules() -> None:
     assert [ar.batch_for(Seen(**{**CPU_480.__dict__, "images": n})) for n in (32, 100, 480)] == [8, 16, 64]
 
 
+def test_a_folder_of_few_images_is_warned_about_and_a_larger_one_is_not() -> None:
+    few = _choose(Seen(**{**CPU_480.__dict__, "images": ar.FEW_IMAGES - 1}))
+    assert len(few.warnings) == 1 and few.warnings[0].startswith(f"warning: only {ar.FEW_IMAGES - 1} images;")
+    assert f"among {few.settings.model.prototypes} prototypes" in few.warnings[0]
+    assert _choose(Seen(**{**CPU_480.__dict__, "images": ar.FEW_IMAGES})).warnings == ()
+    assert _choose(CPU_480).warnings == ()
+
+
 def test_forward_costs() -> None:
     assert ar.forward_macs("resnet50", 224) == ar.MACS_224["resnet50"]
     assert ar.forward_macs("resnet18-small", 32) == pytest.approx(16 * ar.forward_macs("resnet18", 32))
@@ -247,6 +255,10 @@ def test_pretrain_without_a_preset_chooses_says_records_and_resumes(tmp_path: Pa
     assert " ".join(errors.split()).endswith("re-run the same command to resume"), errors[-2000:]
     lines = [line for line in errors.splitlines() if line.startswith("recipe: ")]
     assert len(lines) == 1, errors[-2000:]
+    # 32 images: warned once, right after the recipe line, with the fix.
+    flat = " ".join(errors.split())
+    assert flat.count("warning: only 32 images;") == 1, errors[-2000:]
+    assert "Add images, or start from pretrained weights with --init PATH" in flat
     run = follow(latest)
     resolved = config.from_toml_text((run / "resolved.toml").read_text(), "resolved.toml")
     # 32 images of 16 px: the tiny net, 16 + 8 px crops, 10 prototypes, batch 8 (a quarter of the

@@ -173,7 +173,7 @@ def _resolve(preset: str | None, flags: dict[str, Any], overrides: list[str]) ->
             recipe_flags["model.arch"] = arch_of_init(settings.model.init)
         choice = auto_recipe(flags=recipe_flags, overrides=overrides, flag_names=_FLAG_NAMES)
         settings = choice.settings
-        notes.append(choice.line)
+        notes.extend([choice.line, *choice.warnings])
     return settings, notes
 
 

@@ -31,7 +31,7 @@ from swavctl.bench.data import bench_data
 from swavctl.bench.jpegs import write_jpeg_folder, write_photo_folder
 from swavctl.bench.official_data import OfficialMultiCropDataset, bench_official_loader
 from swavctl.bench.report import command_line, hardware, today, update_section
-from swavctl.data.images import list_images
+from swavctl.files.image_folder import list_images
 
 
 def _load() -> str:

@@ -52,7 +52,8 @@ KNN_TEMPERATURE = 0.07
 
 def _load_split(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """All images of an ImageFolder split as uint8 ``[N, 3, H, W]`` and their int64 labels."""
-    from swavctl.data.images import decode_file, list_images
+    from swavctl.data.images import decode_file
+    from swavctl.files.image_folder import list_images
 
     paths = list_images(root)
     images = torch.stack([decode_file(p) for p in paths])

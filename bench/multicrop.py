@@ -28,8 +28,9 @@ from swavctl.bench.report import add_output_options, command_line, hardware, tod
 from swavctl.bench.stages import OFFICIAL, OURS, StageTimes, stage_times
 from swavctl.config import resolve
 from swavctl.data.demo import demo_dataset
-from swavctl.data.images import decode_file, list_images
+from swavctl.data.images import decode_file
 from swavctl.data.multicrop import AugmentSpec, crop_specs
+from swavctl.files.image_folder import list_images
 
 PIPELINES = ("official", "ours")
 

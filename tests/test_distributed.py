@@ -242,8 +242,8 @@ def test_training_steps_two_ranks_equal_one_rank_with_sync_batchnorm(
     data = write_image_folder(tmp_path / "images", per_class=32)
     if unreadable:
         from swavctl.config import resolve
-        from swavctl.data.images import list_images
         from swavctl.data.sampler import EpochBatchSampler
+        from swavctl.files.image_folder import list_images
 
         seed = resolve(preset="smoke").train.seed
         first = [

@@ -230,6 +230,26 @@ def test_malformed_containers_are_refused_before_torch_is_imported(tmp_path: Pat
     assert run_cli("pretrain", "--help", cwd=tmp_path, env=env).returncode == 0
 
 
+def test_a_bad_data_folder_is_refused_before_torch_is_imported(tmp_path: Path) -> None:
+    """pretrain refuses a missing folder, a file and a folder without images at once, with a
+    preset or with the automatic recipe, before it imports torch."""
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "no-images" / "sub").mkdir(parents=True)
+    (tmp_path / "no-images" / "sub" / "notes.txt").write_text("hello")
+    env = _without_torch(tmp_path)
+    cases = {
+        "missing": "error: data folder does not exist: missing",
+        "a-file": "error: data path is not a folder: a-file",
+        "no-images": "error: no image files (.bmp, .gif, .jpeg, .jpg, .png, .tif, .tiff, .webp)"
+        " found under no-images",
+    }
+    for preset in (("--preset", "smoke"), ()):
+        for folder, expected in cases.items():
+            line = _one_error_line(run_cli("pretrain", *preset, "--data", folder, cwd=tmp_path, env=env))
+            assert line == expected, (preset, line)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_an_internal_failure_exits_1_with_the_version_and_the_log(tmp_path: Path) -> None:
     env = _without_torch(tmp_path, failure="RuntimeError")
     env["SWAVCTL_CACHE"] = str(tmp_path / "cache")

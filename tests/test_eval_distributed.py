@@ -23,13 +23,14 @@ import torch
 import torch.multiprocessing as mp
 
 from swavctl.config import resolve
-from swavctl.data.images import decode_file, list_images
+from swavctl.data.images import decode_file
 from swavctl.eval.dataset import ImageCache, LabelledImages
 from swavctl.eval.features import extract_features
 from swavctl.eval.run import EvalOptions, run_eval
 from swavctl.eval.sharding import GlobalBatchSampler, gather_in_order
 from swavctl.eval.splits import discover
 from swavctl.eval.views import Normalizer, center_view, geometry_for
+from swavctl.files.image_folder import list_images
 from swavctl.model.swav import SwAV
 from swavctl.weights.export import write_export
 from swavctl.weights.model_io import load_model

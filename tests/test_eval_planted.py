@@ -28,10 +28,11 @@ from typer.testing import CliRunner
 
 from swavctl.cli.app import app
 from swavctl.config import resolve
-from swavctl.data.images import decode_file, list_images
+from swavctl.data.images import decode_file
 from swavctl.eval.fast import DEFAULT_LRS, DEFAULT_WDS
 from swavctl.eval.run import EvalOptions, run_eval
 from swavctl.eval.views import Normalizer, center_view, geometry_for
+from swavctl.files.image_folder import list_images
 from swavctl.model.swav import SwAV
 from swavctl.reporting.progress import QuietStages
 from swavctl.weights.export import write_export

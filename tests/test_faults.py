@@ -114,8 +114,8 @@ def test_under_torchrun_the_rank_that_meets_a_user_error_names_it(tmp_path: Path
     """Workers started by torchrun or srun each print for themselves: the rank that met a bad file
     (data.on_bad_image=error) must say which and why; the other only sees its peer go."""
     from swavctl.config import resolve
-    from swavctl.data.images import list_images
     from swavctl.data.sampler import EpochBatchSampler
+    from swavctl.files.image_folder import list_images
     from tests.conftest import free_port, start_cli
 
     data = write_image_folder(tmp_path / "images", per_class=32)

@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from swavctl.data.images import BadImage, class_of, decode_bytes, list_images, resolve_image_root
+from swavctl.data.images import BadImage, decode_bytes
 from swavctl.errors import UserError
+from swavctl.files.image_folder import class_of, list_images, resolve_image_root
 
 RGB = np.random.default_rng(0).integers(0, 256, size=(9, 7, 3), dtype=np.uint8)
 

@@ -28,7 +28,6 @@ import pytest
 import torch
 
 from swavctl.data.dataset import Batch, collate, pretrain_dataset, sample_seed
-from swavctl.data.images import list_images
 from swavctl.data.multicrop import (
     AugmentSpec,
     CropDraws,
@@ -40,6 +39,7 @@ from swavctl.data.multicrop import (
 )
 from swavctl.data.multicrop.batched import batch_geometric, stack_padded
 from swavctl.data.multicrop.per_image import resized_crop
+from swavctl.files.image_folder import list_images
 from swavctl.train.device_batch import batch_crops
 from tests.conftest import write_image_folder
 from tests.multicrop_oracle import smooth_image

@@ -249,8 +249,8 @@ def test_a_step_whose_files_all_fail_still_ends_its_epoch_with_a_checkpoint(cli,
     """All 8 files of epoch 0's last batch (step 4 of 4) are unreadable: the step is skipped, and the
     epoch-end checkpoint is written all the same (a crash in epoch 1 must not lose epoch 0)."""
     from swavctl import config
-    from swavctl.data.images import list_images
     from swavctl.data.sampler import EpochBatchSampler
+    from swavctl.files.image_folder import list_images
 
     root = write_image_folder(tmp_path / "images")  # 32 images: 4 steps of 8 per epoch
     seed = config.resolve(preset="smoke", flags={}).train.seed

@@ -11,7 +11,7 @@ from PIL import Image
 
 from swavctl import config
 from swavctl.data.demo import demo_dataset
-from swavctl.data.images import class_of, list_images
+from swavctl.files.image_folder import class_of, list_images
 from swavctl.files.latest import follow, latest_run, read_pointer
 from swavctl.train.run_dir import (
     SUMMARY_FILE,

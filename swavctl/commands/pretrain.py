@@ -113,6 +113,7 @@ def pretrain_command(
     }
     try:
         settings, notes = _resolve(preset, flags, overrides or [])
+        _check_data_folder(settings.data.path)
     except UserError as exc:
         raise fail(str(exc), exc.exit_code) from None
     from swavctl.distributed import dist, outcomes
@@ -175,6 +176,16 @@ def _resolve(preset: str | None, flags: dict[str, Any], overrides: list[str]) ->
         settings = choice.settings
         notes.extend([choice.line, *choice.warnings])
     return settings, notes
+
+
+def _check_data_folder(path: str | None) -> None:
+    """Refuse a missing data folder, a file, or a folder without images before torch is imported
+    (the run lists the folder again when it plans its epochs). The demo folder is made on first use."""
+    from swavctl.data.demo import DEMO_NAME, resolve_data_path
+    from swavctl.files.image_folder import resolve_image_root
+
+    if path and path != DEMO_NAME:
+        resolve_image_root(resolve_data_path(path))
 
 
 def _ready(settings: Settings, *, arch: str | None, init: str | None, overrides: list[str]) -> Settings:

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from swavctl.data.images import IMAGE_SUFFIXES, class_of, list_images
 from swavctl.errors import UserError
 from swavctl.eval.options import SPLIT_SEED, VAL_SPLIT
+from swavctl.files.image_folder import IMAGE_SUFFIXES, class_of, list_images
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,10 @@ from pathlib import Path
 from torch import nn
 
 from swavctl.data.demo import resolve_data_path
-from swavctl.data.images import IMAGE_SUFFIXES, class_of, list_images
 from swavctl.errors import UserError
 from swavctl.errors.messages import output_is_file, output_not_writable
 from swavctl.files.atomic import probe_writable, remove_stale_temporaries
+from swavctl.files.image_folder import IMAGE_SUFFIXES, class_of, list_images
 from swavctl.weights.model_io import LoadedModel, no_recorded_data, run_folder
 
 DEFAULT_MODEL = Path("runs") / "latest"

@@ -16,7 +16,6 @@ import torch
 from swavctl.config import Settings
 from swavctl.config.method_settings import DEEPCLUSTER_V2, SWAV
 from swavctl.data.demo import resolve_data_path
-from swavctl.data.images import list_images, resolve_image_root
 from swavctl.data.sampler import steps_per_epoch
 from swavctl.distributed import dist
 from swavctl.distributed.device import pick_devices
@@ -24,6 +23,7 @@ from swavctl.errors import UserError, messages
 from swavctl.eval.monitor import monitor_split
 from swavctl.eval.splits import EvalSplit
 from swavctl.files.atomic import probe_writable
+from swavctl.files.image_folder import list_images, resolve_image_root
 from swavctl.objective.queue import queue_length_per_rank
 from swavctl.train.precision import check_precision
 from swavctl.train.recipe_fit import batch_mismatch_note

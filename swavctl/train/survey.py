@@ -130,8 +130,8 @@ def cpu_has_amx(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
 
 def seen_for(settings: Settings) -> Seen:
     """What the run of ``settings`` sees (its data folder and devices)."""
-    from swavctl.data.images import list_images, resolve_image_root
     from swavctl.distributed.cores import usable_cores
+    from swavctl.files.image_folder import list_images, resolve_image_root
 
     if not settings.data.path:
         raise UserError("no data: pass --data DIR (or --data demo, or --preset demo)")

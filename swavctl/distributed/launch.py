@@ -321,10 +321,17 @@ def _wait_for_peer_outcomes(folder: Path, world: int, limit_s: float) -> None:
 # The local launcher
 
 
+#: torch's loggers that report a local run's shutdown: torchelastic logs every step of it, and
+#: ``torch.multiprocessing.spawn`` warns "Terminating process N via signal SIGTERM" when one worker
+#: exits while another is still on its way out (both had reported the same user error, a few ms
+#: apart). The outcome we print says what matters.
+QUIETED_LOGGERS = ("torch.distributed", "torch.multiprocessing")
+
+
 def _quiet_elastic_logs() -> None:
-    """torchelastic logs every shutdown step; the outcome we print says what matters."""
-    for name in list(logging.root.manager.loggerDict):
-        if name.startswith("torch.distributed"):
+    """Silence :data:`QUIETED_LOGGERS` below CRITICAL in this (the launching) process."""
+    for name in [*QUIETED_LOGGERS, *logging.root.manager.loggerDict]:
+        if name.startswith(QUIETED_LOGGERS):
             logging.getLogger(name).setLevel(logging.CRITICAL)
 
 

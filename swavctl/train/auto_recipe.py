@@ -41,12 +41,13 @@ grayscale jitter (identities on grey pixels), for colour the paper's augmentatio
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from swavctl.config import Settings
 from swavctl.config.method_settings import inapplicable_keys
+from swavctl.config.tree import deep_merge, drop_path
 
 #: The recipe's name in ``settings.preset`` (informational; the run's folder is ``runs/<time>-auto``).
 AUTO = "auto"
@@ -388,16 +389,6 @@ class Choice:
     warnings: tuple[str, ...] = ()
 
 
-def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
 def choose(seen: Seen, resolve: Callable[[dict[str, Any]], Settings], fixed: frozenset[str]) -> Choice:
     """The recipe for ``seen``: ``resolve(tree)`` applies the user's flags and ``--set`` values on
     top of a chosen tree (they win); ``fixed`` names the dotted keys they set.
@@ -412,9 +403,9 @@ def choose(seen: Seen, resolve: Callable[[dict[str, Any]], Settings], fixed: fro
     )
     arch = given.model.arch if _is_fixed("model.arch", fixed) else None
     first = structure(seen, fixed, arch=arch, fixed_crop_groups=groups)
-    tree = _merge(first, schedule(seen, resolve(first), fixed))
+    tree = deep_merge(first, schedule(seen, resolve(first), fixed))
     for key in inapplicable_keys(given.method):  # SwAV's queue and freeze under the other methods
-        _drop(tree, key.split("."))
+        drop_path(tree, key.split("."))
     settings = resolve(tree)
     return Choice(settings, tree, describe(seen, settings), tuple(filter(None, [few_images(seen, settings)])))
 
@@ -429,15 +420,6 @@ def few_images(seen: Seen, settings: Settings) -> str | None:
         " prototypes, so the model is likely to collapse to one. Add images, or start from"
         " pretrained weights with --init PATH"
     )
-
-
-def _drop(tree: dict[str, Any], path: list[str]) -> None:
-    """Remove the dotted ``path`` from ``tree`` where it is set."""
-    node: Any = tree
-    for part in path[:-1]:
-        node = node.get(part) if isinstance(node, dict) else None
-    if isinstance(node, dict):
-        node.pop(path[-1], None)
 
 
 def _duration(seconds: float) -> str:

@@ -22,7 +22,7 @@ import numpy as np
 
 from swavctl.errors import UserError
 from swavctl.eval.options import SPLIT_SEED, VAL_SPLIT
-from swavctl.files.image_folder import IMAGE_SUFFIXES, class_of, list_images
+from swavctl.files.image_folder import IMAGE_SUFFIXES, check_data_folder, class_of, list_images
 
 
 @dataclass(frozen=True)
@@ -98,10 +98,7 @@ def discover(root: Path, *, val_split: float = VAL_SPLIT, seed: int = SPLIT_SEED
     class in val that train does not have.
     """
     root = root.expanduser()
-    if not root.exists():
-        raise UserError(f"data folder does not exist: {root}")
-    if not root.is_dir():
-        raise UserError(f"data path is not a folder: {root}")
+    check_data_folder(root)
     notes: list[str] = []
     train_dir, val_dir = root / "train", root / "val"
     if train_dir.is_dir() and val_dir.is_dir():

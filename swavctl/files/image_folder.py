@@ -28,16 +28,26 @@ def resolve_image_root(path: str | Path, *, prefer: str = "train") -> tuple[Path
     a file, or a folder without images.
     """
     root = Path(path).expanduser()
-    if not root.exists():
-        raise UserError(f"data folder does not exist: {root}")
-    if not root.is_dir():
-        raise UserError(f"data path is not a folder: {root}")
+    check_data_folder(root)
     sub = root / prefer
     used_sub = sub.is_dir()
     folder = sub if used_sub else root
     if not any(True for _ in _iter_image_files(folder)):
-        raise UserError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {folder}")
+        raise no_images(folder)
     return folder, used_sub
+
+
+def check_data_folder(root: Path, hint: str = "") -> None:
+    """Refuse a data path that does not exist or is not a folder (``hint`` ends the message)."""
+    if not root.exists():
+        raise UserError(f"data folder does not exist: {root}{hint}")
+    if not root.is_dir():
+        raise UserError(f"data path is not a folder: {root}{hint}")
+
+
+def no_images(folder: Path, hint: str = "") -> UserError:
+    """The error for a data folder without image files (``hint`` ends the message)."""
+    return UserError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {folder}{hint}")
 
 
 def _iter_image_files(root: Path, *, ordered: bool = False) -> Iterator[Path]:

@@ -22,7 +22,7 @@ from swavctl.data.demo import resolve_data_path
 from swavctl.errors import UserError
 from swavctl.errors.messages import output_is_file, output_not_writable
 from swavctl.files.atomic import probe_writable, remove_stale_temporaries
-from swavctl.files.image_folder import IMAGE_SUFFIXES, class_of, list_images
+from swavctl.files.image_folder import check_data_folder, class_of, list_images, no_images
 from swavctl.weights.model_io import LoadedModel, no_recorded_data, run_folder
 
 DEFAULT_MODEL = Path("runs") / "latest"
@@ -52,10 +52,7 @@ def resolve_images(data: str | None, *, split: str, loaded: LoadedModel, max_ima
     assert data is not None
     root = resolve_data_path(data).expanduser()
     hint = " (recorded in the model's settings; pass --data DIR)" if recorded else ""
-    if not root.exists():
-        raise UserError(f"data folder does not exist: {root}{hint}")
-    if not root.is_dir():
-        raise UserError(f"data path is not a folder: {root}{hint}")
+    check_data_folder(root, hint)
     if split == "auto":
         folder = next((root / s for s in ("val", "train") if (root / s).is_dir()), root)
     elif split == "none":
@@ -69,7 +66,7 @@ def resolve_images(data: str | None, *, split: str, loaded: LoadedModel, max_ima
     if max_images is not None:
         paths = paths[:max_images]
     if not paths:
-        raise UserError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {folder}{hint}")
+        raise no_images(folder, hint)
     classes = [class_of(p, folder) for p in paths]
     loose = [p for p, c in zip(paths, classes, strict=True) if c is None]
     if loose:
